@@ -1,0 +1,90 @@
+//! The command line: clap definitions and one module per subcommand group,
+//! each with a `run`. Daemons live in the library; this is glue.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub mod config_cmd;
+pub mod hitl;
+pub mod issue;
+pub mod target;
+pub mod worker;
+
+/// HydraFlow turns labelled issues into merged pull requests: coding-agent
+/// CLIs triage, plan, implement in an isolated git worktree, review, wait for
+/// CI and merge; when confidence drops the issue goes to a human (HITL).
+#[derive(Debug, Parser)]
+#[command(
+    name = "hydraflow",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Global configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "HYDRAFLOW_CONFIG",
+        value_name = "FILE",
+        default_value = crate::config::DEFAULT_CONFIG_FILE
+    )]
+    pub config: PathBuf,
+
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a configured instance (what hydraflow@<slug>.service runs).
+    Worker(worker::WorkerArgs),
+    /// Run the worker in the foreground on a checkout (try-out and development).
+    Run(worker::RunArgs),
+    /// Make a demo repository with issues and take them through the pipeline
+    /// with the scripted demo agent.
+    Demo(worker::DemoArgs),
+    /// The scripted demo agent (used by `hydraflow demo`).
+    #[command(hide = true)]
+    DemoAgent(worker::DemoAgentArgs),
+    /// Show or check the effective configuration.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+    /// File and inspect issues of the local forge.
+    #[command(subcommand)]
+    Issue(issue::IssueCommand),
+    /// List and answer issues waiting for a human.
+    #[command(subcommand)]
+    Hitl(hitl::HitlCommandArgs),
+}
+
+/// Which repository a command is about.
+#[derive(Debug, Clone, Args, Default)]
+pub struct TargetArgs {
+    /// A configured instance (reads `<repos_dir>/<slug>.toml`).
+    #[arg(long, value_name = "SLUG", conflicts_with = "repo")]
+    pub instance: Option<String>,
+    /// A checkout path (default: the current directory).
+    #[arg(long, value_name = "PATH")]
+    pub repo: Option<String>,
+}
+
+/// Run the parsed command line.
+///
+/// # Errors
+/// Whatever the command failed with; `main` prints the chain.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Worker(args) => worker::run_worker(&cli.config, args),
+        Command::Run(args) => worker::run_foreground(&cli.config, args),
+        Command::Demo(args) => worker::run_demo(&cli.config, args),
+        Command::DemoAgent(args) => worker::run_demo_agent(args),
+        Command::Config(cmd) => config_cmd::run(&cli.config, cmd),
+        Command::Issue(cmd) => issue::run(&cli.config, cmd),
+        Command::Hitl(cmd) => hitl::run(&cli.config, cmd),
+    }
+}

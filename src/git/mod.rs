@@ -1,0 +1,45 @@
+//! Git through git2: per-issue worktrees (create, resume, salvage, destroy,
+//! GC) and the read-only queries the pipeline needs (commits ahead of the
+//! base branch, the diff for review, head SHAs).
+//!
+//! **Invariant:** only `git` and `forge::local` (merging) open repositories
+//! with git2; nothing shells out to `git`.
+
+pub mod worktree;
+
+pub use worktree::{WorktreeInfo, Worktrees};
+
+/// Why a git operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// The path is not a git repository.
+    #[error("{path} is not a git repository: {message}")]
+    NotARepository {
+        /// The path given.
+        path: std::path::PathBuf,
+        /// git2's message.
+        message: String,
+    },
+    /// The base branch does not exist.
+    #[error("base branch {0:?} does not exist in the repository")]
+    NoBaseBranch(String),
+    /// A path outside the allowed roots was about to be removed.
+    #[error("refusing to touch {0}: it is outside the worktree directory")]
+    OutsideRoots(std::path::PathBuf),
+    /// Any other git2 failure, with what was being done.
+    #[error("{context}: {source}")]
+    Git {
+        /// What was being done.
+        context: String,
+        /// git2's error.
+        source: git2::Error,
+    },
+    /// File system failure.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,14 @@
+//! HydraFlow: turns labelled issues into merged pull requests with
+//! coding-agent CLIs. This library holds everything; `main.rs` only parses
+//! the command line and calls [`cli::run`]. See ARCHITECTURE.md for the map.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod forge;
+pub mod git;
+pub mod layout;
+pub mod pipeline;
+pub mod runtime;
+pub mod store;
+pub mod systemd;

@@ -1,0 +1,17 @@
+//! The `hydraflow` binary: parse the command line, run the command, map the
+//! result to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = hydraflow::cli::Cli::parse();
+    match hydraflow::cli::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("hydraflow: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The pipeline: issue store, label state machine, stage loops and orchestrator.

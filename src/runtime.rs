@@ -1,0 +1,1 @@
+//! RepoRuntime and RepoRuntimeRegistry (ADR-0006/0038).
