@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 
 use super::TargetArgs;
+use crate::config::loader::{self, Source};
 
 /// `hydraflow config …`
 #[derive(Debug, Subcommand)]
@@ -29,6 +30,48 @@ pub enum ConfigCommand {
 /// # Errors
 /// Configuration errors.
 pub fn run(config_file: &Path, cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
-    let _ = (config_file, cmd);
-    todo!()
+    match cmd {
+        ConfigCommand::Show { target } => {
+            let r = super::target::resolve(config_file, &target)?;
+            println!(
+                "# files read: {}",
+                if r.files.is_empty() {
+                    "none".to_owned()
+                } else {
+                    r.files
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+            println!("# slug: {}", r.layout.slug);
+            println!("# checkout: {}", r.repo_path.display());
+            println!("# data: {}", r.layout.repo_dir().display());
+            println!("# worktrees: {}", r.layout.worktrees_dir().display());
+            let rows = loader::leaves(&r.config);
+            let width = rows
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 3)
+                .max()
+                .unwrap_or(0);
+            for (key, value) in rows {
+                let source = r.sources.get(&key).cloned().unwrap_or(Source::Default);
+                let line = format!("{key} = {value}");
+                println!("{line:<width$}  # {source}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConfigCommand::Check { target } => {
+            let r = super::target::resolve(config_file, &target)?;
+            crate::agent::runner::validate(&r.config.agent)?;
+            println!(
+                "configuration of {} is valid ({} file{} read)",
+                r.layout.slug,
+                r.files.len(),
+                if r.files.len() == 1 { "" } else { "s" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

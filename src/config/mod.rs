@@ -4,11 +4,10 @@
 //! the source of every value recorded for `hydraflow config show`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{Layout, Slug};
 
 /// Default location of the global configuration file.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/hydraflow/hydraflow.toml";
