@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-
 /// Default location of the global configuration file.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/hydraflow/hydraflow.toml";
 /// Default directory of per-instance configuration files.
