@@ -113,10 +113,21 @@ impl IssueStore {
         self.lock().in_flight.remove(&number);
     }
 
-    /// Hand an in-flight issue to `stage`'s queue at once (after its label swap).
+    /// Hand an in-flight issue to `stage`'s queue at once (after its label
+    /// swap), in one step so the issue is never seen neither queued nor in flight.
     pub fn hand_off(&self, issue: Issue, stage: Stage) {
-        self.finish(issue.number);
-        self.enqueue(issue, stage);
+        let number = issue.number;
+        {
+            let mut inner = self.lock();
+            inner.in_flight.remove(&number);
+            inner.issues.insert(number, issue);
+            if inner.queued.insert(number) {
+                inner.queues.entry(stage).or_default().push_back(number);
+            }
+        }
+        if let Some(w) = self.wakers.get(&stage) {
+            w.notify_one();
+        }
     }
 
     /// Wait until `stage` may have work (woken by enqueue or [`IssueStore::wake_all`]).

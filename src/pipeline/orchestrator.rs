@@ -711,7 +711,7 @@ async fn process(ctx: Arc<Pipeline>, stage: Stage, issue: Issue) {
         ))),
         Err(_) => return,
     };
-    let issue = match result {
+    match result {
         Ok((next, issue)) => {
             ctx.forge_ok();
             tracing::info!(repo_slug = %ctx.layout.slug, issue = n, stage = %stage, next = ?next, "stage finished");
@@ -719,23 +719,33 @@ async fn process(ctx: Arc<Pipeline>, stage: Stage, issue: Issue) {
                 EventType::WorkerUpdate,
                 json!({"issue": n, "stage": stage, "status": "finished", "next": format!("{next:?}")}),
             );
-            ctx.store.finish(n);
-            if let Next::Stage(next_stage) = next {
-                ctx.publish(
-                    EventType::PhaseChange,
-                    json!({"issue": n, "from": stage, "to": next_stage}),
-                );
-                ctx.store.enqueue(issue, next_stage);
+            match next {
+                Next::Stage(next_stage) => {
+                    ctx.publish(
+                        EventType::PhaseChange,
+                        json!({"issue": n, "from": stage, "to": next_stage}),
+                    );
+                    ctx.store.hand_off(issue, next_stage);
+                }
+                Next::Done => {
+                    ctx.store.finish(n);
+                    ctx.store.forget(n);
+                }
+                Next::WaitForHuman => {
+                    ctx.store.finish(n);
+                    ctx.store.upsert(issue);
+                }
             }
-            return;
         }
         Err(e) => {
+            // The issue stays in flight until its failure is handled, so the
+            // pipeline never looks idle in between.
+            if let Some((issue, stage, delay)) = stages::handle_failure(&ctx, stage, issue, e).await
+            {
+                ctx.requeue_later(issue, stage, delay);
+            }
             ctx.store.finish(n);
-            stages::handle_failure(&ctx, stage, issue, e).await
         }
-    };
-    if let Some((issue, stage, delay)) = issue {
-        ctx.requeue_later(issue, stage, delay);
     }
 }
 
