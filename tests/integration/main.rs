@@ -1,1 +1,3 @@
+mod git_fixture;
+mod git_worktrees;
 mod util;
