@@ -259,3 +259,226 @@ fn write_pull(out: &mut impl Write, pull: &PullRequest) -> std::io::Result<()> {
         pull.number, pull.head, pull.base, pull.title
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Slug;
+
+    struct Cli {
+        _tmp: tempfile::TempDir,
+        forge: LocalForge,
+    }
+
+    impl Cli {
+        fn new() -> Cli {
+            let tmp = tempfile::tempdir().unwrap();
+            let layout = Layout {
+                slug: Slug::new("repo").unwrap(),
+                data_root: tmp.path().join("data"),
+                worktree_base: tmp.path().join("wt"),
+            };
+            let forge = LocalForge::open(&layout, &tmp.path().join("repo")).unwrap();
+            Cli { _tmp: tmp, forge }
+        }
+
+        /// Run `cmd`; its output or the error message.
+        fn run(&self, cmd: IssueCommand) -> Result<String, String> {
+            let mut out = Vec::new();
+            execute(&self.forge, "hydraflow-find", cmd, &mut out)
+                .map(|_| String::from_utf8(out).unwrap())
+                .map_err(|e| format!("{e:#}"))
+        }
+
+        fn add(&self, title: &str, labels: &[&str]) -> String {
+            self.run(IssueCommand::Add {
+                target: TargetArgs::default(),
+                title: title.into(),
+                body: "the body".into(),
+                labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+            })
+            .unwrap()
+        }
+
+        fn label(&self, number: u64, add: &[&str], remove: &[&str]) -> Result<String, String> {
+            let owned = |v: &[&str]| v.iter().map(|l| (*l).to_owned()).collect();
+            self.run(IssueCommand::Label {
+                target: TargetArgs::default(),
+                number,
+                add: owned(add),
+                remove: owned(remove),
+            })
+        }
+
+        fn list(&self, all: bool, json: bool) -> String {
+            self.run(IssueCommand::List {
+                target: TargetArgs::default(),
+                all,
+                json,
+            })
+            .unwrap()
+        }
+
+        fn show(&self, number: u64) -> Result<String, String> {
+            self.run(IssueCommand::Show {
+                target: TargetArgs::default(),
+                number,
+                json: false,
+            })
+        }
+    }
+
+    #[test]
+    fn add_uses_the_find_label_unless_told_otherwise() {
+        let cli = Cli::new();
+        assert_eq!(
+            cli.add("Fix the bug", &[]),
+            "created issue #1: Fix the bug\n"
+        );
+        assert_eq!(
+            cli.add("Plan it", &["hydraflow-plan"]),
+            "created issue #2: Plan it\n"
+        );
+        let labels = |n| cli.forge.issue_detail(n).unwrap().issue.labels;
+        assert_eq!(labels(1), ["hydraflow-find"]);
+        assert_eq!(labels(2), ["hydraflow-plan"]);
+    }
+
+    #[test]
+    fn empty_title_is_refused() {
+        let cli = Cli::new();
+        let err = cli
+            .run(IssueCommand::Add {
+                target: TargetArgs::default(),
+                title: "  ".into(),
+                body: String::new(),
+                labels: Vec::new(),
+            })
+            .unwrap_err();
+        assert_eq!(err, "the issue title is empty: give one with --title");
+        assert!(cli.forge.all_issues().unwrap().is_empty());
+    }
+
+    #[test]
+    fn list_prints_a_table_or_json() {
+        let cli = Cli::new();
+        assert_eq!(
+            cli.list(false, false),
+            "no issues: file one with `hydraflow issue add --title TITLE`\n"
+        );
+        cli.add("First", &["a", "b"]);
+        cli.add("Second", &[]);
+        assert_eq!(
+            cli.list(false, false),
+            "NUMBER  STATE  LABELS          TITLE\n\
+             #1      open   a,b             First\n\
+             #2      open   hydraflow-find  Second\n"
+        );
+        let json: Vec<Issue> = serde_json::from_str(&cli.list(false, true)).unwrap();
+        assert_eq!(json.len(), 2);
+        assert_eq!(json[1].title, "Second");
+    }
+
+    #[tokio::test]
+    async fn list_hides_closed_issues_unless_all() {
+        use crate::forge::Forge as _;
+        let cli = Cli::new();
+        cli.add("Open one", &[]);
+        cli.add("Done one", &[]);
+        cli.forge.close_issue(2).await.unwrap();
+        assert!(!cli.list(false, false).contains("Done one"));
+        assert!(cli.list(true, false).contains("#2      closed"));
+    }
+
+    #[test]
+    fn label_adds_and_removes() {
+        let cli = Cli::new();
+        cli.add("Work", &[]);
+        let check = |add: &[&str], remove: &[&str], expected: &str| {
+            assert_eq!(
+                cli.label(1, add, remove).as_deref(),
+                Ok(expected),
+                "{add:?} {remove:?}"
+            );
+        };
+        check(&["x"], &[], "issue #1 labels: hydraflow-find, x\n");
+        check(&["x"], &[], "issue #1 labels: hydraflow-find, x\n");
+        check(&["y"], &["hydraflow-find"], "issue #1 labels: x, y\n");
+        check(&[], &["absent"], "issue #1 labels: x, y\n");
+        assert_eq!(
+            cli.label(1, &[], &[]).unwrap_err(),
+            "nothing to change: give --add LABEL and/or --remove LABEL"
+        );
+    }
+
+    #[test]
+    fn unknown_issues_say_what_to_do() {
+        let cli = Cli::new();
+        let expected = "issue #9 does not exist: see `hydraflow issue list`";
+        assert_eq!(cli.show(9).unwrap_err(), expected);
+        assert_eq!(cli.label(9, &["x"], &[]).unwrap_err(), expected);
+    }
+
+    #[tokio::test]
+    async fn show_prints_the_issue_and_its_comments() {
+        use crate::forge::Forge as _;
+        let cli = Cli::new();
+        cli.add("Crash on start", &[]);
+        cli.forge.comment(1, "triage: confirmed").await.unwrap();
+        let text = cli.show(1).unwrap();
+        assert!(text.starts_with("#1 Crash on start [open]\n"), "{text}");
+        assert!(text.contains("labels: hydraflow-find\n"), "{text}");
+        assert!(text.contains("\nthe body\n"), "{text}");
+        assert!(text.contains("triage: confirmed\n"), "{text}");
+        let json = cli
+            .run(IssueCommand::Show {
+                target: TargetArgs::default(),
+                number: 1,
+                json: true,
+            })
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value["issue"]["title"], "Crash on start");
+        assert_eq!(value["comments"][0]["body"], "triage: confirmed");
+        assert_eq!(value["pull_requests"], serde_json::json!([]));
+    }
+
+    #[tokio::test]
+    async fn show_lists_the_pull_request_of_the_issue() {
+        use crate::forge::{Forge as _, NewPullRequest};
+        let cli = Cli::new();
+        let repo_path = cli.forge.repo_path().to_path_buf();
+        let mut opts = git2::RepositoryInitOptions::new();
+        opts.initial_head("main");
+        let repo = git2::Repository::init_opts(&repo_path, &opts).unwrap();
+        let sig = git2::Signature::now("T", "t@example.com").unwrap();
+        let tree = repo
+            .find_tree(repo.index().unwrap().write_tree().unwrap())
+            .unwrap();
+        let root = repo
+            .commit(Some("HEAD"), &sig, &sig, "root", &tree, &[])
+            .unwrap();
+        repo.branch("agent/issue-1", &repo.find_commit(root).unwrap(), false)
+            .unwrap();
+        cli.add("With a PR", &[]);
+        let pr = cli
+            .forge
+            .find_or_create_pull_request(&NewPullRequest {
+                head: "agent/issue-1".into(),
+                base: "main".into(),
+                title: "Fixes #1: With a PR".into(),
+                body: "Closes #1".into(),
+            })
+            .await
+            .unwrap();
+        let text = cli.show(1).unwrap();
+        let short = &root.to_string()[..7];
+        assert!(
+            text.contains(&format!(
+                "pull request #{} (agent/issue-1 -> main): open, head {short}\n  Fixes #1: With a PR\n",
+                pr.number
+            )),
+            "{text}"
+        );
+    }
+}
