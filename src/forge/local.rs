@@ -639,6 +639,10 @@ impl LocalForge {
                     "cannot commit the squash merge of {what}"
                 )))?;
             let base_ref = format!("refs/heads/{}", record.base);
+            // Update the main checkout first, with the SAFE strategy against
+            // HEAD (still the old tip): libgit2 checks every path before
+            // writing any, so local edits the merge would touch make it refuse
+            // and leave both the files and the base branch as they were.
             if !repo.is_bare() && main_checkout_on(&repo, &base_ref) {
                 let mut checkout = git2::build::CheckoutBuilder::new();
                 checkout.safe();

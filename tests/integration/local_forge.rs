@@ -399,7 +399,15 @@ async fn merge_never_overwrites_uncommitted_edits_in_the_main_checkout() {
         .await
         .unwrap();
     let result = f.merge_pull_request(pr.number, "Three").await;
-    assert!(matches!(result, Err(ForgeError::Local(_))), "{result:?}");
+    match result {
+        Err(ForgeError::Local(message)) => {
+            assert!(
+                message.contains("commit or stash local changes"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     assert_eq!(
         std::fs::read_to_string(fx.repo_path.join("README.md")).unwrap(),
         "my local edit\n"
