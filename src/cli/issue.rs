@@ -1,12 +1,17 @@
 //! `hydraflow issue add|list|show|label`: the local forge's issues from the
 //! command line, safe while a worker runs.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Subcommand;
 
 use super::TargetArgs;
+use crate::forge::local::LocalForge;
+use crate::forge::{ForgeError, Issue, IssueState, PullRequest};
+use crate::layout::Layout;
 
 /// `hydraflow issue …`
 #[derive(Debug, Subcommand)]
@@ -65,11 +70,415 @@ pub enum IssueCommand {
     },
 }
 
-/// Run an `issue` subcommand.
+/// Run an `issue` subcommand: resolve the repository
+/// ([`super::target::resolve`]), open its local forge and print to stdout.
 ///
 /// # Errors
 /// Configuration, I/O, or an unknown issue number.
 pub fn run(config_file: &Path, cmd: IssueCommand) -> anyhow::Result<ExitCode> {
-    let _ = (config_file, cmd);
-    todo!("forge helper implements this")
+    let target = match &cmd {
+        IssueCommand::Add { target, .. }
+        | IssueCommand::List { target, .. }
+        | IssueCommand::Show { target, .. }
+        | IssueCommand::Label { target, .. } => target.clone(),
+    };
+    let resolved = super::target::resolve(config_file, &target)?;
+    let forge = LocalForge::open(&resolved.layout, &resolved.repo_path).with_context(|| {
+        format!(
+            "cannot open the local forge of {}",
+            resolved.repo_path.display()
+        )
+    })?;
+    let mut out = std::io::stdout().lock();
+    execute(&forge, &resolved.config.labels.find, cmd, &mut out)
+}
+
+/// Run `cmd` against `forge`, writing what the user sees to `out`;
+/// `default_label` is given to new issues filed without `--label`.
+fn execute(
+    forge: &LocalForge,
+    default_label: &str,
+    cmd: IssueCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<ExitCode> {
+    match cmd {
+        IssueCommand::Add {
+            title,
+            body,
+            mut labels,
+            ..
+        } => {
+            if title.trim().is_empty() {
+                anyhow::bail!("the issue title is empty: give one with --title");
+            }
+            if labels.is_empty() {
+                labels.push(default_label.to_owned());
+            }
+            let issue = forge.create_issue(&title, &body, &labels)?;
+            writeln!(out, "created issue #{}: {}", issue.number, issue.title)?;
+        }
+        IssueCommand::List { all, json, .. } => {
+            let issues: Vec<Issue> = forge
+                .all_issues()?
+                .into_iter()
+                .filter(|i| all || i.state == IssueState::Open)
+                .collect();
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &issues)?;
+                writeln!(out)?;
+            } else {
+                write_table(out, &issues)?;
+            }
+        }
+        IssueCommand::Show { number, json, .. } => {
+            let detail = forge.issue_detail(number).map_err(|e| explain(number, e))?;
+            let pulls = forge.pull_requests_for_head(&Layout::branch_name(number))?;
+            if json {
+                let value = serde_json::json!({
+                    "issue": detail.issue,
+                    "comments": detail.comments,
+                    "pull_requests": pulls,
+                });
+                serde_json::to_writer_pretty(&mut *out, &value)?;
+                writeln!(out)?;
+            } else {
+                let issue = &detail.issue;
+                writeln!(
+                    out,
+                    "#{} {} [{}]",
+                    issue.number,
+                    issue.title,
+                    state_name(issue.state)
+                )?;
+                writeln!(out, "author: {}", issue.author)?;
+                writeln!(out, "labels: {}", issue.labels.join(", "))?;
+                if !issue.body.is_empty() {
+                    writeln!(out, "\n{}", issue.body.trim_end())?;
+                }
+                for comment in &detail.comments {
+                    writeln!(out, "\n--- {} at {}", comment.author, comment.created_at)?;
+                    writeln!(out, "{}", comment.body.trim_end())?;
+                }
+                for pull in &pulls {
+                    write_pull(out, pull)?;
+                }
+            }
+        }
+        IssueCommand::Label {
+            number,
+            add,
+            remove,
+            ..
+        } => {
+            if add.is_empty() && remove.is_empty() {
+                anyhow::bail!("nothing to change: give --add LABEL and/or --remove LABEL");
+            }
+            let issue = forge
+                .edit_labels(number, &add, &remove)
+                .map_err(|e| explain(number, e))?;
+            writeln!(
+                out,
+                "issue #{} labels: {}",
+                issue.number,
+                issue.labels.join(", ")
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Turn a missing issue into a message that says what to do.
+fn explain(number: u64, err: ForgeError) -> anyhow::Error {
+    match err {
+        ForgeError::NotFound(_) => {
+            anyhow::anyhow!("issue #{number} does not exist: see `hydraflow issue list`")
+        }
+        other => other.into(),
+    }
+}
+
+fn state_name(state: IssueState) -> &'static str {
+    match state {
+        IssueState::Open => "open",
+        IssueState::Closed => "closed",
+    }
+}
+
+/// `NUMBER  STATE  LABELS  TITLE`, columns padded to their widest cell.
+fn write_table(out: &mut impl Write, issues: &[Issue]) -> std::io::Result<()> {
+    if issues.is_empty() {
+        return writeln!(
+            out,
+            "no issues: file one with `hydraflow issue add --title TITLE`"
+        );
+    }
+    let rows: Vec<[String; 4]> = issues
+        .iter()
+        .map(|i| {
+            [
+                format!("#{}", i.number),
+                state_name(i.state).to_owned(),
+                i.labels.join(","),
+                i.title.clone(),
+            ]
+        })
+        .collect();
+    let header = ["NUMBER", "STATE", "LABELS", "TITLE"].map(str::to_owned);
+    let mut widths = [0usize; 3];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        writeln!(
+            out,
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        )?;
+    }
+    Ok(())
+}
+
+fn write_pull(out: &mut impl Write, pull: &PullRequest) -> std::io::Result<()> {
+    let state = match pull.state {
+        crate::forge::PullRequestState::Open => "open",
+        crate::forge::PullRequestState::Closed => "closed",
+        crate::forge::PullRequestState::Merged => "merged",
+    };
+    let short = pull.head_sha.get(..7).unwrap_or(&pull.head_sha);
+    writeln!(
+        out,
+        "\npull request #{} ({} -> {}): {state}, head {short}\n  {}",
+        pull.number, pull.head, pull.base, pull.title
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Slug;
+
+    struct Cli {
+        _tmp: tempfile::TempDir,
+        forge: LocalForge,
+    }
+
+    impl Cli {
+        fn new() -> Cli {
+            let tmp = tempfile::tempdir().unwrap();
+            let layout = Layout {
+                slug: Slug::new("repo").unwrap(),
+                data_root: tmp.path().join("data"),
+                worktree_base: tmp.path().join("wt"),
+            };
+            let forge = LocalForge::open(&layout, &tmp.path().join("repo")).unwrap();
+            Cli { _tmp: tmp, forge }
+        }
+
+        /// Run `cmd`; its output or the error message.
+        fn run(&self, cmd: IssueCommand) -> Result<String, String> {
+            let mut out = Vec::new();
+            execute(&self.forge, "hydraflow-find", cmd, &mut out)
+                .map(|_| String::from_utf8(out).unwrap())
+                .map_err(|e| format!("{e:#}"))
+        }
+
+        fn add(&self, title: &str, labels: &[&str]) -> String {
+            self.run(IssueCommand::Add {
+                target: TargetArgs::default(),
+                title: title.into(),
+                body: "the body".into(),
+                labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+            })
+            .unwrap()
+        }
+
+        fn label(&self, number: u64, add: &[&str], remove: &[&str]) -> Result<String, String> {
+            let owned = |v: &[&str]| v.iter().map(|l| (*l).to_owned()).collect();
+            self.run(IssueCommand::Label {
+                target: TargetArgs::default(),
+                number,
+                add: owned(add),
+                remove: owned(remove),
+            })
+        }
+
+        fn list(&self, all: bool, json: bool) -> String {
+            self.run(IssueCommand::List {
+                target: TargetArgs::default(),
+                all,
+                json,
+            })
+            .unwrap()
+        }
+
+        fn show(&self, number: u64) -> Result<String, String> {
+            self.run(IssueCommand::Show {
+                target: TargetArgs::default(),
+                number,
+                json: false,
+            })
+        }
+    }
+
+    #[test]
+    fn add_uses_the_find_label_unless_told_otherwise() {
+        let cli = Cli::new();
+        assert_eq!(
+            cli.add("Fix the bug", &[]),
+            "created issue #1: Fix the bug\n"
+        );
+        assert_eq!(
+            cli.add("Plan it", &["hydraflow-plan"]),
+            "created issue #2: Plan it\n"
+        );
+        let labels = |n| cli.forge.issue_detail(n).unwrap().issue.labels;
+        assert_eq!(labels(1), ["hydraflow-find"]);
+        assert_eq!(labels(2), ["hydraflow-plan"]);
+    }
+
+    #[test]
+    fn empty_title_is_refused() {
+        let cli = Cli::new();
+        let err = cli
+            .run(IssueCommand::Add {
+                target: TargetArgs::default(),
+                title: "  ".into(),
+                body: String::new(),
+                labels: Vec::new(),
+            })
+            .unwrap_err();
+        assert_eq!(err, "the issue title is empty: give one with --title");
+        assert!(cli.forge.all_issues().unwrap().is_empty());
+    }
+
+    #[test]
+    fn list_prints_a_table_or_json() {
+        let cli = Cli::new();
+        assert_eq!(
+            cli.list(false, false),
+            "no issues: file one with `hydraflow issue add --title TITLE`\n"
+        );
+        cli.add("First", &["a", "b"]);
+        cli.add("Second", &[]);
+        assert_eq!(
+            cli.list(false, false),
+            "NUMBER  STATE  LABELS          TITLE\n\
+             #1      open   a,b             First\n\
+             #2      open   hydraflow-find  Second\n"
+        );
+        let json: Vec<Issue> = serde_json::from_str(&cli.list(false, true)).unwrap();
+        assert_eq!(json.len(), 2);
+        assert_eq!(json[1].title, "Second");
+    }
+
+    #[tokio::test]
+    async fn list_hides_closed_issues_unless_all() {
+        use crate::forge::Forge as _;
+        let cli = Cli::new();
+        cli.add("Open one", &[]);
+        cli.add("Done one", &[]);
+        cli.forge.close_issue(2).await.unwrap();
+        assert!(!cli.list(false, false).contains("Done one"));
+        assert!(cli.list(true, false).contains("#2      closed"));
+    }
+
+    #[test]
+    fn label_adds_and_removes() {
+        let cli = Cli::new();
+        cli.add("Work", &[]);
+        let check = |add: &[&str], remove: &[&str], expected: &str| {
+            assert_eq!(
+                cli.label(1, add, remove).as_deref(),
+                Ok(expected),
+                "{add:?} {remove:?}"
+            );
+        };
+        check(&["x"], &[], "issue #1 labels: hydraflow-find, x\n");
+        check(&["x"], &[], "issue #1 labels: hydraflow-find, x\n");
+        check(&["y"], &["hydraflow-find"], "issue #1 labels: x, y\n");
+        check(&[], &["absent"], "issue #1 labels: x, y\n");
+        assert_eq!(
+            cli.label(1, &[], &[]).unwrap_err(),
+            "nothing to change: give --add LABEL and/or --remove LABEL"
+        );
+    }
+
+    #[test]
+    fn unknown_issues_say_what_to_do() {
+        let cli = Cli::new();
+        let expected = "issue #9 does not exist: see `hydraflow issue list`";
+        assert_eq!(cli.show(9).unwrap_err(), expected);
+        assert_eq!(cli.label(9, &["x"], &[]).unwrap_err(), expected);
+    }
+
+    #[tokio::test]
+    async fn show_prints_the_issue_and_its_comments() {
+        use crate::forge::Forge as _;
+        let cli = Cli::new();
+        cli.add("Crash on start", &[]);
+        cli.forge.comment(1, "triage: confirmed").await.unwrap();
+        let text = cli.show(1).unwrap();
+        assert!(text.starts_with("#1 Crash on start [open]\n"), "{text}");
+        assert!(text.contains("labels: hydraflow-find\n"), "{text}");
+        assert!(text.contains("\nthe body\n"), "{text}");
+        assert!(text.contains("triage: confirmed\n"), "{text}");
+        let json = cli
+            .run(IssueCommand::Show {
+                target: TargetArgs::default(),
+                number: 1,
+                json: true,
+            })
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value["issue"]["title"], "Crash on start");
+        assert_eq!(value["comments"][0]["body"], "triage: confirmed");
+        assert_eq!(value["pull_requests"], serde_json::json!([]));
+    }
+
+    #[tokio::test]
+    async fn show_lists_the_pull_request_of_the_issue() {
+        use crate::forge::{Forge as _, NewPullRequest};
+        let cli = Cli::new();
+        let repo_path = cli.forge.repo_path().to_path_buf();
+        let mut opts = git2::RepositoryInitOptions::new();
+        opts.initial_head("main");
+        let repo = git2::Repository::init_opts(&repo_path, &opts).unwrap();
+        let sig = git2::Signature::now("T", "t@example.com").unwrap();
+        let tree = repo
+            .find_tree(repo.index().unwrap().write_tree().unwrap())
+            .unwrap();
+        let root = repo
+            .commit(Some("HEAD"), &sig, &sig, "root", &tree, &[])
+            .unwrap();
+        repo.branch("agent/issue-1", &repo.find_commit(root).unwrap(), false)
+            .unwrap();
+        cli.add("With a PR", &[]);
+        let pr = cli
+            .forge
+            .find_or_create_pull_request(&NewPullRequest {
+                head: "agent/issue-1".into(),
+                base: "main".into(),
+                title: "Fixes #1: With a PR".into(),
+                body: "Closes #1".into(),
+            })
+            .await
+            .unwrap();
+        let text = cli.show(1).unwrap();
+        let short = &root.to_string()[..7];
+        assert!(
+            text.contains(&format!(
+                "pull request #{} (agent/issue-1 -> main): open, head {short}\n  Fixes #1: With a PR\n",
+                pr.number
+            )),
+            "{text}"
+        );
+    }
 }

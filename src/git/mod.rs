@@ -43,3 +43,18 @@ pub enum GitError {
         source: std::io::Error,
     },
 }
+
+/// Name and e-mail used for commits when the repository configuration has no
+/// `user.name`/`user.email`.
+pub const FALLBACK_SIGNATURE: (&str, &str) = ("HydraFlow", "hydraflow@localhost");
+
+/// The author/committer for commits HydraFlow makes in `repo`: the
+/// repository's (or the user's global) `user.name` and `user.email`, else
+/// [`FALLBACK_SIGNATURE`], timestamped now.
+///
+/// # Errors
+/// git2's error when even the fallback signature cannot be made.
+pub fn signature(repo: &git2::Repository) -> Result<git2::Signature<'static>, git2::Error> {
+    repo.signature()
+        .or_else(|_| git2::Signature::now(FALLBACK_SIGNATURE.0, FALLBACK_SIGNATURE.1))
+}

@@ -1,1 +1,4 @@
+mod git_fixture;
+mod git_worktrees;
+mod local_forge;
 mod util;

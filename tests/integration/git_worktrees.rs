@@ -1,0 +1,235 @@
+//! `git::Worktrees` against real repositories: create, resume, salvage,
+//! destroy, queries and GC.
+
+use std::path::Path;
+
+use hydraflow::git::{GitError, Worktrees};
+
+use super::git_fixture::{Fixture, commit_files, file_at, fixture, tip};
+
+fn worktrees(fx: &Fixture) -> Worktrees {
+    Worktrees::open(&fx.repo_path, &fx.layout, "main").expect("open worktrees")
+}
+
+#[tokio::test]
+async fn create_then_resume_keeps_commits() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    let info = wts.create_or_resume(7).await.unwrap();
+    assert_eq!(info.path, fx.layout.worktree_path(7));
+    assert_eq!(info.branch, "agent/issue-7");
+    assert!(!info.resumed);
+    assert_eq!(
+        std::fs::read_to_string(info.path.join("README.md")).unwrap(),
+        "hello\n"
+    );
+    let work = commit_files(&info.path, &[("feature.txt", Some("x\n"))], "add feature");
+
+    // The directory is reused as it is.
+    let again = wts.create_or_resume(7).await.unwrap();
+    assert!(again.resumed);
+    assert_eq!(again.path, info.path);
+
+    // After the worktree is gone, the branch (and its commit) comes back.
+    wts.destroy(7, false).await.unwrap();
+    assert!(!info.path.exists());
+    let resumed = wts.create_or_resume(7).await.unwrap();
+    assert!(resumed.resumed);
+    assert_eq!(
+        std::fs::read_to_string(resumed.path.join("feature.txt")).unwrap(),
+        "x\n"
+    );
+    assert_eq!(
+        wts.branch_sha("agent/issue-7").await.unwrap(),
+        work.to_string()
+    );
+    assert_eq!(wts.commits_ahead(7).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn stale_registration_is_pruned_and_recreated() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    let info = wts.create_or_resume(3).await.unwrap();
+    commit_files(&info.path, &[("kept.txt", Some("kept\n"))], "work");
+    std::fs::remove_dir_all(&info.path).unwrap();
+    let again = wts.create_or_resume(3).await.unwrap();
+    assert!(again.resumed);
+    assert!(again.path.join("kept.txt").is_file());
+    assert_eq!(fx.repo().worktrees().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn unknown_directory_in_the_way_is_replaced() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    let path = fx.layout.worktree_path(4);
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::write(path.join("junk"), "junk").unwrap();
+    let info = wts.create_or_resume(4).await.unwrap();
+    assert!(!info.path.join("junk").exists());
+    assert!(info.path.join("README.md").is_file());
+}
+
+#[tokio::test]
+async fn salvage_commits_everything_but_ignored_files() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    let info = wts.create_or_resume(5).await.unwrap();
+    assert_eq!(wts.salvage(5).await.unwrap(), None, "clean worktree");
+
+    std::fs::write(info.path.join("README.md"), "changed\n").unwrap();
+    std::fs::write(info.path.join(".hidden"), "dot\n").unwrap();
+    std::fs::create_dir_all(info.path.join("new/dir")).unwrap();
+    std::fs::write(info.path.join("new/dir/file.txt"), "new\n").unwrap();
+    std::fs::write(info.path.join("debug.log"), "ignored\n").unwrap();
+    std::fs::remove_file(info.path.join("src/lib.txt")).unwrap();
+
+    let sha = wts.salvage(5).await.unwrap().expect("a salvage commit");
+    let repo = fx.repo();
+    let commit = repo
+        .find_commit(git2::Oid::from_str(&sha).unwrap())
+        .unwrap();
+    assert_eq!(
+        commit.message().ok(),
+        Some("chore: salvage uncommitted changes for issue #5")
+    );
+    assert_eq!(commit.author().name().ok(), Some("Test Author"));
+    assert_eq!(tip(&repo, "agent/issue-5").unwrap().id(), commit.id());
+    let check = |path: &str, expected: Option<&str>| {
+        assert_eq!(
+            file_at(&repo, &sha, path).as_deref(),
+            expected,
+            "{path} in the salvage commit"
+        );
+    };
+    check("README.md", Some("changed\n"));
+    check(".hidden", Some("dot\n"));
+    check("new/dir/file.txt", Some("new\n"));
+    check("debug.log", None);
+    check("src/lib.txt", None);
+    assert_eq!(wts.salvage(5).await.unwrap(), None, "nothing left");
+    assert_eq!(wts.salvage(99).await.unwrap(), None, "no worktree");
+}
+
+#[tokio::test]
+async fn destroy_salvages_prunes_and_deletes_the_branch() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    let info = wts.create_or_resume(6).await.unwrap();
+    std::fs::write(info.path.join("wip.txt"), "wip\n").unwrap();
+    wts.destroy(6, false).await.unwrap();
+    let repo = fx.repo();
+    assert!(!info.path.exists());
+    assert!(repo.worktrees().unwrap().is_empty());
+    assert_eq!(
+        file_at(&repo, "agent/issue-6", "wip.txt").as_deref(),
+        Some("wip\n")
+    );
+
+    wts.create_or_resume(6).await.unwrap();
+    wts.destroy(6, true).await.unwrap();
+    assert!(tip(&repo, "agent/issue-6").is_none());
+    assert!(repo.worktrees().unwrap().is_empty());
+    // Destroying what is gone is fine.
+    wts.destroy(6, true).await.unwrap();
+}
+
+#[tokio::test]
+async fn commits_ahead_and_diff_against_the_merge_base() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    assert_eq!(wts.commits_ahead(8).await.unwrap(), 0, "no branch yet");
+    let info = wts.create_or_resume(8).await.unwrap();
+    assert_eq!(wts.commits_ahead(8).await.unwrap(), 0);
+    commit_files(
+        &info.path,
+        &[("README.md", Some("hello\nfrom the agent\n"))],
+        "one",
+    );
+    commit_files(&info.path, &[("added.txt", Some("added\n"))], "two");
+    // main moves on meanwhile: not part of the branch's diff.
+    commit_files(
+        &fx.repo_path,
+        &[("src/lib.txt", Some("one\n"))],
+        "main moves",
+    );
+
+    assert_eq!(wts.commits_ahead(8).await.unwrap(), 2);
+    let diff = wts.diff_against_base(8).await.unwrap();
+    assert!(
+        diff.contains("diff --git a/README.md b/README.md"),
+        "{diff}"
+    );
+    assert!(diff.contains("+from the agent\n"), "{diff}");
+    assert!(diff.contains(" hello\n"), "{diff}");
+    assert!(diff.contains("+++ b/added.txt"), "{diff}");
+    assert!(!diff.contains("lib.txt"), "{diff}");
+    assert!(wts.diff_against_base(99).await.is_err());
+}
+
+#[tokio::test]
+async fn gc_removes_done_and_orphan_worktrees_only_inside_its_directory() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    let done = wts.create_or_resume(1).await.unwrap();
+    let active = wts.create_or_resume(2).await.unwrap();
+    let root = fx.layout.worktrees_dir();
+    let orphan = root.join("issue-9");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("left-over"), "x").unwrap();
+    let outside = fx.tmp.path().join("precious");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("data"), "keep me").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("issue-10")).unwrap();
+    std::fs::create_dir_all(root.join("not-an-issue")).unwrap();
+
+    let mut removed = wts.gc(|n| n == 1 || n == 10).await.unwrap();
+    removed.sort();
+    assert_eq!(removed, vec![done.path.clone(), orphan.clone()]);
+    assert!(!done.path.exists() && !orphan.exists());
+    assert!(active.path.join("README.md").is_file());
+    assert_eq!(
+        std::fs::read_to_string(outside.join("data")).unwrap(),
+        "keep me"
+    );
+    assert!(root.join("issue-10").exists());
+    assert!(root.join("not-an-issue").is_dir());
+    assert_eq!(fx.repo().worktrees().unwrap().len(), 1);
+    assert!(
+        tip(&fx.repo(), "agent/issue-1").is_some(),
+        "gc keeps branches"
+    );
+}
+
+#[tokio::test]
+async fn gc_without_a_worktree_directory_does_nothing() {
+    let fx = fixture();
+    assert!(worktrees(&fx).gc(|_| true).await.unwrap().is_empty());
+}
+
+#[test]
+fn open_refuses_non_repositories_and_missing_base_branches() {
+    let fx = fixture();
+    let not_repo = fx.tmp.path().join("plain");
+    std::fs::create_dir_all(&not_repo).unwrap();
+    let check = |path: &Path, base: &str, expected: &str| {
+        let err = Worktrees::open(path, &fx.layout, base).unwrap_err();
+        assert!(
+            matches!(
+                (&err, expected),
+                (GitError::NotARepository { .. }, "not a repository")
+                    | (GitError::NoBaseBranch(_), "no base branch")
+            ),
+            "{path:?} {base}: {err}"
+        );
+    };
+    check(&not_repo, "main", "not a repository");
+    check(&fx.repo_path, "develop", "no base branch");
+    assert_eq!(
+        Worktrees::open(&fx.repo_path, &fx.layout, "develop")
+            .unwrap_err()
+            .to_string(),
+        "base branch \"develop\" does not exist in the repository"
+    );
+}
