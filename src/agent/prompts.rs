@@ -1,6 +1,14 @@
 //! Stage prompts: built-in templates, overridable by files in
 //! `agent.prompts_dir` named `<kind>.md`.
+//!
+//! Templates are Markdown with `{{name}}` placeholders: `repo`,
+//! `issue_number`, `title`, `body`, `comments`, `plan`, `diff`, `feedback`,
+//! `correction`, `branch`, `base_branch`. Substitution is one pass, so text
+//! inside a value (an issue body that says `{{plan}}`) is never expanded;
+//! unknown placeholders are left as written. Unset values render as
+//! `(none)`, except `{{diff}}` and `{{body}}`, which render as empty.
 
+use std::io;
 use std::path::Path;
 
 use super::AgentError;
@@ -71,6 +79,34 @@ pub struct PromptContext {
     pub base_branch: String,
 }
 
+impl PromptKind {
+    /// Every prompt kind.
+    pub const ALL: [PromptKind; 8] = [
+        PromptKind::Triage,
+        PromptKind::Plan,
+        PromptKind::Implement,
+        PromptKind::Review,
+        PromptKind::ReviewFix,
+        PromptKind::CiFix,
+        PromptKind::ConflictFix,
+        PromptKind::Hitl,
+    ];
+
+    /// The built-in template (`src/agent/prompts/<name>.md`).
+    pub fn builtin(self) -> &'static str {
+        match self {
+            PromptKind::Triage => include_str!("prompts/triage.md"),
+            PromptKind::Plan => include_str!("prompts/plan.md"),
+            PromptKind::Implement => include_str!("prompts/implement.md"),
+            PromptKind::Review => include_str!("prompts/review.md"),
+            PromptKind::ReviewFix => include_str!("prompts/review-fix.md"),
+            PromptKind::CiFix => include_str!("prompts/ci-fix.md"),
+            PromptKind::ConflictFix => include_str!("prompts/conflict-fix.md"),
+            PromptKind::Hitl => include_str!("prompts/hitl.md"),
+        }
+    }
+}
+
 /// Render `kind` for `ctx`, from `prompts_dir/<name>.md` when that file
 /// exists, else the built-in template.
 ///
@@ -81,6 +117,81 @@ pub fn render(
     ctx: &PromptContext,
     prompts_dir: Option<&Path>,
 ) -> Result<String, AgentError> {
-    let _ = (kind, ctx, prompts_dir);
-    todo!("agent helper implements this")
+    let template = match prompts_dir {
+        Some(dir) => {
+            let path = dir.join(format!("{}.md", kind.name()));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => kind.builtin().to_string(),
+                Err(e) => {
+                    return Err(AgentError::Io(io::Error::new(
+                        e.kind(),
+                        format!("cannot read prompt template {}: {e}", path.display()),
+                    )));
+                }
+            }
+        }
+        None => kind.builtin().to_string(),
+    };
+    Ok(fill(&template, ctx))
+}
+
+/// The value of placeholder `name`, or `None` for an unknown name.
+fn value(name: &str, ctx: &PromptContext) -> Option<String> {
+    let or_none = |v: &Option<String>| match v.as_deref().map(str::trim) {
+        Some(s) if !s.is_empty() => s.to_string(),
+        _ => "(none)".to_string(),
+    };
+    Some(match name {
+        "repo" => ctx.repo.clone(),
+        "issue_number" => ctx.issue_number.to_string(),
+        "title" => ctx.title.clone(),
+        "body" => ctx.body.trim().to_string(),
+        "comments" => render_comments(ctx),
+        "plan" => or_none(&ctx.plan),
+        "diff" => ctx.diff.clone().unwrap_or_default(),
+        "feedback" => or_none(&ctx.feedback),
+        "correction" => or_none(&ctx.correction),
+        "branch" => ctx.branch.clone(),
+        "base_branch" => ctx.base_branch.clone(),
+        _ => return None,
+    })
+}
+
+/// Comments as Markdown: `**author** (time):` then the body, oldest first.
+fn render_comments(ctx: &PromptContext) -> String {
+    if ctx.comments.is_empty() {
+        return "(none)".to_string();
+    }
+    ctx.comments
+        .iter()
+        .map(|c| format!("**{}** ({}):\n\n{}", c.author, c.created_at, c.body.trim()))
+        .collect::<Vec<_>>()
+        .join("\n\n---\n\n")
+}
+
+/// Replace every known `{{name}}` in `template` in one pass.
+fn fill(template: &str, ctx: &PromptContext) -> String {
+    let mut out = String::with_capacity(template.len() + ctx.body.len());
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let replaced = after.find("}}").and_then(|close| {
+            let name = after[..close].trim();
+            value(name, ctx).map(|v| (v, close))
+        });
+        match replaced {
+            Some((v, close)) => {
+                out.push_str(&v);
+                rest = &after[close + 2..];
+            }
+            None => {
+                out.push_str("{{");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
