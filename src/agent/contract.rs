@@ -322,3 +322,156 @@ fn reset_time(line: &str) -> Option<u64> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_block(line: &str, expected: Option<&str>, resets_at: Option<u64>) {
+        let got = detect_block(line);
+        let kind = got.as_ref().map(|b| match b {
+            AgentBlock::UsageLimit { .. } => "usage",
+            AgentBlock::Auth { .. } => "auth",
+        });
+        assert_eq!(kind, expected, "{line:?}: {got:?}");
+        if let Some(AgentBlock::UsageLimit { resets_at: r, message }) = &got {
+            assert_eq!(*r, resets_at, "{line:?}");
+            assert_eq!(message, line.trim());
+        }
+    }
+
+    #[test]
+    fn blocks() {
+        let u = Some("usage");
+        let a = Some("auth");
+        check_block("Claude AI usage limit reached|1750000000", u, Some(1_750_000_000));
+        check_block("Claude AI usage limit reached", u, None);
+        check_block("  Error: Credit balance is too low  ", u, None);
+        check_block("You've hit your usage limit. Upgrade to Pro or try again in 4 hours.", u, None);
+        check_block("You've hit your limit · resets 3pm (Europe/Berlin)", u, None);
+        check_block("5-hour limit reached ∙ resets 3pm", u, None);
+        check_block("{\"error\":{\"code\":\"insufficient_quota\"}}", u, None);
+        check_block("usage limit reached|not-a-time", u, None);
+        check_block("exceeded retry limit, last status: 401 Unauthorized, request id: 99cdbe04acfb0b34-AMS", a, None);
+        check_block("Invalid API key · Please run /login", a, None);
+        check_block("Missing environment variable: `OPENAI_API_KEY`. Create an API key", a, None);
+        check_block("ANTHROPIC_API_KEY is not set", a, None);
+        check_block("API Error: 401 {\"type\":\"error\",\"error\":{\"type\":\"authentication_error\"}}", a, None);
+        check_block("OAuth token has expired. Please obtain a new token", a, None);
+        check_block("Reconnecting... 1/5", None, None);
+        check_block("Set OPENAI_API_KEY in your shell profile", None, None);
+        check_block("the rate limiter test passed", None, None);
+        check_block("", None, None);
+    }
+
+    fn check_review(text: &str, verdict: Option<Verdict>, summary: &str) {
+        match (parse_review(text), verdict) {
+            (Ok(r), Some(v)) => {
+                assert_eq!(r.verdict, v, "{text:?}");
+                assert_eq!(r.summary, summary, "{text:?}");
+                assert_eq!(r.feedback, text);
+            }
+            (Err(_), None) => {}
+            (got, want) => panic!("{text:?}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn reviews() {
+        use Verdict::*;
+        check_review("VERDICT: APPROVE\nSUMMARY: looks good", Some(Approve), "looks good");
+        check_review("**VERDICT:** APPROVE\n**SUMMARY:** fine", Some(Approve), "fine");
+        check_review("**VERDICT**: REQUEST_CHANGES\nSUMMARY: missing test", Some(RequestChanges), "missing test");
+        check_review("## Verdict: request changes\n", Some(RequestChanges), "");
+        check_review("VERDICT: CHANGES_REQUESTED", Some(RequestChanges), "");
+        check_review("Verdict: comment — minor nits\nSummary: ok", Some(Comment), "ok");
+        check_review("VERDICT: `APPROVE`", Some(Approve), "");
+        check_review("- VERDICT: Approved.", Some(Approve), "");
+        check_review("VERDICT:\nAPPROVE\nSUMMARY:\nall good", Some(Approve), "all good");
+        check_review("Answer with VERDICT: REQUEST_CHANGES or\nVERDICT: APPROVE\nSUMMARY: a\nSUMMARY: b", Some(Approve), "b");
+        check_review("VERDICT: MAYBE", None, "");
+        check_review("I think it is fine.", None, "");
+        check_review("The verdict is APPROVE", None, "");
+    }
+
+    fn check_plan(text: &str, expected: Option<PlanResult>) {
+        let got = parse_plan(text);
+        match expected {
+            Some(e) => assert_eq!(got.as_ref().ok(), Some(&e), "{text:?}: {got:?}"),
+            None => assert!(got.is_err(), "{text:?}: {got:?}"),
+        }
+    }
+
+    fn plan(plan: &str, summary: &str) -> Option<PlanResult> {
+        Some(PlanResult::Plan {
+            plan: plan.into(),
+            summary: summary.into(),
+        })
+    }
+
+    #[test]
+    fn plans() {
+        check_plan("PLAN_START\nSUMMARY: Fix it.\n1. edit\nPLAN_END", plan("SUMMARY: Fix it.\n1. edit", "Fix it."));
+        check_plan("prose\nPLAN_START\n**SUMMARY:** Fix it.\nPLAN_END\nmore", plan("**SUMMARY:** Fix it.", "Fix it."));
+        check_plan("I will write PLAN_START…PLAN_END.\nPLAN_START\nSUMMARY: b\nPLAN_END", plan("SUMMARY: b", "b"));
+        check_plan("SUMMARY: outside\nPLAN_START\n1. step\nPLAN_END", plan("1. step", "outside"));
+        check_plan("PLAN_START\n1. step\nPLAN_END", None);
+        check_plan("PLAN_START\n\nPLAN_END", None);
+        check_plan("PLAN_START\nSUMMARY: x\n", None);
+        check_plan("nothing here", None);
+        check_plan(
+            "ALREADY_SATISFIED_START\nsrc/a.rs already does it.\nALREADY_SATISFIED_END",
+            Some(PlanResult::AlreadySatisfied { explanation: "src/a.rs already does it.".into() }),
+        );
+        check_plan(
+            "PLAN_START\nSUMMARY: s\nPLAN_END\nALREADY_SATISFIED_START\nx\nALREADY_SATISFIED_END",
+            plan("SUMMARY: s", "s"),
+        );
+    }
+
+    #[test]
+    fn already_satisfied_markers() {
+        let check = |t: &str, e: Option<&str>| assert_eq!(already_satisfied(t).as_deref(), e, "{t:?}");
+        check("ALREADY_SATISFIED_START done ALREADY_SATISFIED_END", Some("done"));
+        check("ALREADY_SATISFIED_START\n\nALREADY_SATISFIED_END", Some(""));
+        check("ALREADY_SATISFIED_START only", None);
+        check("ALREADY_SATISFIED_END ALREADY_SATISFIED_START", None);
+        check("", None);
+    }
+
+    fn check_triage(text: &str, ready: Option<bool>) {
+        match (parse_triage(text), ready) {
+            (Ok(t), Some(r)) => assert_eq!(t.ready, r, "{text:?}"),
+            (Err(_), None) => {}
+            (got, want) => panic!("{text:?}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn triage() {
+        check_triage(r#"{"ready": true}"#, Some(true));
+        check_triage("Here is my answer:\n```json\n{\"ready\": false, \"reasons\": [\"no repro\"]}\n```\nThanks.", Some(false));
+        check_triage(r#"Example {"a": 1} then {"ready": true, "nested": {"ready": false}}"#, Some(true));
+        check_triage(r#"{"ready": false} and finally {"ready": true}"#, Some(true));
+        check_triage(r#"{ "x": "}" } {"ready": true, "reasons": ["a { brace"]}"#, Some(true));
+        check_triage(r#"{"ready": "yes"}"#, None);
+        check_triage(r#"{"reasons": []}"#, None);
+        check_triage(r#"{"ready": tru"#, None);
+        check_triage("no json", None);
+        let full = parse_triage(
+            r#"{"ready": true, "reasons": ["clear"], "issue_type": "bug", "clarity_score": 8, "complexity_score": 2.5, "needs_discovery": true, "already_addressed": false}"#,
+        );
+        assert_eq!(
+            full,
+            Ok(TriageResult {
+                ready: true,
+                reasons: vec!["clear".into()],
+                issue_type: Some("bug".into()),
+                clarity_score: Some(8.0),
+                complexity_score: Some(2.5),
+                needs_discovery: true,
+                already_addressed: false,
+            })
+        );
+    }
+}
