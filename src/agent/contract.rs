@@ -88,9 +88,7 @@ pub fn parse_triage(transcript: &str) -> Result<TriageResult, ContractError> {
         .into_iter()
         .rfind(|v| v.get("ready").is_some())
         .ok_or_else(|| {
-            ContractError(
-                "the triage answer has no JSON object with a \"ready\" field".to_string(),
-            )
+            ContractError("the triage answer has no JSON object with a \"ready\" field".to_string())
         })?;
     serde_json::from_value(object)
         .map_err(|e| ContractError(format!("the triage JSON object is malformed: {e}")))
@@ -248,8 +246,12 @@ pub fn parse_review(transcript: &str) -> Result<ReviewResult, ContractError> {
 /// The text between `ALREADY_SATISFIED_START` and `ALREADY_SATISFIED_END`
 /// (trimmed), if both markers are present.
 pub fn already_satisfied(transcript: &str) -> Option<String> {
-    between(transcript, "ALREADY_SATISFIED_START", "ALREADY_SATISFIED_END")
-        .map(|s| s.trim().to_string())
+    between(
+        transcript,
+        "ALREADY_SATISFIED_START",
+        "ALREADY_SATISFIED_END",
+    )
+    .map(|s| s.trim().to_string())
 }
 
 /// Phrases (lowercase) that mean a usage or credit limit.
@@ -298,9 +300,15 @@ pub fn detect_block(line: &str) -> Option<AgentBlock> {
     let missing_key = ["openai_api_key", "anthropic_api_key"]
         .iter()
         .any(|k| lower.contains(k))
-        && ["missing", "not set", "no api key", "must be set", "not found"]
-            .iter()
-            .any(|p| lower.contains(p));
+        && [
+            "missing",
+            "not set",
+            "no api key",
+            "must be set",
+            "not found",
+        ]
+        .iter()
+        .any(|p| lower.contains(p));
     if missing_key || AUTH_PHRASES.iter().any(|p| lower.contains(p)) {
         return Some(AgentBlock::Auth { message });
     }
@@ -334,7 +342,11 @@ mod tests {
             AgentBlock::Auth { .. } => "auth",
         });
         assert_eq!(kind, expected, "{line:?}: {got:?}");
-        if let Some(AgentBlock::UsageLimit { resets_at: r, message }) = &got {
+        if let Some(AgentBlock::UsageLimit {
+            resets_at: r,
+            message,
+        }) = &got
+        {
             assert_eq!(*r, resets_at, "{line:?}");
             assert_eq!(message, line.trim());
         }
@@ -344,20 +356,48 @@ mod tests {
     fn blocks() {
         let u = Some("usage");
         let a = Some("auth");
-        check_block("Claude AI usage limit reached|1750000000", u, Some(1_750_000_000));
+        check_block(
+            "Claude AI usage limit reached|1750000000",
+            u,
+            Some(1_750_000_000),
+        );
         check_block("Claude AI usage limit reached", u, None);
         check_block("  Error: Credit balance is too low  ", u, None);
-        check_block("You've hit your usage limit. Upgrade to Pro or try again in 4 hours.", u, None);
-        check_block("You've hit your limit · resets 3pm (Europe/Berlin)", u, None);
+        check_block(
+            "You've hit your usage limit. Upgrade to Pro or try again in 4 hours.",
+            u,
+            None,
+        );
+        check_block(
+            "You've hit your limit · resets 3pm (Europe/Berlin)",
+            u,
+            None,
+        );
         check_block("5-hour limit reached ∙ resets 3pm", u, None);
         check_block("{\"error\":{\"code\":\"insufficient_quota\"}}", u, None);
         check_block("usage limit reached|not-a-time", u, None);
-        check_block("exceeded retry limit, last status: 401 Unauthorized, request id: 99cdbe04acfb0b34-AMS", a, None);
+        check_block(
+            "exceeded retry limit, last status: 401 Unauthorized, request id: 99cdbe04acfb0b34-AMS",
+            a,
+            None,
+        );
         check_block("Invalid API key · Please run /login", a, None);
-        check_block("Missing environment variable: `OPENAI_API_KEY`. Create an API key", a, None);
+        check_block(
+            "Missing environment variable: `OPENAI_API_KEY`. Create an API key",
+            a,
+            None,
+        );
         check_block("ANTHROPIC_API_KEY is not set", a, None);
-        check_block("API Error: 401 {\"type\":\"error\",\"error\":{\"type\":\"authentication_error\"}}", a, None);
-        check_block("OAuth token has expired. Please obtain a new token", a, None);
+        check_block(
+            "API Error: 401 {\"type\":\"error\",\"error\":{\"type\":\"authentication_error\"}}",
+            a,
+            None,
+        );
+        check_block(
+            "OAuth token has expired. Please obtain a new token",
+            a,
+            None,
+        );
         check_block("Reconnecting... 1/5", None, None);
         check_block("Set OPENAI_API_KEY in your shell profile", None, None);
         check_block("the rate limiter test passed", None, None);
@@ -379,16 +419,40 @@ mod tests {
     #[test]
     fn reviews() {
         use Verdict::*;
-        check_review("VERDICT: APPROVE\nSUMMARY: looks good", Some(Approve), "looks good");
-        check_review("**VERDICT:** APPROVE\n**SUMMARY:** fine", Some(Approve), "fine");
-        check_review("**VERDICT**: REQUEST_CHANGES\nSUMMARY: missing test", Some(RequestChanges), "missing test");
+        check_review(
+            "VERDICT: APPROVE\nSUMMARY: looks good",
+            Some(Approve),
+            "looks good",
+        );
+        check_review(
+            "**VERDICT:** APPROVE\n**SUMMARY:** fine",
+            Some(Approve),
+            "fine",
+        );
+        check_review(
+            "**VERDICT**: REQUEST_CHANGES\nSUMMARY: missing test",
+            Some(RequestChanges),
+            "missing test",
+        );
         check_review("## Verdict: request changes\n", Some(RequestChanges), "");
         check_review("VERDICT: CHANGES_REQUESTED", Some(RequestChanges), "");
-        check_review("Verdict: comment — minor nits\nSummary: ok", Some(Comment), "ok");
+        check_review(
+            "Verdict: comment — minor nits\nSummary: ok",
+            Some(Comment),
+            "ok",
+        );
         check_review("VERDICT: `APPROVE`", Some(Approve), "");
         check_review("- VERDICT: Approved.", Some(Approve), "");
-        check_review("VERDICT:\nAPPROVE\nSUMMARY:\nall good", Some(Approve), "all good");
-        check_review("Answer with VERDICT: REQUEST_CHANGES or\nVERDICT: APPROVE\nSUMMARY: a\nSUMMARY: b", Some(Approve), "b");
+        check_review(
+            "VERDICT:\nAPPROVE\nSUMMARY:\nall good",
+            Some(Approve),
+            "all good",
+        );
+        check_review(
+            "Answer with VERDICT: REQUEST_CHANGES or\nVERDICT: APPROVE\nSUMMARY: a\nSUMMARY: b",
+            Some(Approve),
+            "b",
+        );
         check_review("VERDICT: MAYBE", None, "");
         check_review("I think it is fine.", None, "");
         check_review("The verdict is APPROVE", None, "");
@@ -411,17 +475,31 @@ mod tests {
 
     #[test]
     fn plans() {
-        check_plan("PLAN_START\nSUMMARY: Fix it.\n1. edit\nPLAN_END", plan("SUMMARY: Fix it.\n1. edit", "Fix it."));
-        check_plan("prose\nPLAN_START\n**SUMMARY:** Fix it.\nPLAN_END\nmore", plan("**SUMMARY:** Fix it.", "Fix it."));
-        check_plan("I will write PLAN_START…PLAN_END.\nPLAN_START\nSUMMARY: b\nPLAN_END", plan("SUMMARY: b", "b"));
-        check_plan("SUMMARY: outside\nPLAN_START\n1. step\nPLAN_END", plan("1. step", "outside"));
+        check_plan(
+            "PLAN_START\nSUMMARY: Fix it.\n1. edit\nPLAN_END",
+            plan("SUMMARY: Fix it.\n1. edit", "Fix it."),
+        );
+        check_plan(
+            "prose\nPLAN_START\n**SUMMARY:** Fix it.\nPLAN_END\nmore",
+            plan("**SUMMARY:** Fix it.", "Fix it."),
+        );
+        check_plan(
+            "I will write PLAN_START…PLAN_END.\nPLAN_START\nSUMMARY: b\nPLAN_END",
+            plan("SUMMARY: b", "b"),
+        );
+        check_plan(
+            "SUMMARY: outside\nPLAN_START\n1. step\nPLAN_END",
+            plan("1. step", "outside"),
+        );
         check_plan("PLAN_START\n1. step\nPLAN_END", None);
         check_plan("PLAN_START\n\nPLAN_END", None);
         check_plan("PLAN_START\nSUMMARY: x\n", None);
         check_plan("nothing here", None);
         check_plan(
             "ALREADY_SATISFIED_START\nsrc/a.rs already does it.\nALREADY_SATISFIED_END",
-            Some(PlanResult::AlreadySatisfied { explanation: "src/a.rs already does it.".into() }),
+            Some(PlanResult::AlreadySatisfied {
+                explanation: "src/a.rs already does it.".into(),
+            }),
         );
         check_plan(
             "PLAN_START\nSUMMARY: s\nPLAN_END\nALREADY_SATISFIED_START\nx\nALREADY_SATISFIED_END",
@@ -431,8 +509,12 @@ mod tests {
 
     #[test]
     fn already_satisfied_markers() {
-        let check = |t: &str, e: Option<&str>| assert_eq!(already_satisfied(t).as_deref(), e, "{t:?}");
-        check("ALREADY_SATISFIED_START done ALREADY_SATISFIED_END", Some("done"));
+        let check =
+            |t: &str, e: Option<&str>| assert_eq!(already_satisfied(t).as_deref(), e, "{t:?}");
+        check(
+            "ALREADY_SATISFIED_START done ALREADY_SATISFIED_END",
+            Some("done"),
+        );
         check("ALREADY_SATISFIED_START\n\nALREADY_SATISFIED_END", Some(""));
         check("ALREADY_SATISFIED_START only", None);
         check("ALREADY_SATISFIED_END ALREADY_SATISFIED_START", None);
@@ -450,10 +532,22 @@ mod tests {
     #[test]
     fn triage() {
         check_triage(r#"{"ready": true}"#, Some(true));
-        check_triage("Here is my answer:\n```json\n{\"ready\": false, \"reasons\": [\"no repro\"]}\n```\nThanks.", Some(false));
-        check_triage(r#"Example {"a": 1} then {"ready": true, "nested": {"ready": false}}"#, Some(true));
-        check_triage(r#"{"ready": false} and finally {"ready": true}"#, Some(true));
-        check_triage(r#"{ "x": "}" } {"ready": true, "reasons": ["a { brace"]}"#, Some(true));
+        check_triage(
+            "Here is my answer:\n```json\n{\"ready\": false, \"reasons\": [\"no repro\"]}\n```\nThanks.",
+            Some(false),
+        );
+        check_triage(
+            r#"Example {"a": 1} then {"ready": true, "nested": {"ready": false}}"#,
+            Some(true),
+        );
+        check_triage(
+            r#"{"ready": false} and finally {"ready": true}"#,
+            Some(true),
+        );
+        check_triage(
+            r#"{ "x": "}" } {"ready": true, "reasons": ["a { brace"]}"#,
+            Some(true),
+        );
         check_triage(r#"{"ready": "yes"}"#, None);
         check_triage(r#"{"reasons": []}"#, None);
         check_triage(r#"{"ready": tru"#, None);

@@ -320,7 +320,10 @@ impl ClaudeParser {
                 &format!("session started: model {model}, permission mode {mode}, cwd {cwd}"),
             ));
         } else {
-            out.push(DisplayLine::new(LineKind::System, &format!("[system {subtype}]")));
+            out.push(DisplayLine::new(
+                LineKind::System,
+                &format!("[system {subtype}]"),
+            ));
         }
     }
 
@@ -483,7 +486,10 @@ impl CodexParser {
             "thread.started" => {
                 let id = str_of(event, "thread_id").unwrap_or("?");
                 self.session_id = Some(id.to_string());
-                out.push(DisplayLine::new(LineKind::System, &format!("thread started: {id}")));
+                out.push(DisplayLine::new(
+                    LineKind::System,
+                    &format!("thread started: {id}"),
+                ));
             }
             "turn.started" => out.push(DisplayLine::new(LineKind::System, "turn started")),
             "turn.completed" => {
@@ -535,7 +541,10 @@ impl CodexParser {
             }
             "reasoning" if completed => {
                 let text = str_of(item, "text").unwrap_or("").trim().trim_matches('*');
-                out.push(DisplayLine::new(LineKind::System, &format!("thinking: {text}")));
+                out.push(DisplayLine::new(
+                    LineKind::System,
+                    &format!("thinking: {text}"),
+                ));
             }
             "command_execution" => {
                 let command = str_of(item, "command").unwrap_or("?");
@@ -586,11 +595,17 @@ impl CodexParser {
             "mcp_tool_call" if phase == "item.started" => {
                 let server = str_of(item, "server").unwrap_or("?");
                 let tool = str_of(item, "tool").unwrap_or("?");
-                out.push(DisplayLine::new(LineKind::Tool, &format!("{server}.{tool}")));
+                out.push(DisplayLine::new(
+                    LineKind::Tool,
+                    &format!("{server}.{tool}"),
+                ));
             }
             "web_search" if completed => {
                 let query = str_of(item, "query").unwrap_or("");
-                out.push(DisplayLine::new(LineKind::Tool, &format!("web search: {query}")));
+                out.push(DisplayLine::new(
+                    LineKind::Tool,
+                    &format!("web search: {query}"),
+                ));
             }
             "error" if completed => {
                 let msg = str_of(item, "message").unwrap_or("error");
@@ -606,7 +621,10 @@ impl CodexParser {
             "task_started" => out.push(DisplayLine::new(LineKind::System, "task started")),
             "agent_reasoning" => {
                 let text = str_of(msg, "text").unwrap_or("").trim().trim_matches('*');
-                out.push(DisplayLine::new(LineKind::System, &format!("thinking: {text}")));
+                out.push(DisplayLine::new(
+                    LineKind::System,
+                    &format!("thinking: {text}"),
+                ));
             }
             "agent_message" => self.message(str_of(msg, "message").unwrap_or(""), out),
             "exec_command_begin" => {
@@ -727,8 +745,14 @@ mod tests {
             assert_eq!(summary.session_id.as_deref(), Some(session), "{path}");
         }
         for line in &lines {
-            assert!(!line.text.contains('\n'), "{path}: multi-line display {line:?}");
-            assert!(line.text.len() <= MAX_DISPLAY_LEN + 40, "{path}: long display");
+            assert!(
+                !line.text.contains('\n'),
+                "{path}: multi-line display {line:?}"
+            );
+            assert!(
+                line.text.len() <= MAX_DISPLAY_LEN + 40,
+                "{path}: long display"
+            );
         }
     }
 
@@ -746,39 +770,81 @@ mod tests {
     fn claude_stream_json_fixtures() {
         let c = OutputFormat::ClaudeStreamJson;
         let dir = "claude-stream-json/guess-claude_code_2025-06_";
-        check(c, &format!("{dir}math_calculation.jsonl"), Expect {
-            session: Some("648a1ab8-66c3-4d46-b4b2-c9e9bdaa2fd3"),
-            ..ok("4", &[])
-        });
-        check(c, &format!("{dir}file_listing.jsonl"), ok(
-            "The current directory contains:\n- Configuration files",
-            &["LS: /Users/steve/repos/guess/claude_code"],
-        ));
-        check(c, &format!("{dir}complex_tool_chain.jsonl"), ok(
-            "Done. Created VERSION.txt with version 0.1.0-alpha.1 from mix.exs:4.",
-            &["Read: /Users/steve/repos/guess/claude_code/mix.exs", "Write: /Users/steve/repos/guess/claude_code/VERSION.txt"],
-        ));
-        check(c, &format!("{dir}error_case.jsonl"), ok(
-            "The file `/nonexistent/file.txt` does not exist.",
-            &["Read: /nonexistent/file.txt"],
-        ));
-        check(c, &format!("{dir}allowed_tools_read.jsonl"), ok(
-            "I need permission to create the file.",
-            &["Read: ", "Write: "],
-        ));
-        check(c, &format!("{dir}disallowed_write.jsonl"), ok(
-            "I need permission to create files.",
-            &["Edit: ", "Bash: touch blocked.txt", "Edit: ", "MultiEdit: ", "mcp__filesystem__write_file: "],
-        ));
-        check(c, &format!("{dir}create_file_denied.jsonl"), ok("I cannot create that file.", &[]));
-        check(c, "claude-stream-json/gleam-sdk-2.1.x/golden_basic_query.ndjson", Expect {
-            session: Some("1d1e46f9-35c7-4834-b529-846d5bb82288"),
-            ..ok("4", &[])
-        });
-        check(c, "claude-json-oneshot/result_success_cli-1.0.x_guess-file_listing.json", ok(
-            "The current directory contains:",
-            &[],
-        ));
+        check(
+            c,
+            &format!("{dir}math_calculation.jsonl"),
+            Expect {
+                session: Some("648a1ab8-66c3-4d46-b4b2-c9e9bdaa2fd3"),
+                ..ok("4", &[])
+            },
+        );
+        check(
+            c,
+            &format!("{dir}file_listing.jsonl"),
+            ok(
+                "The current directory contains:\n- Configuration files",
+                &["LS: /Users/steve/repos/guess/claude_code"],
+            ),
+        );
+        check(
+            c,
+            &format!("{dir}complex_tool_chain.jsonl"),
+            ok(
+                "Done. Created VERSION.txt with version 0.1.0-alpha.1 from mix.exs:4.",
+                &[
+                    "Read: /Users/steve/repos/guess/claude_code/mix.exs",
+                    "Write: /Users/steve/repos/guess/claude_code/VERSION.txt",
+                ],
+            ),
+        );
+        check(
+            c,
+            &format!("{dir}error_case.jsonl"),
+            ok(
+                "The file `/nonexistent/file.txt` does not exist.",
+                &["Read: /nonexistent/file.txt"],
+            ),
+        );
+        check(
+            c,
+            &format!("{dir}allowed_tools_read.jsonl"),
+            ok(
+                "I need permission to create the file.",
+                &["Read: ", "Write: "],
+            ),
+        );
+        check(
+            c,
+            &format!("{dir}disallowed_write.jsonl"),
+            ok(
+                "I need permission to create files.",
+                &[
+                    "Edit: ",
+                    "Bash: touch blocked.txt",
+                    "Edit: ",
+                    "MultiEdit: ",
+                    "mcp__filesystem__write_file: ",
+                ],
+            ),
+        );
+        check(
+            c,
+            &format!("{dir}create_file_denied.jsonl"),
+            ok("I cannot create that file.", &[]),
+        );
+        check(
+            c,
+            "claude-stream-json/gleam-sdk-2.1.x/golden_basic_query.ndjson",
+            Expect {
+                session: Some("1d1e46f9-35c7-4834-b529-846d5bb82288"),
+                ..ok("4", &[])
+            },
+        );
+        check(
+            c,
+            "claude-json-oneshot/result_success_cli-1.0.x_guess-file_listing.json",
+            ok("The current directory contains:", &[]),
+        );
     }
 
     #[test]
@@ -794,7 +860,13 @@ mod tests {
         }));
         let cost = summary.cost_usd.unwrap_or_default();
         assert!((cost - 0.113_464_05).abs() < 1e-9, "{cost}");
-        assert_eq!(summary.usage.as_ref().and_then(|u| u["output_tokens"].as_u64()), Some(93));
+        assert_eq!(
+            summary
+                .usage
+                .as_ref()
+                .and_then(|u| u["output_tokens"].as_u64()),
+            Some(93)
+        );
     }
 
     /// The pretty-printed single-event files, each compacted to one line.
@@ -803,24 +875,42 @@ mod tests {
         let dir = "claude-stream-json/gleam-sdk-2.1.x/";
         let mut parser = StreamParser::new(OutputFormat::ClaudeStreamJson);
         let mut lines = Vec::new();
-        for name in ["system_message", "assistant_message", "user_message", "result_success"] {
+        for name in [
+            "system_message",
+            "assistant_message",
+            "user_message",
+            "result_success",
+        ] {
             let event: Value = serde_json::from_str(&fixture(&format!("{dir}{name}.json")))
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             lines.extend(parser.feed(&event.to_string()));
         }
         let summary = parser.finish();
-        assert_eq!(summary.transcript, "Here are the files in the current directory.");
+        assert_eq!(
+            summary.transcript,
+            "Here are the files in the current directory."
+        );
         assert!(!summary.is_error);
-        assert_eq!(summary.session_id.as_deref(), Some("40e7b02d-c0f9-4876-9010-f514d4eb0603"));
+        assert_eq!(
+            summary.session_id.as_deref(),
+            Some("40e7b02d-c0f9-4876-9010-f514d4eb0603")
+        );
         let cost = summary.cost_usd.unwrap_or_default();
         assert!((cost - 0.247_224_25).abs() < 1e-9, "{cost}");
-        let texts: Vec<(LineKind, &str)> = lines.iter().map(|l| (l.kind, l.text.as_str())).collect();
-        assert_eq!(texts, vec![
-            (LineKind::System, "session started: model claude-opus-4-5-20251101, permission mode acceptEdits, cwd /home/cyou/claude-agent-sdk-gleam"),
-            (LineKind::Tool, "Bash: ls -la"),
-            (LineKind::ToolResult, "total 1976 (+2 lines)"),
-            (LineKind::System, "result: success, 2 turns, $0.2472"),
-        ]);
+        let texts: Vec<(LineKind, &str)> =
+            lines.iter().map(|l| (l.kind, l.text.as_str())).collect();
+        assert_eq!(
+            texts,
+            vec![
+                (
+                    LineKind::System,
+                    "session started: model claude-opus-4-5-20251101, permission mode acceptEdits, cwd /home/cyou/claude-agent-sdk-gleam"
+                ),
+                (LineKind::Tool, "Bash: ls -la"),
+                (LineKind::ToolResult, "total 1976 (+2 lines)"),
+                (LineKind::System, "result: success, 2 turns, $0.2472"),
+            ]
+        );
     }
 
     #[test]
@@ -835,15 +925,23 @@ mod tests {
             "add /tmp/gh-issue-solver-1762008239822/hello_test.v",
             "$ bash -lc \"(echo 'Attempting to run V tests'",
         ];
-        check(x, &format!("{dir}hive-mind_issue-642_success_gpt5_tools.jsonl"), Expect {
-            session: Some("019a3fe0-82fb-7e31-8e96-1d5c0544fd8a"),
-            ..ok(hello, tools)
-        });
+        check(
+            x,
+            &format!("{dir}hive-mind_issue-642_success_gpt5_tools.jsonl"),
+            Expect {
+                session: Some("019a3fe0-82fb-7e31-8e96-1d5c0544fd8a"),
+                ..ok(hello, tools)
+            },
+        );
         // The logger's raw output: prefixed JSON and log lines mixed.
-        check(x, &format!("{dir}hive-mind_issue-642_raw-log-lines-190-263.txt"), Expect {
-            session: Some("019a3fe0-82fb-7e31-8e96-1d5c0544fd8a"),
-            ..ok(hello, tools)
-        });
+        check(
+            x,
+            &format!("{dir}hive-mind_issue-642_raw-log-lines-190-263.txt"),
+            Expect {
+                session: Some("019a3fe0-82fb-7e31-8e96-1d5c0544fd8a"),
+                ..ok(hello, tools)
+            },
+        );
         let failed = Expect {
             transcript: "Reconnecting... 1/5\n",
             is_error: true,
@@ -851,7 +949,11 @@ mod tests {
             block: Some("auth"),
             session: Some("019a72db-80ed-7911-8a8a-94994ffc009b"),
         };
-        check(x, &format!("{dir}hive-mind_issue-715_auth-401_turn-failed.jsonl"), failed);
+        check(
+            x,
+            &format!("{dir}hive-mind_issue-715_auth-401_turn-failed.jsonl"),
+            failed,
+        );
         let failed = Expect {
             transcript: "Reconnecting... 1/5\n",
             is_error: true,
@@ -859,30 +961,54 @@ mod tests {
             block: Some("auth"),
             session: Some("019a72db-80ed-7911-8a8a-94994ffc009b"),
         };
-        check(x, &format!("{dir}hive-mind_issue-715_raw-log-lines-245-266.txt"), failed);
-        check(x, &format!("{dir}agent-wrappers_streaming_readonly.jsonl"), ok(
-            "- Unable to check hygiene (read-only mode, no commands run)",
-            &[],
-        ));
-        check(x, &format!("{dir}agent-wrappers_resume_readonly.jsonl"), Expect {
-            session: Some("019ab7c5-3c6c-7dd3-8e6e-cec2a5a49a62"),
-            ..ok("- Still no repo visibility", &[])
-        });
-        check(x, &format!("{dir}openai-codex_docs-exec-md_sample.jsonl"), ok(
-            "Yep — there’s a `README.md` in the repository root.",
-            &["$ bash -lc ls"],
-        ));
-        check(x, &format!("{dir}vibe-kanban_legacy-msg-format_exec-command.jsonl"), ok(
-            "I can see the directory structure of your project. This appears to be a Rust project",
-            &["$ bash -lc ls -1"],
-        ));
-        check(x, &format!("{dir}vibe-kanban_legacy-msg-format_missing-api-key_error.jsonl"), Expect {
-            transcript: "Missing environment variable: `OPENAI_API_KEY`.",
-            is_error: true,
-            tools: &[],
-            block: Some("auth"),
-            session: None,
-        });
+        check(
+            x,
+            &format!("{dir}hive-mind_issue-715_raw-log-lines-245-266.txt"),
+            failed,
+        );
+        check(
+            x,
+            &format!("{dir}agent-wrappers_streaming_readonly.jsonl"),
+            ok(
+                "- Unable to check hygiene (read-only mode, no commands run)",
+                &[],
+            ),
+        );
+        check(
+            x,
+            &format!("{dir}agent-wrappers_resume_readonly.jsonl"),
+            Expect {
+                session: Some("019ab7c5-3c6c-7dd3-8e6e-cec2a5a49a62"),
+                ..ok("- Still no repo visibility", &[])
+            },
+        );
+        check(
+            x,
+            &format!("{dir}openai-codex_docs-exec-md_sample.jsonl"),
+            ok(
+                "Yep — there’s a `README.md` in the repository root.",
+                &["$ bash -lc ls"],
+            ),
+        );
+        check(
+            x,
+            &format!("{dir}vibe-kanban_legacy-msg-format_exec-command.jsonl"),
+            ok(
+                "I can see the directory structure of your project. This appears to be a Rust project",
+                &["$ bash -lc ls -1"],
+            ),
+        );
+        check(
+            x,
+            &format!("{dir}vibe-kanban_legacy-msg-format_missing-api-key_error.jsonl"),
+            Expect {
+                transcript: "Missing environment variable: `OPENAI_API_KEY`.",
+                is_error: true,
+                tools: &[],
+                block: Some("auth"),
+                session: None,
+            },
+        );
     }
 
     #[test]
@@ -891,14 +1017,23 @@ mod tests {
             OutputFormat::CodexJson,
             &fixture("codex-exec-json/openai-codex_docs-exec-md_sample.jsonl"),
         );
-        assert_eq!(summary.usage.as_ref().and_then(|u| u["input_tokens"].as_u64()), Some(24763));
+        assert_eq!(
+            summary
+                .usage
+                .as_ref()
+                .and_then(|u| u["input_tokens"].as_u64()),
+            Some(24763)
+        );
         let results: Vec<&str> = lines
             .iter()
             .filter(|l| l.kind == LineKind::ToolResult)
             .map(|l| l.text.as_str())
             .collect();
         assert_eq!(results.len(), 1);
-        assert!(results[0].starts_with("exit 0: 2025-09-11 (+"), "{results:?}");
+        assert!(
+            results[0].starts_with("exit 0: 2025-09-11 (+"),
+            "{results:?}"
+        );
     }
 
     /// An `error` event followed by a completed turn was transient.
@@ -917,14 +1052,27 @@ mod tests {
     fn junk_never_fails() {
         let junk = "not json at all\n{\"type\":\"assistant\",\"message\":{\"content\":[{\"type\":\"text\",\"text\":\"hi\"}]}}\n\
                     {\"type\":\"assist\n{\"type\":\"brand_new_event\",\"x\":1}\n[1,2,3]\n\u{fffd}\u{fffd} binary\n\n{\"type\":\"result\",\"result\":null}\n";
-        for format in [OutputFormat::ClaudeStreamJson, OutputFormat::CodexJson, OutputFormat::Plain] {
+        for format in [
+            OutputFormat::ClaudeStreamJson,
+            OutputFormat::CodexJson,
+            OutputFormat::Plain,
+        ] {
             let (lines, _) = parse_all(format, junk);
-            assert!(lines.iter().any(|l| l.text == "not json at all"), "{format:?}: {lines:?}");
+            assert!(
+                lines.iter().any(|l| l.text == "not json at all"),
+                "{format:?}: {lines:?}"
+            );
         }
         let (lines, summary) = parse_all(OutputFormat::ClaudeStreamJson, junk);
         assert_eq!(summary.transcript, "hi");
-        assert!(lines.contains(&DisplayLine { kind: LineKind::System, text: "[brand_new_event]".into() }));
-        assert!(lines.contains(&DisplayLine { kind: LineKind::System, text: "{\"type\":\"assist".into() }));
+        assert!(lines.contains(&DisplayLine {
+            kind: LineKind::System,
+            text: "[brand_new_event]".into()
+        }));
+        assert!(lines.contains(&DisplayLine {
+            kind: LineKind::System,
+            text: "{\"type\":\"assist".into()
+        }));
     }
 
     /// A JSON format that got no JSON at all keeps what was printed.
@@ -934,7 +1082,10 @@ mod tests {
         for format in [OutputFormat::ClaudeStreamJson, OutputFormat::CodexJson] {
             let (_, summary) = parse_all(format, out);
             assert_eq!(summary.transcript, out, "{format:?}");
-            assert!(matches!(summary.block, Some(AgentBlock::Auth { .. })), "{format:?}");
+            assert!(
+                matches!(summary.block, Some(AgentBlock::Auth { .. })),
+                "{format:?}"
+            );
         }
     }
 
@@ -965,7 +1116,11 @@ mod tests {
     fn display_lines_are_cut() {
         let long = "x".repeat(10_000);
         let d = DisplayLine::new(LineKind::Text, &format!("é{long}\nsecond\nthird"));
-        assert!(d.text.ends_with("… (+2 lines)"), "{}", &d.text[d.text.len() - 20..]);
+        assert!(
+            d.text.ends_with("… (+2 lines)"),
+            "{}",
+            &d.text[d.text.len() - 20..]
+        );
         assert!(d.text.len() < MAX_DISPLAY_LEN + 20);
     }
 }

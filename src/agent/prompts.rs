@@ -187,11 +187,151 @@ fn fill(template: &str, ctx: &PromptContext) -> String {
                 rest = &after[close + 2..];
             }
             None => {
-                out.push_str("{{");
-                rest = after;
+                out.push('{');
+                rest = &rest[open + 1..];
             }
         }
     }
     out.push_str(rest);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> PromptContext {
+        PromptContext {
+            repo: "acme/widgets".into(),
+            issue_number: 42,
+            title: "Crash on empty input".into(),
+            body: "It crashes. Mentions {{plan}} and {{nope}}.".into(),
+            comments: vec![Comment {
+                author: "alice".into(),
+                body: "Still happens on 1.2".into(),
+                created_at: "2025-01-02T03:04:05Z".into(),
+            }],
+            plan: Some("1. Guard the empty case".into()),
+            diff: Some("+ if input.is_empty() { return }".into()),
+            feedback: Some("Add a test".into()),
+            correction: Some("Use a Result instead".into()),
+            branch: "agent/issue-42".into(),
+            base_branch: "main".into(),
+        }
+    }
+
+    /// Every built-in template renders every placeholder and states its contract.
+    #[test]
+    fn builtins_render_and_state_the_contract() {
+        let check = |kind: PromptKind, must: &[&str]| {
+            let plain = PromptContext {
+                body: "It crashes.".into(),
+                ..ctx()
+            };
+            let text = render(kind, &plain, None).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            assert!(!text.contains("{{"), "{kind:?} left a placeholder:\n{text}");
+            assert!(
+                text.contains("#42") && text.contains("Crash on empty input"),
+                "{kind:?}"
+            );
+            for m in must {
+                assert!(text.contains(m), "{kind:?} lacks {m:?}:\n{text}");
+            }
+        };
+        check(
+            PromptKind::Triage,
+            &[
+                "\"ready\"",
+                "\"reasons\"",
+                "\"issue_type\"",
+                "\"clarity_score\"",
+                "\"complexity_score\"",
+                "\"needs_discovery\"",
+                "\"already_addressed\"",
+                "Still happens on 1.2",
+            ],
+        );
+        check(
+            PromptKind::Plan,
+            &[
+                "PLAN_START",
+                "PLAN_END",
+                "SUMMARY:",
+                "ALREADY_SATISFIED_START",
+                "ALREADY_SATISFIED_END",
+            ],
+        );
+        check(
+            PromptKind::Implement,
+            &["1. Guard the empty case", "git commit", "agent/issue-42"],
+        );
+        check(
+            PromptKind::Review,
+            &[
+                "VERDICT:",
+                "SUMMARY:",
+                "APPROVE",
+                "REQUEST_CHANGES",
+                "COMMENT",
+                "+ if input.is_empty()",
+            ],
+        );
+        check(
+            PromptKind::ReviewFix,
+            &["Add a test", "git commit", "agent/issue-42"],
+        );
+        check(PromptKind::CiFix, &["Add a test", "git commit"]);
+        check(PromptKind::ConflictFix, &["git merge main", "git commit"]);
+        check(PromptKind::Hitl, &["Use a Result instead", "git commit"]);
+        assert_eq!(PromptKind::ALL.len(), 8);
+    }
+
+    #[test]
+    fn values_are_not_expanded_again() {
+        let text = render(PromptKind::Triage, &ctx(), None).unwrap_or_default();
+        assert!(
+            text.contains("It crashes. Mentions {{plan}} and {{nope}}."),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn fill_cases() {
+        let c = PromptContext {
+            title: "T".into(),
+            ..PromptContext::default()
+        };
+        let check = |t: &str, e: &str| assert_eq!(fill(t, &c), e, "{t:?}");
+        check("{{title}}", "T");
+        check("{{ title }}!", "T!");
+        check("{{unknown}} {{title}}", "{{unknown}} T");
+        check("{{title", "{{title");
+        check("{{plan}}|{{diff}}|{{comments}}", "(none)||(none)");
+        check("{ {title}} {{{title}}}", "{ {title}} {T}");
+    }
+
+    #[test]
+    fn override_file_replaces_builtin() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("plan.md"),
+            "Custom plan for {{repo}}#{{issue_number}}",
+        )?;
+        assert_eq!(
+            render(PromptKind::Plan, &ctx(), Some(dir.path()))?,
+            "Custom plan for acme/widgets#42"
+        );
+        // No override for review: the built-in one.
+        assert!(render(PromptKind::Review, &ctx(), Some(dir.path()))?.contains("VERDICT:"));
+        // An override that cannot be read (a directory) is an error naming it.
+        std::fs::create_dir(dir.path().join("triage.md"))?;
+        let err = render(PromptKind::Triage, &ctx(), Some(dir.path()))
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("triage.md")),
+            "{err:?}"
+        );
+        Ok(())
+    }
 }

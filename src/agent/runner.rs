@@ -196,7 +196,10 @@ where
 
 async fn run_process(call: &AgentCall, on_line: LineSink<'_>) -> Result<AgentOutcome, AgentError> {
     let (program, args) = call.argv.split_first().ok_or_else(|| {
-        AgentError::Config(format!("stage {}: the agent command line is empty", call.stage))
+        AgentError::Config(format!(
+            "stage {}: the agent command line is empty",
+            call.stage
+        ))
     })?;
     let mut command = Command::new(program);
     command
@@ -679,7 +682,10 @@ pub fn build_call_with_env(
     let resolved = resolve(config, stage)?;
     let model = stage_agent(config, stage).model.clone().unwrap_or_default();
     let uses_prompt = resolved.template.iter().any(|a| a.contains("{prompt}"));
-    let uses_file = resolved.template.iter().any(|a| a.contains("{prompt_file}"));
+    let uses_file = resolved
+        .template
+        .iter()
+        .any(|a| a.contains("{prompt_file}"));
     let too_large = request.prompt.len() > MAX_ARG_PROMPT;
 
     let prompt_file = sibling(&request.transcript_path, ".prompt.md");
@@ -728,4 +734,338 @@ pub fn validate(config: &AgentConfig) -> Result<(), AgentError> {
         resolve(config, stage)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(stage: Stage, prompt: &str, dir: &Path) -> CallRequest {
+        CallRequest {
+            stage,
+            issue: 7,
+            prompt: prompt.into(),
+            cwd: dir.to_path_buf(),
+            transcript_path: dir.join("logs/issue-7.txt"),
+            timeout: Duration::from_secs(60),
+            extra_env: vec![("GH_TOKEN".into(), "granted".into())],
+        }
+    }
+
+    fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    #[test]
+    fn agent_env_cleans_the_parent() {
+        let parent = env_of(&[
+            ("PATH", "/usr/bin"),
+            ("HOME", "/home/h"),
+            ("GIT_DIR", "/repo/.git"),
+            ("GIT_INDEX_FILE", "/repo/.git/index"),
+            ("CLAUDECODE", "1"),
+            ("CLAUDE_CODE_ENTRYPOINT", "cli"),
+            ("CODEX_SANDBOX", "seatbelt"),
+            ("CODEX_HOME", "/home/h/.codex"),
+            ("NOTIFY_SOCKET", "/run/systemd/notify"),
+            ("WATCHDOG_USEC", "1000"),
+            ("LISTEN_FDS", "1"),
+            ("JOURNAL_STREAM", "8:1"),
+            ("INVOCATION_ID", "abc"),
+            ("CREDENTIALS_DIRECTORY", "/run/credentials/x"),
+            ("HYDRAFLOW_GH_TOKEN", "secret"),
+            ("GH_TOKEN", "secret"),
+            ("GITHUB_TOKEN", "secret"),
+            ("HYDRAFLOW_STAGE", "old"),
+            ("ANTHROPIC_API_KEY", "key"),
+            ("GITHUB_ACTIONS", "true"),
+        ]);
+        let mut config = AgentConfig::default();
+        config.env.insert("RUST_LOG".into(), "debug".into());
+        config.env.insert("PATH".into(), "/opt/bin".into());
+        let extra = env_of(&[("GH_TOKEN", "granted"), ("RUST_LOG", "info")]);
+        let env = agent_env(parent, &config, Stage::Plan, 12, &extra);
+        assert_eq!(
+            env,
+            env_of(&[
+                ("ANTHROPIC_API_KEY", "key"),
+                ("CODEX_HOME", "/home/h/.codex"),
+                ("GH_TOKEN", "granted"),
+                ("GITHUB_ACTIONS", "true"),
+                ("HOME", "/home/h"),
+                ("HYDRAFLOW_ISSUE", "12"),
+                ("HYDRAFLOW_STAGE", "plan"),
+                ("PATH", "/opt/bin"),
+                ("RUST_LOG", "info"),
+            ])
+        );
+    }
+
+    fn argv(
+        config: &AgentConfig,
+        stage: Stage,
+        prompt: &str,
+    ) -> (Vec<String>, Option<String>, OutputFormat) {
+        let dir = std::env::temp_dir();
+        let call = build_call_with_env(config, request(stage, prompt, &dir), Vec::new())
+            .unwrap_or_else(|e| panic!("{stage}: {e}"));
+        (call.argv, call.stdin, call.output)
+    }
+
+    fn strs(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[test]
+    fn presets() {
+        let mut config = AgentConfig::default();
+        config.review.extra_args = strs(&["--max-turns", "30"]);
+        let check = |config: &AgentConfig, stage, want: &[&str], format| {
+            assert_eq!(
+                argv(config, stage, "do {model} it"),
+                (strs(want), None, format),
+                "{stage}"
+            );
+        };
+        let claude = OutputFormat::ClaudeStreamJson;
+        check(
+            &config,
+            Stage::Triage,
+            &[
+                "claude",
+                "-p",
+                "do {model} it",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--model",
+                "sonnet",
+            ],
+            claude,
+        );
+        check(
+            &config,
+            Stage::Implement,
+            &[
+                "claude",
+                "-p",
+                "do {model} it",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--model",
+                "opus",
+                "--permission-mode",
+                "bypassPermissions",
+            ],
+            claude,
+        );
+        check(
+            &config,
+            Stage::Review,
+            &[
+                "claude",
+                "-p",
+                "do {model} it",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--model",
+                "sonnet",
+                "--permission-mode",
+                "bypassPermissions",
+                "--max-turns",
+                "30",
+            ],
+            claude,
+        );
+        config.preset = "codex".into();
+        config.plan.model = Some("gpt-5".into());
+        config.hitl.model = None;
+        let codex = OutputFormat::CodexJson;
+        check(
+            &config,
+            Stage::Plan,
+            &[
+                "codex",
+                "exec",
+                "--json",
+                "--model",
+                "gpt-5",
+                "--sandbox",
+                "read-only",
+                "do {model} it",
+            ],
+            codex,
+        );
+        check(
+            &config,
+            Stage::Hitl,
+            &[
+                "codex",
+                "exec",
+                "--json",
+                "--sandbox",
+                "danger-full-access",
+                "do {model} it",
+            ],
+            codex,
+        );
+        // A stage's preset and output override the global ones.
+        config.triage.preset = Some("command".into());
+        config.triage.command = Some(strs(&[
+            "agent",
+            "--stage={stage}",
+            "--issue",
+            "{issue}",
+            "--model={model}",
+            "{prompt}",
+            "{unknown}",
+        ]));
+        config.triage.output = Some("codex-json".into());
+        check(
+            &config,
+            Stage::Triage,
+            &[
+                "agent",
+                "--stage=triage",
+                "--issue",
+                "7",
+                "--model=sonnet",
+                "do {model} it",
+                "{unknown}",
+            ],
+            codex,
+        );
+    }
+
+    #[test]
+    fn command_preset_prompt_delivery() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let mut config = AgentConfig {
+            preset: "command".into(),
+            ..AgentConfig::default()
+        };
+        // No prompt placeholder: stdin; the global output applies.
+        config.command = strs(&["my-agent", "--cwd", "{cwd}"]);
+        config.output = Some("claude-stream-json".into());
+        let call = build_call_with_env(
+            &config,
+            request(Stage::Plan, "hello", dir.path()),
+            Vec::new(),
+        )?;
+        assert_eq!(
+            call.argv,
+            vec![
+                "my-agent".to_string(),
+                "--cwd".into(),
+                dir.path().display().to_string()
+            ]
+        );
+        assert_eq!(call.stdin.as_deref(), Some("hello"));
+        assert_eq!(call.output, OutputFormat::ClaudeStreamJson);
+        // {prompt_file}: written next to the transcript.
+        config.command = strs(&["my-agent", "--file={prompt_file}"]);
+        let call = build_call_with_env(
+            &config,
+            request(Stage::Plan, "hello", dir.path()),
+            Vec::new(),
+        )?;
+        let file = dir.path().join("logs/issue-7.prompt.md");
+        assert_eq!(
+            call.argv,
+            vec!["my-agent".to_string(), format!("--file={}", file.display())]
+        );
+        assert_eq!(call.stdin, None);
+        assert_eq!(std::fs::read_to_string(&file)?, "hello");
+        // A prompt too large for an argument goes to stdin and its argument is dropped.
+        config.command = strs(&["my-agent", "-p", "{prompt}", "--x"]);
+        let big = "x".repeat(MAX_ARG_PROMPT + 1);
+        let call =
+            build_call_with_env(&config, request(Stage::Plan, &big, dir.path()), Vec::new())?;
+        assert_eq!(call.argv, strs(&["my-agent", "-p", "--x"]));
+        assert_eq!(call.stdin.map(|s| s.len()), Some(MAX_ARG_PROMPT + 1));
+        let call = build_call_with_env(
+            &config,
+            request(Stage::Plan, "small", dir.path()),
+            Vec::new(),
+        )?;
+        assert_eq!(call.argv, strs(&["my-agent", "-p", "small", "--x"]));
+        assert_eq!(
+            call.env
+                .iter()
+                .find(|(k, _)| k == "HYDRAFLOW_STAGE")
+                .map(|(_, v)| v.as_str()),
+            Some("plan")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn config_errors_name_the_stage() {
+        let check = |config: AgentConfig, want: &str| {
+            let err = validate(&config)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+            let dir = std::env::temp_dir();
+            let built = build_call_with_env(&config, request(Stage::Triage, "p", &dir), Vec::new());
+            assert!(matches!(built, Err(AgentError::Config(_))));
+        };
+        check(
+            AgentConfig {
+                preset: "gemini".into(),
+                ..AgentConfig::default()
+            },
+            "agent preset \"gemini\" for stage triage is not known",
+        );
+        check(
+            AgentConfig {
+                preset: "command".into(),
+                ..AgentConfig::default()
+            },
+            "stage triage uses the command preset but no command is set",
+        );
+        let mut c = AgentConfig::default();
+        c.triage.output = Some("xml".into());
+        check(
+            c,
+            "agent output format \"xml\" for stage triage is not known",
+        );
+        let mut c = AgentConfig {
+            preset: "command".into(),
+            command: strs(&["", "x"]),
+            ..AgentConfig::default()
+        };
+        c.triage.command = None;
+        check(c, "empty program name");
+        assert!(validate(&AgentConfig::default()).is_ok());
+        let mut c = AgentConfig {
+            preset: "codex".into(),
+            ..AgentConfig::default()
+        };
+        c.hitl.preset = Some("nope".into());
+        let err = validate(&c)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("for stage hitl"), "{err}");
+    }
+
+    #[test]
+    fn substitute_cases() {
+        let vars = [("a", "1"), ("prompt", "{a}")];
+        let check = |arg: &str, want: &str| assert_eq!(substitute(arg, &vars), want, "{arg:?}");
+        check("{a}", "1");
+        check("x{a}y{a}", "x1y1");
+        check("{prompt}", "{a}");
+        check("{b}", "{b}");
+        check("{{a}}", "{1}");
+        check("{", "{");
+        check("{\"json\": true}", "{\"json\": true}");
+    }
 }
