@@ -98,7 +98,7 @@ pub fn print_summary(resolved: &Resolved, forge: &LocalForge) -> anyhow::Result<
         eprintln!(
             "  {} {}",
             &commit.id().to_string()[..10],
-            commit.summary().unwrap_or("")
+            commit.summary().ok().flatten().unwrap_or("")
         );
     }
     eprintln!("issues:");

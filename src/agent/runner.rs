@@ -2,15 +2,84 @@
 //! argv template, spawns it in its own process group with a clean
 //! environment, streams stdout line by line through the format's parser,
 //! kills the whole group on timeout, and saves the transcript.
+//!
+//! # Presets
+//! The stage's [`StageAgent`] settings override [`AgentConfig`]'s.
+//! - `claude`: `claude -p {prompt} --output-format stream-json --verbose
+//!   [--model M] [--permission-mode bypassPermissions] [extra_args…]`, read as
+//!   [`OutputFormat::ClaudeStreamJson`]. Triage and plan run in the
+//!   repository's own checkout and get no permission flag: in `-p` mode
+//!   Claude's default mode denies every tool that would ask for approval
+//!   (edits, most shell commands), so they can read but not write. Implement,
+//!   review (which also runs the fix rounds) and HITL run in the issue's
+//!   worktree and must edit, test and commit unattended, so they get
+//!   `--permission-mode bypassPermissions`; the service's sandbox is the
+//!   boundary. `extra_args` (e.g. `--allowedTools`, `--max-turns`) are
+//!   appended.
+//! - `codex`: `codex exec --json [--model M] --sandbox read-only|danger-full-access
+//!   [extra_args…] {prompt}`, read as [`OutputFormat::CodexJson`], with the same
+//!   read-only / write split (Codex's `workspace-write` sandbox would refuse
+//!   the commit: a worktree's git directory lies outside it).
+//! - `command`: the stage's `command` argv template, else `agent.command`,
+//!   plus `extra_args`; its output format is the stage's `output`, else
+//!   `agent.output`, else `plain`. A stage's `output` also overrides a preset's.
+//!
+//! Placeholders inside arguments: `{prompt}`, `{prompt_file}` (the prompt
+//! written to `<transcript stem>.prompt.md` next to the transcript),
+//! `{model}` (empty when unset), `{stage}`, `{issue}`, `{cwd}`. Substitution is
+//! one pass, so braces inside the prompt are never expanded. Without `{prompt}`
+//! or `{prompt_file}` the prompt goes to stdin. A prompt larger than
+//! [`MAX_ARG_PROMPT`] bytes does not fit in one argument (Linux caps an
+//! argument at 128 KiB): every argument containing `{prompt}` is then dropped
+//! and the prompt goes to stdin, which both presets read when no prompt
+//! argument is given. Templates should therefore keep `{prompt}` a whole
+//! argument of its own, or use `{prompt_file}`.
+//!
+//! # Files
+//! The transcript ([`super::AgentOutcome::transcript`]) is written atomically
+//! to the call's `transcript_path`, its directory created. For the JSON
+//! formats the raw stdout is also saved, line by line as it arrives, to
+//! `<stem>.jsonl` next to it, for debugging; plain output is the transcript
+//! itself and is not saved twice.
+//!
+//! # Processes
+//! The child runs with exactly the call's environment ([`agent_env`]), in its
+//! own process group. On timeout the group gets SIGTERM, then SIGKILL after
+//! [`KILL_GRACE`]. When the agent exits but something it started keeps its
+//! stdout open for longer than [`KILL_GRACE`], the group is terminated the
+//! same way (not a timeout). Whatever is left of the group when `run`
+//! returns, or when its future is dropped (worker shutdown), gets SIGKILL.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::time::{Instant, sleep_until};
 
-use super::parse::DisplayLine;
-use super::{AgentCall, AgentError, AgentOutcome, Stage};
-use crate::config::AgentConfig;
+use super::contract::detect_block;
+use super::parse::{DisplayLine, StreamParser};
+use super::{AgentBlock, AgentCall, AgentError, AgentOutcome, OutputFormat, Stage};
+use crate::config::{AgentConfig, StageAgent};
+
+/// Largest prompt, in bytes, passed as an argument; larger ones go to stdin.
+pub const MAX_ARG_PROMPT: usize = 100 * 1024;
+/// Bytes of stderr kept in [`AgentOutcome::stderr_tail`].
+pub const STDERR_TAIL: usize = 8 * 1024;
+/// Longest stdout or stderr line read whole, in bytes; the rest of a longer
+/// line is discarded (it then shows as junk).
+pub const MAX_LINE: usize = 16 * 1024 * 1024;
+/// Time between SIGTERM and SIGKILL, and how long stragglers may keep the
+/// agent's stdout open after it exited.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Receives each display line as the agent produces it.
 pub type LineSink<'a> = &'a (dyn Fn(&DisplayLine) + Send + Sync);
@@ -29,22 +98,6 @@ pub trait AgentRunner: Send + Sync {
         call: &AgentCall,
         on_line: LineSink<'_>,
     ) -> Result<AgentOutcome, AgentError>;
-}
-
-/// Runs agents as child processes.
-#[derive(Debug, Clone, Default)]
-pub struct ProcessRunner;
-
-#[async_trait]
-impl AgentRunner for ProcessRunner {
-    async fn run(
-        &self,
-        call: &AgentCall,
-        on_line: LineSink<'_>,
-    ) -> Result<AgentOutcome, AgentError> {
-        let _ = (call, on_line);
-        todo!("agent helper implements this")
-    }
 }
 
 /// What the pipeline knows when it asks for an agent call.
@@ -66,14 +119,609 @@ pub struct CallRequest {
     pub extra_env: Vec<(String, String)>,
 }
 
+/// Runs agents as child processes.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessRunner;
+
+#[async_trait]
+impl AgentRunner for ProcessRunner {
+    async fn run(
+        &self,
+        call: &AgentCall,
+        on_line: LineSink<'_>,
+    ) -> Result<AgentOutcome, AgentError> {
+        run_process(call, on_line).await
+    }
+}
+
+/// Sends SIGKILL to the process group when dropped: nothing of an agent
+/// outlives its call, even when the call's future is dropped.
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn signal(&self, signal: Signal) {
+        if let Some(pgid) = self.0 {
+            // ESRCH (the group is gone) is the expected outcome, not an error.
+            let _ = killpg(pgid, signal);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+/// What has finished so far.
+#[derive(Default)]
+struct Progress {
+    status: Option<ExitStatus>,
+    io: Option<io::Result<()>>,
+}
+
+impl Progress {
+    fn done(&self) -> bool {
+        self.status.is_some() && self.io.is_some()
+    }
+}
+
+/// Wait for the child and its I/O until both are done or `until` passes.
+/// With `straggler_grace`, stop [`KILL_GRACE`] after the child exited even
+/// when its output is still open.
+async fn drive<F>(
+    child: &mut Child,
+    mut io: Pin<&mut F>,
+    progress: &mut Progress,
+    mut until: Instant,
+    straggler_grace: bool,
+) -> io::Result<()>
+where
+    F: Future<Output = io::Result<()>>,
+{
+    while !progress.done() {
+        tokio::select! {
+            r = &mut io, if progress.io.is_none() => progress.io = Some(r),
+            s = child.wait(), if progress.status.is_none() => {
+                progress.status = Some(s?);
+                if straggler_grace {
+                    until = until.min(Instant::now() + KILL_GRACE);
+                }
+            }
+            () = sleep_until(until) => break,
+        }
+    }
+    Ok(())
+}
+
+async fn run_process(call: &AgentCall, on_line: LineSink<'_>) -> Result<AgentOutcome, AgentError> {
+    let (program, args) = call.argv.split_first().ok_or_else(|| {
+        AgentError::Config(format!(
+            "stage {}: the agent command line is empty",
+            call.stage
+        ))
+    })?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .envs(call.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(&call.cwd)
+        .stdin(if call.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|source| AgentError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let guard = GroupGuard(
+        child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .map(Pid::from_raw),
+    );
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let stdin = child.stdin.take();
+    let raw = open_raw_log(call).await;
+
+    let mut parser = StreamParser::new(call.output);
+    let mut errors = StderrState::default();
+    let deadline = Instant::now() + call.timeout;
+    let mut progress = Progress::default();
+    let mut timed_out = false;
+    {
+        let io = async {
+            let (out, err, ()) = tokio::join!(
+                read_stdout(stdout, &mut parser, raw, on_line),
+                read_stderr(stderr, &mut errors),
+                write_stdin(stdin, call.stdin.as_deref()),
+            );
+            out.and(err)
+        };
+        tokio::pin!(io);
+        drive(&mut child, io.as_mut(), &mut progress, deadline, true).await?;
+        if !progress.done() {
+            timed_out = progress.status.is_none();
+            guard.signal(Signal::SIGTERM);
+            let until = Instant::now() + KILL_GRACE;
+            drive(&mut child, io.as_mut(), &mut progress, until, false).await?;
+            if !progress.done() {
+                guard.signal(Signal::SIGKILL);
+                let until = Instant::now() + KILL_GRACE;
+                drive(&mut child, io.as_mut(), &mut progress, until, false).await?;
+            }
+        }
+    }
+    drop(guard);
+    if let Some(Err(e)) = progress.io {
+        return Err(AgentError::Io(e));
+    }
+
+    let summary = parser.finish();
+    write_file_atomic(&call.transcript_path, summary.transcript.as_bytes())?;
+    Ok(AgentOutcome {
+        exit_code: if timed_out {
+            None
+        } else {
+            progress.status.and_then(|s| s.code())
+        },
+        timed_out,
+        transcript: summary.transcript,
+        is_error: summary.is_error,
+        block: summary.block.or(errors.block),
+        stderr_tail: errors.tail,
+    })
+}
+
+/// `<transcript stem><suffix>` next to the transcript.
+fn sibling(transcript: &Path, suffix: &str) -> PathBuf {
+    let stem = transcript
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "agent".to_string());
+    transcript.with_file_name(format!("{stem}{suffix}"))
+}
+
+/// The raw stdout log for the JSON formats; `None` (with a warning) when it
+/// cannot be created, which does not stop the run.
+async fn open_raw_log(call: &AgentCall) -> Option<BufWriter<tokio::fs::File>> {
+    if call.output == OutputFormat::Plain {
+        return None;
+    }
+    let path = sibling(&call.transcript_path, ".jsonl");
+    if let Some(dir) = path.parent() {
+        let _ = tokio::fs::create_dir_all(dir).await;
+    }
+    match tokio::fs::File::create(&path).await {
+        Ok(f) => Some(BufWriter::new(f)),
+        Err(e) => {
+            tracing::warn!("cannot create raw agent log {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// Read one line (through `\n`) into `buf`, keeping at most `cap` bytes of
+/// it. Returns the number of bytes consumed; 0 at end of input.
+async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> io::Result<usize> {
+    let mut consumed = 0;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(consumed);
+        }
+        let (take, end) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&available[..take.min(room)]);
+        reader.consume(take);
+        consumed += take;
+        if end {
+            return Ok(consumed);
+        }
+    }
+}
+
+/// A line's text: lossy UTF-8, without the line ending.
+fn line_text(buf: &[u8]) -> String {
+    String::from_utf8_lossy(buf)
+        .trim_end_matches(['\n', '\r'])
+        .to_string()
+}
+
+async fn read_stdout(
+    stdout: Option<ChildStdout>,
+    parser: &mut StreamParser,
+    mut raw: Option<BufWriter<tokio::fs::File>>,
+    on_line: LineSink<'_>,
+) -> io::Result<()> {
+    let Some(stdout) = stdout else {
+        return Ok(());
+    };
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if read_line_capped(&mut reader, &mut buf, MAX_LINE).await? == 0 {
+            break;
+        }
+        let line = line_text(&buf);
+        if let Some(w) = raw.as_mut() {
+            let written = async {
+                w.write_all(line.as_bytes()).await?;
+                w.write_all(b"\n").await
+            };
+            if let Err(e) = written.await {
+                tracing::warn!("cannot write raw agent log: {e}");
+                raw = None;
+            }
+        }
+        for display in parser.feed(&line) {
+            on_line(&display);
+        }
+    }
+    if let Some(mut w) = raw
+        && let Err(e) = w.flush().await
+    {
+        tracing::warn!("cannot write raw agent log: {e}");
+    }
+    Ok(())
+}
+
+/// Stderr as it is read: the tail and the first block message.
+#[derive(Default)]
+struct StderrState {
+    tail: String,
+    block: Option<AgentBlock>,
+}
+
+impl StderrState {
+    fn push(&mut self, line: &str) {
+        if self.block.is_none() {
+            self.block = detect_block(line);
+        }
+        self.tail.push_str(line);
+        self.tail.push('\n');
+        if self.tail.len() > STDERR_TAIL {
+            let mut cut = self.tail.len() - STDERR_TAIL;
+            while !self.tail.is_char_boundary(cut) {
+                cut += 1;
+            }
+            self.tail.drain(..cut);
+        }
+    }
+}
+
+async fn read_stderr(stderr: Option<ChildStderr>, state: &mut StderrState) -> io::Result<()> {
+    let Some(stderr) = stderr else {
+        return Ok(());
+    };
+    let mut reader = BufReader::new(stderr);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if read_line_capped(&mut reader, &mut buf, MAX_LINE).await? == 0 {
+            return Ok(());
+        }
+        state.push(&line_text(&buf));
+    }
+}
+
+/// Write the prompt and close stdin. An agent that exits without reading
+/// all of it (a broken pipe) is not an error here; its exit status says more.
+async fn write_stdin(stdin: Option<ChildStdin>, text: Option<&str>) {
+    if let (Some(mut stdin), Some(text)) = (stdin, text) {
+        let _ = stdin.write_all(text.as_bytes()).await;
+        let _ = stdin.shutdown().await;
+    }
+}
+
+/// Write `bytes` to `path` atomically (temp file in the same directory,
+/// then rename), creating the directory.
+fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    let context = |e: io::Error| {
+        AgentError::Io(io::Error::new(
+            e.kind(),
+            format!("cannot write {}: {e}", path.display()),
+        ))
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(context)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(context)?;
+    io::Write::write_all(&mut tmp, bytes).map_err(context)?;
+    tmp.as_file().sync_all().map_err(context)?;
+    tmp.persist(path).map_err(|e| context(e.error))?;
+    Ok(())
+}
+
+/// Which agent preset a stage uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Preset {
+    Claude,
+    Codex,
+    Command,
+}
+
+/// A stage's settings, resolved but not yet filled in.
+#[derive(Debug, Clone)]
+struct Resolved {
+    template: Vec<String>,
+    output: OutputFormat,
+}
+
+fn stage_agent(config: &AgentConfig, stage: Stage) -> &StageAgent {
+    match stage {
+        Stage::Triage => &config.triage,
+        Stage::Plan => &config.plan,
+        Stage::Implement => &config.implement,
+        Stage::Review => &config.review,
+        Stage::Hitl => &config.hitl,
+    }
+}
+
+/// Parse an output format name (`plain`, `claude-stream-json`, `codex-json`).
+fn parse_output(name: &str, stage: Stage) -> Result<OutputFormat, AgentError> {
+    match name {
+        "plain" => Ok(OutputFormat::Plain),
+        "claude-stream-json" => Ok(OutputFormat::ClaudeStreamJson),
+        "codex-json" => Ok(OutputFormat::CodexJson),
+        other => Err(AgentError::Config(format!(
+            "agent output format {other:?} for stage {stage} is not known: \
+             use plain, claude-stream-json or codex-json"
+        ))),
+    }
+}
+
+/// Stages that change files: they run in the issue's worktree.
+fn writes(stage: Stage) -> bool {
+    matches!(stage, Stage::Implement | Stage::Review | Stage::Hitl)
+}
+
+fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
+    let sa = stage_agent(config, stage);
+    let preset_name = sa.preset.as_deref().unwrap_or(&config.preset);
+    let preset = match preset_name {
+        "claude" => Preset::Claude,
+        "codex" => Preset::Codex,
+        "command" => Preset::Command,
+        other => {
+            return Err(AgentError::Config(format!(
+                "agent preset {other:?} for stage {stage} is not known: \
+                 use claude, codex or command"
+            )));
+        }
+    };
+    let stage_output = sa
+        .output
+        .as_deref()
+        .map(|o| parse_output(o, stage))
+        .transpose()?;
+    let global_output = config
+        .output
+        .as_deref()
+        .map(|o| parse_output(o, stage))
+        .transpose()?;
+    let model: Vec<String> = if sa.model.is_some() {
+        vec!["--model".into(), "{model}".into()]
+    } else {
+        Vec::new()
+    };
+    let s = |v: &[&str]| v.iter().map(|a| (*a).to_string()).collect::<Vec<_>>();
+    let (template, default_output) = match preset {
+        Preset::Claude => {
+            let mut t = s(&[
+                "claude",
+                "-p",
+                "{prompt}",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+            ]);
+            t.extend(model);
+            if writes(stage) {
+                t.extend(s(&["--permission-mode", "bypassPermissions"]));
+            }
+            t.extend(sa.extra_args.iter().cloned());
+            (t, OutputFormat::ClaudeStreamJson)
+        }
+        Preset::Codex => {
+            let mut t = s(&["codex", "exec", "--json"]);
+            t.extend(model);
+            let sandbox = if writes(stage) {
+                "danger-full-access"
+            } else {
+                "read-only"
+            };
+            t.extend(s(&["--sandbox", sandbox]));
+            t.extend(sa.extra_args.iter().cloned());
+            t.push("{prompt}".into());
+            (t, OutputFormat::CodexJson)
+        }
+        Preset::Command => {
+            let command = sa.command.as_ref().unwrap_or(&config.command);
+            if command.is_empty() {
+                return Err(AgentError::Config(format!(
+                    "stage {stage} uses the command preset but no command is set: \
+                     set agent.command or agent.{stage}.command"
+                )));
+            }
+            let mut t = command.clone();
+            t.extend(sa.extra_args.iter().cloned());
+            (t, global_output.unwrap_or(OutputFormat::Plain))
+        }
+    };
+    if template[0].trim().is_empty() {
+        return Err(AgentError::Config(format!(
+            "the agent command for stage {stage} has an empty program name"
+        )));
+    }
+    Ok(Resolved {
+        template,
+        output: stage_output.unwrap_or(default_output),
+    })
+}
+
+/// Replace `{name}` placeholders in `arg` in one pass; unknown names stay.
+fn substitute(arg: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let hit = after.find('}').and_then(|close| {
+            let name = &after[..close];
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v, close))
+        });
+        match hit {
+            Some((value, close)) => {
+                out.push_str(value);
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether `name` belongs to the parent's git, agent, systemd or token
+/// context and must not reach an agent: `GIT_*`, `CLAUDECODE`,
+/// `CLAUDE_CODE_*`, `CODEX_*` (but `CODEX_HOME`), `NOTIFY_SOCKET`,
+/// `WATCHDOG_*`, `LISTEN_*`, `JOURNAL_STREAM`, `INVOCATION_ID`,
+/// `CREDENTIALS_DIRECTORY`, `HYDRAFLOW_GH_TOKEN`, `GH_TOKEN`, `GITHUB_TOKEN`,
+/// and `HYDRAFLOW_STAGE`/`HYDRAFLOW_ISSUE` (set afresh).
+pub fn is_session_var(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "CLAUDECODE",
+        "NOTIFY_SOCKET",
+        "JOURNAL_STREAM",
+        "INVOCATION_ID",
+        "CREDENTIALS_DIRECTORY",
+        "HYDRAFLOW_GH_TOKEN",
+        "GH_TOKEN",
+        "GITHUB_TOKEN",
+        "HYDRAFLOW_STAGE",
+        "HYDRAFLOW_ISSUE",
+    ];
+    const PREFIXES: &[&str] = &["GIT_", "CLAUDE_CODE_", "WATCHDOG_", "LISTEN_"];
+    EXACT.contains(&name)
+        || PREFIXES.iter().any(|p| name.starts_with(p))
+        || (name.starts_with("CODEX_") && name != "CODEX_HOME")
+}
+
+/// The complete environment of an agent: `parent` without the variables
+/// [`is_session_var`] names, then `config.env`, then `extra_env` (later
+/// entries win), then `HYDRAFLOW_STAGE` and `HYDRAFLOW_ISSUE`. Sorted by name.
+pub fn agent_env(
+    parent: impl IntoIterator<Item = (String, String)>,
+    config: &AgentConfig,
+    stage: Stage,
+    issue: u64,
+    extra_env: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = parent
+        .into_iter()
+        .filter(|(k, _)| !is_session_var(k))
+        .collect();
+    env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(extra_env.iter().cloned());
+    env.insert("HYDRAFLOW_STAGE".into(), stage.as_str().into());
+    env.insert("HYDRAFLOW_ISSUE".into(), issue.to_string());
+    env.into_iter().collect()
+}
+
+/// This process's environment, skipping variables that are not valid UTF-8.
+fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
 /// Resolve the stage's preset or template into a runnable call.
 ///
 /// # Errors
 /// [`AgentError::Config`] for an unknown preset or output format, or a
 /// `command` preset with no command.
 pub fn build_call(config: &AgentConfig, request: CallRequest) -> Result<AgentCall, AgentError> {
-    let _ = (config, request);
-    todo!("agent helper implements this")
+    build_call_with_env(config, request, process_env())
+}
+
+/// [`build_call`] with the parent environment given instead of taken from
+/// this process (for tests, and callers that keep their own environment).
+///
+/// # Errors
+/// As [`build_call`]; [`AgentError::Io`] when the template uses
+/// `{prompt_file}` and the prompt file cannot be written.
+pub fn build_call_with_env(
+    config: &AgentConfig,
+    request: CallRequest,
+    parent_env: impl IntoIterator<Item = (String, String)>,
+) -> Result<AgentCall, AgentError> {
+    let stage = request.stage;
+    let resolved = resolve(config, stage)?;
+    let model = stage_agent(config, stage).model.clone().unwrap_or_default();
+    let uses_prompt = resolved.template.iter().any(|a| a.contains("{prompt}"));
+    let uses_file = resolved
+        .template
+        .iter()
+        .any(|a| a.contains("{prompt_file}"));
+    let too_large = request.prompt.len() > MAX_ARG_PROMPT;
+
+    let prompt_file = sibling(&request.transcript_path, ".prompt.md");
+    if uses_file {
+        write_file_atomic(&prompt_file, request.prompt.as_bytes())?;
+    }
+    let issue = request.issue.to_string();
+    let cwd = request.cwd.to_string_lossy().into_owned();
+    let prompt_file_s = prompt_file.to_string_lossy().into_owned();
+    let vars = [
+        ("prompt", request.prompt.as_str()),
+        ("prompt_file", prompt_file_s.as_str()),
+        ("model", model.as_str()),
+        ("stage", stage.as_str()),
+        ("issue", issue.as_str()),
+        ("cwd", cwd.as_str()),
+    ];
+    let argv: Vec<String> = resolved
+        .template
+        .iter()
+        .filter(|a| !(too_large && a.contains("{prompt}")))
+        .map(|a| substitute(a, &vars))
+        .collect();
+    let to_stdin = (uses_prompt && too_large) || (!uses_prompt && !uses_file);
+    let env = agent_env(parent_env, config, stage, request.issue, &request.extra_env);
+    Ok(AgentCall {
+        stage,
+        issue: request.issue,
+        argv,
+        stdin: to_stdin.then_some(request.prompt),
+        cwd: request.cwd,
+        env,
+        output: resolved.output,
+        timeout: request.timeout,
+        transcript_path: request.transcript_path,
+    })
 }
 
 /// Check every stage's agent settings without running anything (for
@@ -82,6 +730,342 @@ pub fn build_call(config: &AgentConfig, request: CallRequest) -> Result<AgentCal
 /// # Errors
 /// [`AgentError::Config`] naming the stage and the problem.
 pub fn validate(config: &AgentConfig) -> Result<(), AgentError> {
-    let _ = config;
-    todo!("agent helper implements this")
+    for stage in Stage::ALL {
+        resolve(config, stage)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(stage: Stage, prompt: &str, dir: &Path) -> CallRequest {
+        CallRequest {
+            stage,
+            issue: 7,
+            prompt: prompt.into(),
+            cwd: dir.to_path_buf(),
+            transcript_path: dir.join("logs/issue-7.txt"),
+            timeout: Duration::from_secs(60),
+            extra_env: vec![("GH_TOKEN".into(), "granted".into())],
+        }
+    }
+
+    fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    #[test]
+    fn agent_env_cleans_the_parent() {
+        let parent = env_of(&[
+            ("PATH", "/usr/bin"),
+            ("HOME", "/home/h"),
+            ("GIT_DIR", "/repo/.git"),
+            ("GIT_INDEX_FILE", "/repo/.git/index"),
+            ("CLAUDECODE", "1"),
+            ("CLAUDE_CODE_ENTRYPOINT", "cli"),
+            ("CODEX_SANDBOX", "seatbelt"),
+            ("CODEX_HOME", "/home/h/.codex"),
+            ("NOTIFY_SOCKET", "/run/systemd/notify"),
+            ("WATCHDOG_USEC", "1000"),
+            ("LISTEN_FDS", "1"),
+            ("JOURNAL_STREAM", "8:1"),
+            ("INVOCATION_ID", "abc"),
+            ("CREDENTIALS_DIRECTORY", "/run/credentials/x"),
+            ("HYDRAFLOW_GH_TOKEN", "secret"),
+            ("GH_TOKEN", "secret"),
+            ("GITHUB_TOKEN", "secret"),
+            ("HYDRAFLOW_STAGE", "old"),
+            ("ANTHROPIC_API_KEY", "key"),
+            ("GITHUB_ACTIONS", "true"),
+        ]);
+        let mut config = AgentConfig::default();
+        config.env.insert("RUST_LOG".into(), "debug".into());
+        config.env.insert("PATH".into(), "/opt/bin".into());
+        let extra = env_of(&[("GH_TOKEN", "granted"), ("RUST_LOG", "info")]);
+        let env = agent_env(parent, &config, Stage::Plan, 12, &extra);
+        assert_eq!(
+            env,
+            env_of(&[
+                ("ANTHROPIC_API_KEY", "key"),
+                ("CODEX_HOME", "/home/h/.codex"),
+                ("GH_TOKEN", "granted"),
+                ("GITHUB_ACTIONS", "true"),
+                ("HOME", "/home/h"),
+                ("HYDRAFLOW_ISSUE", "12"),
+                ("HYDRAFLOW_STAGE", "plan"),
+                ("PATH", "/opt/bin"),
+                ("RUST_LOG", "info"),
+            ])
+        );
+    }
+
+    fn argv(
+        config: &AgentConfig,
+        stage: Stage,
+        prompt: &str,
+    ) -> (Vec<String>, Option<String>, OutputFormat) {
+        let dir = std::env::temp_dir();
+        let call = build_call_with_env(config, request(stage, prompt, &dir), Vec::new())
+            .unwrap_or_else(|e| panic!("{stage}: {e}"));
+        (call.argv, call.stdin, call.output)
+    }
+
+    fn strs(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[test]
+    fn presets() {
+        let mut config = AgentConfig::default();
+        config.review.extra_args = strs(&["--max-turns", "30"]);
+        let check = |config: &AgentConfig, stage, want: &[&str], format| {
+            assert_eq!(
+                argv(config, stage, "do {model} it"),
+                (strs(want), None, format),
+                "{stage}"
+            );
+        };
+        let claude = OutputFormat::ClaudeStreamJson;
+        check(
+            &config,
+            Stage::Triage,
+            &[
+                "claude",
+                "-p",
+                "do {model} it",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--model",
+                "sonnet",
+            ],
+            claude,
+        );
+        check(
+            &config,
+            Stage::Implement,
+            &[
+                "claude",
+                "-p",
+                "do {model} it",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--model",
+                "opus",
+                "--permission-mode",
+                "bypassPermissions",
+            ],
+            claude,
+        );
+        check(
+            &config,
+            Stage::Review,
+            &[
+                "claude",
+                "-p",
+                "do {model} it",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--model",
+                "sonnet",
+                "--permission-mode",
+                "bypassPermissions",
+                "--max-turns",
+                "30",
+            ],
+            claude,
+        );
+        config.preset = "codex".into();
+        config.plan.model = Some("gpt-5".into());
+        config.hitl.model = None;
+        let codex = OutputFormat::CodexJson;
+        check(
+            &config,
+            Stage::Plan,
+            &[
+                "codex",
+                "exec",
+                "--json",
+                "--model",
+                "gpt-5",
+                "--sandbox",
+                "read-only",
+                "do {model} it",
+            ],
+            codex,
+        );
+        check(
+            &config,
+            Stage::Hitl,
+            &[
+                "codex",
+                "exec",
+                "--json",
+                "--sandbox",
+                "danger-full-access",
+                "do {model} it",
+            ],
+            codex,
+        );
+        // A stage's preset and output override the global ones.
+        config.triage.preset = Some("command".into());
+        config.triage.command = Some(strs(&[
+            "agent",
+            "--stage={stage}",
+            "--issue",
+            "{issue}",
+            "--model={model}",
+            "{prompt}",
+            "{unknown}",
+        ]));
+        config.triage.output = Some("codex-json".into());
+        check(
+            &config,
+            Stage::Triage,
+            &[
+                "agent",
+                "--stage=triage",
+                "--issue",
+                "7",
+                "--model=sonnet",
+                "do {model} it",
+                "{unknown}",
+            ],
+            codex,
+        );
+    }
+
+    #[test]
+    fn command_preset_prompt_delivery() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let mut config = AgentConfig {
+            preset: "command".into(),
+            ..AgentConfig::default()
+        };
+        // No prompt placeholder: stdin; the global output applies.
+        config.command = strs(&["my-agent", "--cwd", "{cwd}"]);
+        config.output = Some("claude-stream-json".into());
+        let call = build_call_with_env(
+            &config,
+            request(Stage::Plan, "hello", dir.path()),
+            Vec::new(),
+        )?;
+        assert_eq!(
+            call.argv,
+            vec![
+                "my-agent".to_string(),
+                "--cwd".into(),
+                dir.path().display().to_string()
+            ]
+        );
+        assert_eq!(call.stdin.as_deref(), Some("hello"));
+        assert_eq!(call.output, OutputFormat::ClaudeStreamJson);
+        // {prompt_file}: written next to the transcript.
+        config.command = strs(&["my-agent", "--file={prompt_file}"]);
+        let call = build_call_with_env(
+            &config,
+            request(Stage::Plan, "hello", dir.path()),
+            Vec::new(),
+        )?;
+        let file = dir.path().join("logs/issue-7.prompt.md");
+        assert_eq!(
+            call.argv,
+            vec!["my-agent".to_string(), format!("--file={}", file.display())]
+        );
+        assert_eq!(call.stdin, None);
+        assert_eq!(std::fs::read_to_string(&file)?, "hello");
+        // A prompt too large for an argument goes to stdin and its argument is dropped.
+        config.command = strs(&["my-agent", "-p", "{prompt}", "--x"]);
+        let big = "x".repeat(MAX_ARG_PROMPT + 1);
+        let call =
+            build_call_with_env(&config, request(Stage::Plan, &big, dir.path()), Vec::new())?;
+        assert_eq!(call.argv, strs(&["my-agent", "-p", "--x"]));
+        assert_eq!(call.stdin.map(|s| s.len()), Some(MAX_ARG_PROMPT + 1));
+        let call = build_call_with_env(
+            &config,
+            request(Stage::Plan, "small", dir.path()),
+            Vec::new(),
+        )?;
+        assert_eq!(call.argv, strs(&["my-agent", "-p", "small", "--x"]));
+        assert_eq!(
+            call.env
+                .iter()
+                .find(|(k, _)| k == "HYDRAFLOW_STAGE")
+                .map(|(_, v)| v.as_str()),
+            Some("plan")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn config_errors_name_the_stage() {
+        let check = |config: AgentConfig, want: &str| {
+            let err = validate(&config)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+            let dir = std::env::temp_dir();
+            let built = build_call_with_env(&config, request(Stage::Triage, "p", &dir), Vec::new());
+            assert!(matches!(built, Err(AgentError::Config(_))));
+        };
+        check(
+            AgentConfig {
+                preset: "gemini".into(),
+                ..AgentConfig::default()
+            },
+            "agent preset \"gemini\" for stage triage is not known",
+        );
+        check(
+            AgentConfig {
+                preset: "command".into(),
+                ..AgentConfig::default()
+            },
+            "stage triage uses the command preset but no command is set",
+        );
+        let mut c = AgentConfig::default();
+        c.triage.output = Some("xml".into());
+        check(
+            c,
+            "agent output format \"xml\" for stage triage is not known",
+        );
+        let mut c = AgentConfig {
+            preset: "command".into(),
+            command: strs(&["", "x"]),
+            ..AgentConfig::default()
+        };
+        c.triage.command = None;
+        check(c, "empty program name");
+        assert!(validate(&AgentConfig::default()).is_ok());
+        let mut c = AgentConfig {
+            preset: "codex".into(),
+            ..AgentConfig::default()
+        };
+        c.hitl.preset = Some("nope".into());
+        let err = validate(&c)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("for stage hitl"), "{err}");
+    }
+
+    #[test]
+    fn substitute_cases() {
+        let vars = [("a", "1"), ("prompt", "{a}")];
+        let check = |arg: &str, want: &str| assert_eq!(substitute(arg, &vars), want, "{arg:?}");
+        check("{a}", "1");
+        check("x{a}y{a}", "x1y1");
+        check("{prompt}", "{a}");
+        check("{b}", "{b}");
+        check("{{a}}", "{1}");
+        check("{", "{");
+        check("{\"json\": true}", "{\"json\": true}");
+    }
 }

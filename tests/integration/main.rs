@@ -1,3 +1,4 @@
+mod agent;
 mod git_fixture;
 mod git_worktrees;
 mod local_forge;
