@@ -430,7 +430,8 @@ mod tests {
         tracker
             .update(|s| {
                 s.session.issues_processed = 2;
-                s.worker_heartbeats.insert("triage".into(), "2025-01-01T00:00:00Z".into());
+                s.worker_heartbeats
+                    .insert("triage".into(), "2025-01-01T00:00:00Z".into());
             })
             .expect("update");
         tracker
@@ -446,7 +447,9 @@ mod tests {
                     cause: "ci failed\ntwice".into(),
                     escalated_at: "2025-01-01T00:00:00Z".into(),
                 });
-                r.pending_hitl = Some(HitlCommand::Correct { text: "use x".into() });
+                r.pending_hitl = Some(HitlCommand::Correct {
+                    text: "use x".into(),
+                });
                 r.outcome = Some(Outcome::Merged);
             })
             .expect("update issue");
@@ -486,7 +489,12 @@ mod tests {
         assert_eq!(attempts_in(&backup_path(&path, 3)), 2);
         let mut names: Vec<String> = files(dir.path()).into_keys().collect();
         names.sort();
-        let expected = ["state.json", "state.json.bak.1", "state.json.bak.2", "state.json.bak.3"];
+        let expected = [
+            "state.json",
+            "state.json.bak.1",
+            "state.json.bak.2",
+            "state.json.bak.3",
+        ];
         assert_eq!(names, expected);
     }
 
@@ -496,7 +504,11 @@ mod tests {
         let cases: [(&[&str], usize, u32); 4] = [
             (&["state.json"], 1, 4),
             (&["state.json", "state.json.bak.1"], 2, 3),
-            (&["state.json", "state.json.bak.1", "state.json.bak.2"], 3, 2),
+            (
+                &["state.json", "state.json.bak.1", "state.json.bak.2"],
+                3,
+                2,
+            ),
             (&["state.json", "state.json.bak.2"], 1, 4),
         ];
         for (corrupt, backup, attempts) in cases {
@@ -506,7 +518,11 @@ mod tests {
                 fs::write(dir.path().join(name), b"{\"issues\": {\"1\": {\"att").expect("corrupt");
             }
             let (tracker, note) = StateTracker::load(&path).expect("load");
-            let LoadNote::RecoveredFromBackup { problem, backup: used } = note else {
+            let LoadNote::RecoveredFromBackup {
+                problem,
+                backup: used,
+            } = note
+            else {
                 panic!("{corrupt:?}: expected recovery, got {note:?}");
             };
             assert_eq!(used, backup_path(&path, backup), "{corrupt:?}");
@@ -519,7 +535,11 @@ mod tests {
                 .filter(|(n, _)| n.starts_with("state.json.corrupt-"))
                 .map(|(_, c)| c)
                 .collect();
-            assert_eq!(aside, vec![b"{\"issues\": {\"1\": {\"att".to_vec()], "{corrupt:?}");
+            assert_eq!(
+                aside,
+                vec![b"{\"issues\": {\"1\": {\"att".to_vec()],
+                "{corrupt:?}"
+            );
             // And it keeps working.
             tracker.update_issue(1, |r| r.attempts = 9).expect("update");
             assert_eq!(attempts_in(&path), 9);
@@ -532,7 +552,12 @@ mod tests {
         for garbage in [&b""[..], b"not json", b"[1,2]", b"{\"issues\": 3}"] {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = tracker_with_updates(dir.path(), 5).path().to_path_buf();
-            for name in ["state.json", "state.json.bak.1", "state.json.bak.2", "state.json.bak.3"] {
+            for name in [
+                "state.json",
+                "state.json.bak.1",
+                "state.json.bak.2",
+                "state.json.bak.3",
+            ] {
                 fs::write(dir.path().join(name), garbage).expect("corrupt");
             }
             let before = files(dir.path());
@@ -568,7 +593,10 @@ mod tests {
         let names = |d: &Path| files(d).into_keys().collect::<Vec<_>>();
         let with_temps = names(dir.path());
         assert_eq!(with_temps.len(), 4, "{with_temps:?}");
-        assert_eq!(StateTracker::read_only(&path).expect("read").issues[&1].attempts, 2);
+        assert_eq!(
+            StateTracker::read_only(&path).expect("read").issues[&1].attempts,
+            2
+        );
         assert_eq!(names(dir.path()), with_temps, "read_only removed nothing");
         let (tracker, note) = StateTracker::load(&path).expect("load");
         assert_eq!(note, LoadNote::Loaded);
@@ -586,8 +614,12 @@ mod tests {
                 let tracker = Arc::clone(&tracker);
                 std::thread::spawn(move || {
                     for _ in 0..10 {
-                        tracker.update_issue(t, |r| r.attempts += 1).expect("update");
-                        tracker.update(|s| s.session.issues_processed += 1).expect("update");
+                        tracker
+                            .update_issue(t, |r| r.attempts += 1)
+                            .expect("update");
+                        tracker
+                            .update(|s| s.session.issues_processed += 1)
+                            .expect("update");
                     }
                 })
             })
