@@ -98,6 +98,10 @@ const HEAD_WINDOW: u64 = 64 << 10;
 /// `publish` takes a short lock (one `write(2)` to the `O_APPEND` file, a push
 /// onto the in-memory history, a non-blocking broadcast), so ids, file order,
 /// history order and broadcast order agree.
+///
+/// Rotation (checked before each append): when the record would take the file
+/// past `max_bytes`, or the file's first record is older than `max_age_days`.
+/// A limit of 0 turns that check off.
 #[derive(Debug)]
 pub struct EventBus {
     sender: broadcast::Sender<Event>,
@@ -307,7 +311,10 @@ impl Log {
 }
 
 fn max_age(limits: &EventsConfig) -> chrono::Duration {
-    chrono::Duration::days(i64::try_from(limits.max_age_days).unwrap_or(i64::MAX / 86_400_000))
+    i64::try_from(limits.max_age_days)
+        .ok()
+        .and_then(chrono::Duration::try_days)
+        .unwrap_or(chrono::Duration::MAX)
 }
 
 /// `<path>.<n>`.
