@@ -7,7 +7,11 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
+use anyhow::{Context as _, bail};
+
 use super::TargetArgs;
+use crate::pipeline::spool::{self, SpoolEntry};
+use crate::store::state::{HitlCommand, State, StateTracker};
 
 /// `hydraflow hitl …`
 #[derive(Debug, Subcommand)]
@@ -54,6 +58,98 @@ pub enum HitlCommandArgs {
 /// # Errors
 /// Configuration and I/O errors, or an issue that is not waiting for a human.
 pub fn run(config_file: &Path, cmd: HitlCommandArgs) -> anyhow::Result<ExitCode> {
-    let _ = (config_file, cmd);
-    todo!()
+    let (target, number, command) = match cmd {
+        HitlCommandArgs::List { target, json } => return list(config_file, &target, json),
+        HitlCommandArgs::Correct {
+            target,
+            number,
+            text,
+        } => {
+            if text.trim().is_empty() {
+                bail!("the correction is empty: say what the agent should do differently");
+            }
+            (target, number, HitlCommand::Correct { text })
+        }
+        HitlCommandArgs::Skip { target, number } => (target, number, HitlCommand::Skip),
+        HitlCommandArgs::Close { target, number } => (target, number, HitlCommand::Close),
+    };
+    let resolved = super::target::resolve(config_file, &target)?;
+    let state = read_state(&resolved.layout.state_file())?;
+    match state.issues.get(&number) {
+        Some(r) if r.hitl.is_some() => {}
+        _ => bail!("issue #{number} is not waiting for a human: see `hydraflow hitl list`"),
+    }
+    let dir = resolved.layout.spool_dir();
+    let path = spool::submit(
+        &dir,
+        &SpoolEntry {
+            issue: number,
+            command: command.clone(),
+            created_at: chrono::Utc::now().to_rfc3339(),
+        },
+    )
+    .with_context(|| format!("cannot write to the spool directory {}", dir.display()))?;
+    let what = match command {
+        HitlCommand::Correct { .. } => "correction",
+        HitlCommand::Skip => "skip",
+        HitlCommand::Close => "close",
+    };
+    println!(
+        "{what} for issue #{number} handed to the worker ({}); a running worker applies it within seconds, a stopped one at its next start",
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_state(path: &Path) -> anyhow::Result<State> {
+    if !path.exists() {
+        return Ok(State::default());
+    }
+    StateTracker::read_only(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn list(config_file: &Path, target: &TargetArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let resolved = super::target::resolve(config_file, target)?;
+    let state = read_state(&resolved.layout.state_file())?;
+    let waiting: Vec<_> = state
+        .issues
+        .iter()
+        .filter_map(|(n, r)| r.hitl.as_ref().map(|h| (n, h, r.pending_hitl.as_ref())))
+        .collect();
+    if json {
+        let rows: Vec<_> = waiting
+            .iter()
+            .map(|(n, h, p)| {
+                serde_json::json!({"issue": n, "stage": h.stage, "origin": h.origin,
+                    "cause": h.cause, "escalated_at": h.escalated_at, "pending": p})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if waiting.is_empty() {
+        println!("no issue is waiting for a human");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<7} {:<10} {:<18} {:<9} CAUSE",
+        "ISSUE", "STAGE", "ORIGIN", "PENDING"
+    );
+    for (n, h, p) in waiting {
+        let pending = match p {
+            Some(HitlCommand::Correct { .. }) => "correct",
+            Some(HitlCommand::Skip) => "skip",
+            Some(HitlCommand::Close) => "close",
+            None => "-",
+        };
+        println!(
+            "{:<7} {:<10} {:<18} {:<9} {}",
+            format!("#{n}"),
+            h.stage.as_str(),
+            h.origin,
+            pending,
+            h.cause
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
