@@ -216,6 +216,16 @@ async fn run_process(call: &AgentCall, on_line: LineSink<'_>) -> Result<AgentOut
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes the prctl(2) system call, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            // If the worker dies (even by SIGKILL), the agent gets SIGTERM
+            // instead of running on as an orphan.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
+    }
     let mut child = command.spawn().map_err(|source| AgentError::Spawn {
         program: program.clone(),
         source,

@@ -3,3 +3,4 @@ mod git_fixture;
 mod git_worktrees;
 mod local_forge;
 mod util;
+mod worker_e2e;
