@@ -225,7 +225,8 @@ impl RepoRuntime {
         let counters = self.state.snapshot().session;
         let record = {
             let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
-            s.ended_at = Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            s.ended_at =
+                Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
             s.status = SessionStatus::Completed;
             s.issues_processed = counters.issues_processed;
             s.issues_succeeded = counters.issues_succeeded;

@@ -257,7 +257,11 @@ pub fn run_demo(config_file: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> 
     let forge = LocalForge::open(&resolved.layout, &resolved.repo_path)
         .context("cannot open the local forge")?;
     for (title, body) in crate::demo::ISSUES {
-        let issue = forge.create_issue(title, body, &[resolved.config.labels.find.clone()])?;
+        let issue = forge.create_issue(
+            title,
+            body,
+            std::slice::from_ref(&resolved.config.labels.find),
+        )?;
         eprintln!("filed issue #{}: {}", issue.number, issue.title);
     }
     let started = Instant::now();

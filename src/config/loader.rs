@@ -115,13 +115,14 @@ const NON_KEY_ENV: &[&str] = &[
     "HYDRAFLOW_ISSUE",
 ];
 
+/// The merged configuration, the source of each key set, and the files read.
+pub type Loaded = (Config, BTreeMap<String, Source>, Vec<PathBuf>);
+
 /// Load and merge the layers, then check the result.
 ///
 /// # Errors
 /// [`ConfigError`] naming the file, line and key, or the variable.
-pub fn load(
-    req: &LoadRequest<'_>,
-) -> Result<(Config, BTreeMap<String, Source>, Vec<PathBuf>), ConfigError> {
+pub fn load(req: &LoadRequest<'_>) -> Result<Loaded, ConfigError> {
     let mut merged = to_table(&Config::default());
     let mut sources = BTreeMap::new();
     let mut files = Vec::new();
