@@ -1,1 +1,3 @@
+mod fake_github;
+mod github_forge;
 mod util;
