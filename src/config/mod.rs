@@ -315,6 +315,11 @@ pub struct GithubConfig {
     pub web_url: String,
     /// Most concurrent API requests of this process.
     pub max_concurrent_requests: usize,
+    /// Retries of one request after a transient failure (5xx, network) or a rate limit.
+    pub max_retries: usize,
+    /// Longest wait, in seconds, for a rate limit (`Retry-After`, `x-ratelimit-reset`)
+    /// slept inside a request; a longer one is reported to the pipeline instead.
+    pub max_retry_wait: u64,
 }
 
 impl Default for GithubConfig {
@@ -323,6 +328,8 @@ impl Default for GithubConfig {
             api_url: "https://api.github.com".into(),
             web_url: "https://github.com".into(),
             max_concurrent_requests: 4,
+            max_retries: 3,
+            max_retry_wait: 120,
         }
     }
 }

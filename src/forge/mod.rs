@@ -1,7 +1,7 @@
 //! The forge: where issues, labels, comments, pull requests, checks, reviews
 //! and merges live. [`Forge`] is shaped after the GitHub REST API operations
 //! the pipeline needs (spec §8); `local` implements it on disk with a real
-//! git squash merge, and a later `github` module implements it with octocrab.
+//! git squash merge, and `github` implements it over GitHub's REST API with octocrab.
 //!
 //! **Invariant:** the pipeline reaches a forge only through this trait.
 
@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod github;
 pub mod local;
 
 /// An issue as listed by the forge: enough to route it to a stage.
