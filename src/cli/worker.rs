@@ -125,9 +125,10 @@ fn build_forge(resolved: &Resolved) -> anyhow::Result<Arc<dyn Forge>> {
             LocalForge::open(&resolved.layout, &resolved.repo_path)
                 .context("cannot open the local forge")?,
         )),
-        ForgeKind::Github => {
-            bail!("the GitHub forge is not available in this build: use forge = \"local\"")
-        }
+        ForgeKind::Github => Ok(Arc::new(
+            crate::forge::github::GithubForge::from_config(&resolved.config)
+                .context("cannot set up the GitHub forge")?,
+        )),
     }
 }
 
