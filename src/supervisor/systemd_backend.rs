@@ -70,45 +70,50 @@ fn main_pid(value: u32) -> Option<u32> {
     (value != 0).then_some(value)
 }
 
-/// The D-Bus error name of a method error, if `err` is one.
-fn error_name(err: &zbus::Error) -> Option<&str> {
+/// The D-Bus error name and message of a method error reply, if `err` is one (zbus turns the
+/// `org.freedesktop.DBus.Error.*` names into [`zbus::fdo::Error`]).
+fn method_error(err: &zbus::Error) -> Option<(String, String)> {
+    use zbus::DBusError;
     match err {
-        zbus::Error::MethodError(name, _, _) => Some(name.as_str()),
+        zbus::Error::MethodError(name, text, _) => {
+            Some((name.as_str().to_owned(), text.clone().unwrap_or_default()))
+        }
+        zbus::Error::FDO(fdo) => Some((
+            fdo.name().as_str().to_owned(),
+            fdo.description().unwrap_or_default().to_owned(),
+        )),
         _ => None,
     }
 }
 
 /// Whether `err` is systemd's `NoSuchUnit` (the unit is not loaded or does not exist).
 fn is_no_such_unit(err: &zbus::Error) -> bool {
-    error_name(err) == Some("org.freedesktop.systemd1.NoSuchUnit")
+    method_error(err).is_some_and(|(name, _)| name == "org.freedesktop.systemd1.NoSuchUnit")
 }
 
 /// A bus error as [`BackendError::Unavailable`], saying what to do about it. `what` names the
 /// call, e.g. `StartUnit hydraflow@demo.service`.
 fn bus_error(what: &str, err: &zbus::Error) -> BackendError {
-    let message = match err {
-        zbus::Error::MethodError(name, text, _) => {
-            let text = text.as_deref().unwrap_or("no message");
-            match name.as_str() {
-                "org.freedesktop.DBus.Error.AccessDenied"
-                | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => format!(
-                    "{what}: permission denied by polkit ({text}): install the hydraflow polkit \
+    let message = match method_error(err) {
+        Some((name, text)) => match name.as_str() {
+            "org.freedesktop.DBus.Error.AccessDenied"
+            | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => format!(
+                "{what}: permission denied by polkit ({text}): install the hydraflow polkit \
                      rule or run the supervisor as the hydraflow user"
-                ),
-                "org.freedesktop.DBus.Error.ServiceUnknown"
-                | "org.freedesktop.DBus.Error.NameHasNoOwner" => format!(
-                    "{what}: systemd is not on this bus ({text}): boot with systemd or use the \
+            ),
+            "org.freedesktop.DBus.Error.ServiceUnknown"
+            | "org.freedesktop.DBus.Error.NameHasNoOwner" => format!(
+                "{what}: systemd is not on this bus ({text}): boot with systemd or use the \
                      process backend"
-                ),
-                "org.freedesktop.systemd1.NoSuchUnit" => format!(
-                    "{what}: unit not found ({text}): install hydraflow@.service (the hydraflow \
+            ),
+            "org.freedesktop.systemd1.NoSuchUnit" => format!(
+                "{what}: unit not found ({text}): install hydraflow@.service (the hydraflow \
                      package ships it) and run systemctl daemon-reload"
-                ),
-                other => format!("{what}: {other}: {text}"),
-            }
-        }
-        other => format!(
-            "{what}: lost the D-Bus connection to systemd ({other}): check that dbus is running \
+            ),
+            other => format!("{what}: {other}: {text}"),
+        },
+        None => format!(
+            "{what}: lost the D-Bus connection to systemd ({err}): check that dbus is running \
              and that the supervisor may use the system bus"
         ),
     };

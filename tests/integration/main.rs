@@ -1,1 +1,4 @@
+mod systemd_container;
+mod systemd_fake;
 mod util;
+mod util_container;
