@@ -120,7 +120,8 @@ async fn systemd_backend_in_a_booted_container() {
     );
 
     step("SIGKILL the main process");
-    container.exec_ok(&["kill", "-KILL", &pid.to_string()]);
+    // minbase has no kill(1): use the shell's builtin.
+    container.exec_ok(&["sh", "-c", &format!("kill -KILL {pid}")]);
     let status = status_until(&backend, &demo, "the restart", |s| {
         s.n_restarts == 1 && s.running() && s.main_pid.is_some_and(|p| p != pid)
     })

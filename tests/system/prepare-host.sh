@@ -2,7 +2,8 @@
 # Prepare this host for the booted-container system tests (HYDRAFLOW_SYSTEM_TESTS=1):
 # install debootstrap, systemd-container (systemd-nspawn) and dbus when missing, and build the
 # cached minimal Debian 12 rootfs once under $HYDRAFLOW_TEST_CACHE (default
-# /var/cache/hydraflow-test). The mirror is read from this machine's apt sources. Run as root.
+# /var/cache/hydraflow-test). polkitd needs libpam-systemd (it provides default-logind, which
+# debootstrap does not resolve by itself). The mirror is read from this machine's apt sources. Run as root.
 set -eu
 
 cache="${HYDRAFLOW_TEST_CACHE:-/var/cache/hydraflow-test}"
@@ -56,7 +57,7 @@ rm -rf "$tmp"
 trap 'cp "$tmp/debootstrap/debootstrap.log" "$cache/debootstrap-failed.log" 2>/dev/null; rm -rf "$tmp"' EXIT
 echo "prepare-host: debootstrap $suite from $mirror into $rootfs"
 debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,polkitd,git,ca-certificates \
+    --include=systemd,systemd-sysv,dbus,polkitd,libpam-systemd,git,ca-certificates \
     "$suite" "$tmp" "$mirror"
 # A machine id is made at first boot of each copy.
 : >"$tmp/etc/machine-id"
