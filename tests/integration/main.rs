@@ -4,5 +4,8 @@ mod git_fixture;
 mod git_worktrees;
 mod github_forge;
 mod local_forge;
+mod systemd_container;
+mod systemd_fake;
 mod util;
+mod util_container;
 mod worker_e2e;
