@@ -705,10 +705,10 @@ async fn process(ctx: Arc<Pipeline>, stage: Stage, issue: Issue) {
     let _abort_on_drop = AbortOnDrop(abort);
     let result = match inner.await {
         Ok(r) => r,
-        Err(e) if e.is_panic() => Err(StageError::Retry(format!(
-            "stage task panicked: {}",
-            panic_message(e)
-        ))),
+        Err(e) if e.is_panic() => Err((
+            StageError::Retry(format!("stage task panicked: {}", panic_message(e))),
+            issue,
+        )),
         Err(_) => return,
     };
     match result {
@@ -737,7 +737,7 @@ async fn process(ctx: Arc<Pipeline>, stage: Stage, issue: Issue) {
                 }
             }
         }
-        Err(e) => {
+        Err((e, issue)) => {
             // The issue stays in flight until its failure is handled, so the
             // pipeline never looks idle in between.
             if let Some((issue, stage, delay)) = stages::handle_failure(&ctx, stage, issue, e).await

@@ -82,23 +82,32 @@ impl From<crate::git::GitError> for StageError {
     }
 }
 
-type StageResult = Result<(Next, Issue), StageError>;
+/// The outcome of a stage with the issue as the stage left it (labels
+/// included), also on failure, so escalation sees the current labels.
+type StageResult = Result<(Next, Issue), (StageError, Issue)>;
 
 /// Run `stage` on `issue`.
 pub(crate) async fn run(ctx: Arc<Pipeline>, stage: Stage, mut issue: Issue) -> StageResult {
+    match run_inner(&ctx, stage, &mut issue).await {
+        Ok(next) => Ok((next, issue)),
+        Err(e) => Err((e, issue)),
+    }
+}
+
+async fn run_inner(ctx: &Pipeline, stage: Stage, issue: &mut Issue) -> Result<Next, StageError> {
     let n = issue.number;
-    claim(&ctx, &mut issue).await?;
+    claim(ctx, issue).await?;
     let next = match stage {
-        Stage::Triage => triage(&ctx, &mut issue).await?,
-        Stage::Plan => plan(&ctx, &mut issue).await?,
-        Stage::Implement => implement(&ctx, &mut issue).await?,
-        Stage::Review => review(&ctx, &mut issue).await?,
-        Stage::Hitl => hitl(&ctx, &mut issue).await?,
+        Stage::Triage => triage(ctx, issue).await?,
+        Stage::Plan => plan(ctx, issue).await?,
+        Stage::Implement => implement(ctx, issue).await?,
+        Stage::Review => review(ctx, issue).await?,
+        Stage::Hitl => hitl(ctx, issue).await?,
     };
     ctx.state
         .update_issue(n, |r| r.interrupted = None)
         .map_err(store_err)?;
-    Ok((next, issue))
+    Ok(next)
 }
 
 fn store_err(e: crate::store::StoreError) -> StageError {

@@ -8,4 +8,5 @@ mod systemd_container;
 mod systemd_fake;
 mod util;
 mod util_container;
+mod worker_bad_input;
 mod worker_e2e;
