@@ -388,10 +388,10 @@ fn prune_rotated(path: &Path, limits: &EventsConfig) {
                 .ok()
                 .and_then(|modified| SystemTime::now().duration_since(modified).ok())
                 .is_some_and(|age| age > max_age);
-        if n > limits.keep_files || too_old {
-            if let Err(err) = remove_if_exists(&entry.path()) {
-                tracing::warn!("cannot delete {}: {err}", entry.path().display());
-            }
+        if (n > limits.keep_files || too_old)
+            && let Err(err) = remove_if_exists(&entry.path())
+        {
+            tracing::warn!("cannot delete {}: {err}", entry.path().display());
         }
     }
 }
