@@ -10,3 +10,4 @@ mod util;
 mod util_container;
 mod worker_bad_input;
 mod worker_e2e;
+mod worker_notify;
