@@ -292,6 +292,8 @@ struct IssueJson {
     state: String,
     html_url: Option<String>,
     pull_request: Option<Value>,
+    /// How many comments the issue has (lets `get_issue` skip listing none).
+    comments: Option<u64>,
 }
 
 impl IssueJson {
@@ -949,13 +951,18 @@ impl Forge for GithubForge {
             )
             .await?
             .ok(&what)?;
-        let issue = reply.json::<IssueJson>(&what)?.into_issue();
-        let comments: Vec<CommentJson> = self
-            .get_all(
+        let json = reply.json::<IssueJson>(&what)?;
+        // The issue carries its comment count: listing none would be a wasted request.
+        let comments: Vec<CommentJson> = if json.comments == Some(0) {
+            Vec::new()
+        } else {
+            self.get_all(
                 self.repo_url(&format!("/issues/{number}/comments?per_page=100")),
                 &format!("comments of issue #{number}"),
             )
-            .await?;
+            .await?
+        };
+        let issue = json.into_issue();
         Ok(IssueDetail {
             issue,
             comments: comments
@@ -1074,9 +1081,11 @@ impl Forge for GithubForge {
                 .await?;
             ForgeResult::Ok(open.into_iter().find(|p| p.head.name == req.head))
         };
-        if let Some(pr) = find().await? {
-            return Ok(pr.into_pull());
-        }
+        // Create first: the pull request is new in the common case, and GitHub
+        // refuses a second open one for the same head (422 with a `custom`
+        // error "A pull request already exists for …"), which is when the
+        // listing is needed. Any 422 is checked against the listing, so the
+        // wording of the error does not matter.
         let body = json!({
             "title": req.title,
             "head": req.head,
@@ -1087,7 +1096,6 @@ impl Forge for GithubForge {
             .send(Method::POST, &self.repo_url("/pulls"), Some(&body))
             .await?;
         if reply.status == StatusCode::UNPROCESSABLE_ENTITY
-            && reply.message().contains("already exists")
             && let Some(pr) = find().await?
         {
             return Ok(pr.into_pull());

@@ -611,7 +611,11 @@ fn check_shapes(fake: &FakeGithub) {
     let labels = Value::Array(vec![label.clone()]);
     let comment = pygithub("Issue.testCreateComment.txt", "POST", "/comments");
     let pull = pygithub("Repository.testCreatePull.txt", "POST", "/pulls");
-    let error = octokit("errors", "post", "/labels");
+    let mut error = octokit("errors", "post", "/labels");
+    // GitHub documents a `message` on `custom` validation errors ("A pull
+    // request already exists for …"; REST API, client errors); the recorded
+    // error is an `invalid` one, without it.
+    error["errors"][0]["message"] = Value::String("custom validation message".into());
     let reference = |route: &str, status: u16| -> Option<Value> {
         if status >= 400 {
             return Some(error.clone());
