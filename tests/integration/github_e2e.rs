@@ -534,3 +534,143 @@ fn commit_on_main(bare: &Path, file: &str, content: &str) {
     )
     .expect("commit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_request_closed_by_a_human_mid_review_is_escalated() {
+    let gh = Gh::new(false).await;
+    std::fs::write(gh.dir().join("hold-review"), "").expect("hold");
+    assert_eq!(
+        gh.fake
+            .add_issue("Add file 1", "alice", &["hydraflow-find"]),
+        1
+    );
+    let child = gh.spawn(TOKEN, &["run", "--exit-when-idle"], None);
+    let started = gh.dir().join("review-started");
+    wait_until("the review agent to start", || started.exists()).await;
+    // A human closes the pull request while the review agent works.
+    for pull in gh.fake.state().pulls.values_mut() {
+        pull.state = "closed".into();
+    }
+    std::fs::write(gh.dir().join("go"), "").expect("go");
+    let out = finish(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let cause = "pull request #2 was closed without merging";
+    assert_eq!(gh.issue(1), (labels(&["hydraflow-hitl"]), "open".into()));
+    assert!(
+        gh.comments(1).iter().any(|c| c.contains(cause)),
+        "{:?}",
+        gh.comments(1)
+    );
+    let hitl = gh.state().issues[&1].hitl.clone().expect("hitl record");
+    assert_eq!(hitl.cause, cause);
+    assert_eq!(hitl.origin, "hydraflow-review");
+    let events = gh.events();
+    let escalation = events
+        .iter()
+        .find(|e| e.kind == EventType::HitlEscalation)
+        .expect("escalation event");
+    assert_eq!(escalation.data["cause"], cause);
+    assert_eq!(gh.main_file("file-1.txt"), None, "nothing was merged");
+    // agent.allow_token is off: the agent got no token.
+    assert_eq!(
+        std::fs::read_to_string(gh.dir().join("token-1")).expect("token file"),
+        "none"
+    );
+}
+
+/// Receive `STATUS=` lines on `socket` until one contains every word of `wanted`.
+async fn status_containing(socket: &tokio::net::UnixDatagram, wanted: &[&str]) -> String {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(HANG_GUARD, socket.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no STATUS= with {wanted:?}"))
+            .expect("recv");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if let Some(status) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("STATUS="))
+            .filter(|s| wanted.iter().all(|w| s.contains(w)))
+        {
+            return status.to_owned();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_token_waits_with_a_clear_status_and_never_spins() {
+    let gh = Gh::new(false).await;
+    assert_eq!(
+        gh.fake
+            .add_issue("Add file 1", "alice", &["hydraflow-find"]),
+        1
+    );
+    let socket_path = gh.dir().join("notify");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind");
+
+    // No checkout yet: the clone is refused; the worker says so and waits.
+    let child = gh.spawn("ghp_wrong", &["run"], Some(&socket_path));
+    let status = status_containing(&socket, &["cannot clone", "authentication failed"]).await;
+    assert!(status.starts_with("waiting 60s to retry"), "{status}");
+    assert!(!status.contains("ghp_wrong"), "{status}");
+    sigterm(&child);
+    let out = finish(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!gh.checkout().exists(), "a refused clone leaves nothing");
+    let git_requests = gh.fake.count("GET /git");
+    assert!(git_requests >= 1, "the clone was tried");
+
+    // With a checkout: the first poll is refused and the pipeline pauses.
+    git2::Repository::clone(gh.fake.bare.to_str().expect("utf-8"), gh.checkout()).expect("clone");
+    let mut child = gh.spawn("ghp_wrong", &["run"], Some(&socket_path));
+    let status = status_containing(&socket, &["paused", "forge authentication failed"]).await;
+    assert!(status.contains("401 Bad credentials"), "{status}");
+    let seen = gh.fake.state().log.len();
+    assert!(
+        gh.fake.state().log.iter().all(|l| l.status == 401),
+        "every request was refused"
+    );
+    // Several poll intervals later the paused worker has sent nothing more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        gh.fake.state().log.len(),
+        seen,
+        "a paused worker does not spin"
+    );
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the worker keeps running while paused"
+    );
+    sigterm(&child);
+    let out = finish(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pause = gh
+        .events()
+        .into_iter()
+        .find(|e| e.kind == EventType::OrchestratorStatus && e.data["status"] == "paused")
+        .expect("a pause event");
+    assert_eq!(pause.data["seconds"], 60);
+    assert!(
+        pause.data["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("forge authentication failed")),
+        "{pause:?}"
+    );
+    let log = std::fs::read_to_string(gh.data().join("logs").join("hydraflow.log")).expect("log");
+    assert!(log.contains("pipeline paused"), "{log}");
+    assert!(!log.contains("ghp_wrong"), "the token is never logged");
+    assert_eq!(gh.issue(1), (labels(&["hydraflow-find"]), "open".into()));
+}
