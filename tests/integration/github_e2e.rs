@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use hydraflow::store::events::{Event, EventType};
 use hydraflow::store::state::State;
 
-use super::fake_github::{FakeGithub, Logged, OWNER, REPO, TOKEN};
+use super::fake_github::{FakeGithub, Fault, Logged, OWNER, REPO, TOKEN, key};
 use super::util::{HANG_GUARD, wait_bounded};
 
 /// The slug `octo-org/demo` resolves to.
@@ -31,6 +31,10 @@ cat > /dev/null
 commit() { git -c user.name=agent -c user.email=agent@example.com commit -q -m "$1"; }
 case "$stage" in
   triage)
+    if [ "$issue" = 2 ] && [ -e "$HYDRAFLOW_TEST_DIR/hold-triage" ]; then
+      touch "$HYDRAFLOW_TEST_DIR/triage-started"
+      while [ ! -e "$HYDRAFLOW_TEST_DIR/go" ]; do sleep 0.1; done
+    fi
     echo '{"ready": true, "reasons": ["clear enough"], "issue_type": "feature", "clarity_score": 8, "complexity_score": 2, "needs_discovery": false, "already_addressed": false}'
     ;;
   plan)
@@ -581,6 +585,79 @@ async fn pull_request_closed_by_a_human_mid_review_is_escalated() {
         std::fs::read_to_string(gh.dir().join("token-1")).expect("token file"),
         "none"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_rate_limits_and_a_deleted_issue_do_not_stop_the_pipeline() {
+    let gh = Gh::new(false).await;
+    std::fs::write(gh.dir().join("hold-triage"), "").expect("hold");
+    assert_eq!(
+        gh.fake
+            .add_issue("Add file 1", "alice", &["hydraflow-find"]),
+        1
+    );
+    assert_eq!(
+        gh.fake
+            .add_issue("Add file 2", "alice", &["hydraflow-find"]),
+        2
+    );
+    // A 500 then success, and a secondary rate limit with a short Retry-After.
+    gh.fake
+        .fault(&key("GET", "/issues/{number}"), Fault::ServerError);
+    gh.fake.fault(
+        &key("POST", "/pulls"),
+        Fault::SecondaryLimit { retry_after: 1 },
+    );
+    let child = gh.spawn(TOKEN, &["run", "--exit-when-idle"], None);
+    let started = gh.dir().join("triage-started");
+    wait_until("the triage of #2 to start", || started.exists()).await;
+    // Someone deletes #2 while it is being triaged.
+    gh.fake.state().issues.remove(&2);
+    std::fs::write(gh.dir().join("go"), "").expect("go");
+    let out = finish(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert_eq!(gh.issue(1), (labels(&["hydraflow-fixed"]), "closed".into()));
+    assert_eq!(
+        gh.main_file("file-1.txt").as_deref(),
+        Some("content for 1\n")
+    );
+    let s = gh.fake.state();
+    assert!(s.faults.is_empty(), "both faults were met");
+    let status = |path: &str, method: &str| -> Vec<u16> {
+        s.log
+            .iter()
+            .filter(|l| l.method == method && l.path.ends_with(path))
+            .map(|l| l.status)
+            .collect()
+    };
+    assert_eq!(
+        status("/pulls", "POST"),
+        [403, 201],
+        "retried after Retry-After"
+    );
+    assert!(
+        s.log.iter().any(|l| l.status == 500),
+        "the 500 was answered"
+    );
+    drop(s);
+    let events = gh.events();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.kind == EventType::Error && e.data.get("loop").is_some()),
+        "no loop crashed"
+    );
+    assert!(
+        !events.iter().any(|e| e.kind == EventType::HitlEscalation),
+        "nothing needed a human"
+    );
+    let state = gh.state();
+    assert!(!state.issues[&2].claimed, "the deleted issue was let go");
 }
 
 /// Receive `STATUS=` lines on `socket` until one contains every word of `wanted`.
