@@ -8,19 +8,25 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::TargetArgs;
 use crate::agent::runner::ProcessRunner;
 use crate::config::ForgeKind;
 use crate::config::loader::Resolved;
-use crate::forge::Forge;
+use crate::forge::github::{self, GithubForge, GithubOptions};
 use crate::forge::local::LocalForge;
+use crate::forge::{Forge, ForgeError};
 use crate::runtime::{RepoRuntime, RepoRuntimeRegistry};
 use crate::systemd;
 
 /// How long a stop may take before the process exits anyway (the unit's
 /// `TimeoutStopSec=` is longer).
 const STOP_DEADLINE: Duration = Duration::from_secs(8);
+/// First wait before cloning again after a refused token or a network failure.
+const CLONE_RETRY_FIRST: Duration = Duration::from_secs(60);
+/// Longest wait between clone attempts.
+const CLONE_RETRY_MAX: Duration = Duration::from_secs(1800);
 
 /// `hydraflow worker`
 #[derive(Debug, Args)]
@@ -119,17 +125,91 @@ pub fn run_foreground(config_file: &Path, args: RunArgs) -> anyhow::Result<ExitC
     )
 }
 
-fn build_forge(resolved: &Resolved) -> anyhow::Result<Arc<dyn Forge>> {
+/// The forge of the configuration, and the environment its agents get.
+struct ForgeSetup {
+    forge: Arc<dyn Forge>,
+    /// The GitHub forge again (typed), to clone the checkout.
+    github: Option<Arc<GithubForge>>,
+    /// `GH_TOKEN` when `agent.allow_token` is set.
+    agent_env: Vec<(String, String)>,
+}
+
+fn build_forge(resolved: &Resolved) -> anyhow::Result<ForgeSetup> {
     match resolved.config.forge {
-        ForgeKind::Local => Ok(Arc::new(
-            LocalForge::open(&resolved.layout, &resolved.repo_path)
-                .context("cannot open the local forge")?,
-        )),
-        ForgeKind::Github => Ok(Arc::new(
-            crate::forge::github::GithubForge::from_config(&resolved.config)
-                .context("cannot set up the GitHub forge")?,
-        )),
+        ForgeKind::Local => Ok(ForgeSetup {
+            forge: Arc::new(
+                LocalForge::open(&resolved.layout, &resolved.repo_path)
+                    .context("cannot open the local forge")?,
+            ),
+            github: None,
+            agent_env: Vec::new(),
+        }),
+        ForgeKind::Github => {
+            let token =
+                github::token_from_environment().context("cannot set up the GitHub forge")?;
+            let agent_env = if resolved.config.agent.allow_token {
+                vec![("GH_TOKEN".to_owned(), token.clone())]
+            } else {
+                Vec::new()
+            };
+            let options = GithubOptions::from_config(&resolved.config, token)
+                .context("cannot set up the GitHub forge")?;
+            let forge =
+                Arc::new(GithubForge::new(options).context("cannot set up the GitHub forge")?);
+            Ok(ForgeSetup {
+                forge: Arc::clone(&forge) as Arc<dyn Forge>,
+                github: Some(forge),
+                agent_env,
+            })
+        }
     }
+}
+
+/// Clone the checkout when it does not exist yet. A refused token or a
+/// network failure is reported (journal and `STATUS=`) and retried with a
+/// doubling wait; returns false when a signal asked to stop meanwhile.
+async fn ensure_checkout(
+    gh: &GithubForge,
+    resolved: &Resolved,
+    sigterm: &mut Signal,
+    sigint: &mut Signal,
+) -> anyhow::Result<bool> {
+    let dest = &resolved.repo_path;
+    let slug = &resolved.layout.slug;
+    let mut wait = CLONE_RETRY_FIRST;
+    while !dest.exists() {
+        eprintln!("cloning {} into {}", gh.clone_url(), dest.display());
+        match gh.clone_into(dest, &resolved.config.main_branch).await {
+            Ok(()) => break,
+            Err(
+                e @ (ForgeError::Auth(_)
+                | ForgeError::Transient(_)
+                | ForgeError::RateLimited { .. }),
+            ) => {
+                if let ForgeError::RateLimited { retry_after } = &e {
+                    wait = wait.max(*retry_after);
+                }
+                let status = format!(
+                    "waiting {}s to retry: cannot clone {}: {e}",
+                    wait.as_secs(),
+                    gh.clone_url()
+                );
+                tracing::error!(repo_slug = %slug, error = %e, seconds = wait.as_secs(), "cannot clone the repository; will retry");
+                // Started, though waiting: a start timeout must not kill a worker waiting for a token.
+                systemd::notify_ready(&status);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = sigterm.recv() => return Ok(false),
+                    _ = sigint.recv() => return Ok(false),
+                }
+                wait = (wait * 2).min(CLONE_RETRY_MAX);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot clone into {}", dest.display()));
+            }
+        }
+    }
+    Ok(true)
 }
 
 fn print_paths(resolved: &Resolved, log_file: Option<&Path>) {
@@ -175,15 +255,25 @@ fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Exit
 }
 
 async fn daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<ExitCode> {
-    use tokio::signal::unix::{SignalKind, signal};
     let slug = resolved.layout.slug.clone();
-    let forge = build_forge(&resolved)?;
-    let runtime = RepoRuntime::create(resolved, forge, Arc::new(ProcessRunner), Vec::new())
-        .with_context(|| format!("cannot start the worker for {slug}"))?;
-    let registry = RepoRuntimeRegistry::new();
-    registry.register(Arc::clone(&runtime));
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let setup = build_forge(&resolved)?;
+    if let Some(gh) = &setup.github
+        && !ensure_checkout(gh, &resolved, &mut sigterm, &mut sigint).await?
+    {
+        tracing::info!(repo_slug = %slug, "stopped before the checkout was cloned");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runtime = RepoRuntime::create(
+        resolved,
+        setup.forge,
+        Arc::new(ProcessRunner),
+        setup.agent_env,
+    )
+    .with_context(|| format!("cannot start the worker for {slug}"))?;
+    let registry = RepoRuntimeRegistry::new();
+    registry.register(Arc::clone(&runtime));
 
     runtime.start().await;
     let status = runtime.status_line().await;

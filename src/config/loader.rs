@@ -523,6 +523,8 @@ pub fn resolve(
         }
     };
 
+    // Where `run --repo owner/name` keeps both the clone and the data.
+    let mut clone_root = None;
     let repo_path = match (&config.repo_path, &path_arg) {
         (Some(p), _) => cwd.join(p),
         (None, Some(p)) => p.clone(),
@@ -537,15 +539,17 @@ pub fn resolve(
         }
         (None, None) if config.forge == super::ForgeKind::Github && target.repo.is_some() => {
             // `run --repo owner/name`: the checkout is cloned into the data root.
-            home.clone()
-                .unwrap_or_else(|| cwd.join(".hydraflow"))
-                .join(slug.as_str())
-                .join("checkout")
+            let root = home.clone().unwrap_or_else(|| cwd.join(".hydraflow"));
+            let checkout = root.join(slug.as_str()).join("checkout");
+            clone_root = Some(root);
+            checkout
         }
         (None, None) => cwd.to_owned(),
     };
     let repo_path = std::fs::canonicalize(&repo_path).unwrap_or(repo_path);
-    let data_root = home.unwrap_or_else(|| repo_path.join(".hydraflow"));
+    let data_root = home
+        .or(clone_root)
+        .unwrap_or_else(|| repo_path.join(".hydraflow"));
     let worktree_base = match &config.worktree_base {
         Some(p) => cwd.join(p),
         None => repo_path
@@ -753,5 +757,41 @@ mod tests {
         ] {
             assert_eq!(valid_owner_name(s), ok, "{s}");
         }
+    }
+
+    fn check_clone_paths(home: Option<&str>, expected_root: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = write(dir.path(), "g.toml", "forge = \"github\"\n");
+        let env: Vec<(String, String)> = home
+            .map(|h| {
+                (
+                    super::super::HOME_ENV.to_string(),
+                    dir.path().join(h).display().to_string(),
+                )
+            })
+            .into_iter()
+            .collect();
+        let r = resolve(
+            &g,
+            &Target {
+                instance: None,
+                repo: Some("octo-org/demo".into()),
+            },
+            Vec::new(),
+            env,
+            dir.path(),
+        )
+        .unwrap();
+        let root = dir.path().join(expected_root);
+        assert_eq!(r.layout.slug.as_str(), "octo-org-demo");
+        assert_eq!(r.repo_path, root.join("octo-org-demo").join("checkout"));
+        assert_eq!(r.layout.data_root, root, "the data sit next to the clone");
+        assert_eq!(r.config.repo.as_deref(), Some("octo-org/demo"));
+    }
+
+    #[test]
+    fn run_with_owner_name_clones_into_the_data_root() {
+        check_clone_paths(None, ".hydraflow");
+        check_clone_paths(Some("home"), "home");
     }
 }

@@ -259,6 +259,8 @@ pub struct GithubForge {
     budget: Mutex<Option<RateBudget>>,
     /// Whether a login is a collaborator, per login, for this process's life.
     collaborators: Mutex<HashMap<String, bool>>,
+    /// Serialises fetches into the checkout (two refreshes at once would race on its refs).
+    git_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for GithubForge {
@@ -290,6 +292,8 @@ struct IssueJson {
     state: String,
     html_url: Option<String>,
     pull_request: Option<Value>,
+    /// How many comments the issue has (lets `get_issue` skip listing none).
+    comments: Option<u64>,
 }
 
 impl IssueJson {
@@ -468,6 +472,7 @@ impl GithubForge {
             etags: Mutex::new(HashMap::new()),
             budget: Mutex::new(None),
             collaborators: Mutex::new(HashMap::new()),
+            git_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -689,22 +694,200 @@ impl GithubForge {
         Ok(reply.json::<PullJson>(&what)?.into_pull())
     }
 
-    fn push_blocking(repo: &Path, branch: &str, url: &str, token: &str) -> Result<(), git2::Error> {
-        let repository = git2::Repository::open(repo)?;
-        // An anonymous remote lives only in memory: nothing reaches .git/config.
-        let mut remote = repository.remote_anonymous(url)?;
-        let rejected: std::cell::RefCell<Option<String>> = std::cell::RefCell::new(None);
+    /// Callbacks answering the remote's credential request with the token
+    /// (HTTP Basic, user `x-access-token`), once: a second request means the
+    /// token was refused, and asking again would loop.
+    fn token_callbacks<'a>(token: &'a str, action: &'static str) -> git2::RemoteCallbacks<'a> {
         let mut callbacks = git2::RemoteCallbacks::new();
         let mut attempts = 0;
         callbacks.credentials(move |_url, _user, allowed| {
             attempts += 1;
             if attempts > 1 || !allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
-                return Err(git2::Error::from_str(
-                    "the remote did not accept the GitHub token for push",
-                ));
+                return Err(git2::Error::from_str(&format!(
+                    "the remote did not accept the GitHub token for {action}"
+                )));
             }
             git2::Cred::userpass_plaintext("x-access-token", token)
         });
+        callbacks
+    }
+
+    /// Map a git2 failure of a network operation to a [`ForgeError`]: a refused
+    /// token is [`ForgeError::Auth`], other network failures are transient,
+    /// the rest local.
+    fn git_error(e: &git2::Error, msg: String) -> ForgeError {
+        match e.class() {
+            git2::ErrorClass::Http | git2::ErrorClass::Net | git2::ErrorClass::Ssl => {
+                if e.code() == git2::ErrorCode::Auth || e.message().contains("token") {
+                    ForgeError::Auth(msg)
+                } else {
+                    ForgeError::Transient(msg)
+                }
+            }
+            _ if e.code() == git2::ErrorCode::Auth || e.message().contains("token") => {
+                ForgeError::Auth(msg)
+            }
+            _ => ForgeError::Local(msg),
+        }
+    }
+
+    /// Clone the repository into `dest` (which must not exist) over HTTPS,
+    /// the token given through the credentials callback only: the clone's
+    /// `origin` is [`Self::clone_url`], without credentials. The clone is
+    /// made in a temporary directory next to `dest` and renamed into place,
+    /// so a failed clone leaves nothing behind. When the remote's default
+    /// branch is not `base`, a local `base` is created from `origin/base`.
+    ///
+    /// # Errors
+    /// [`ForgeError::Auth`] when the token is refused, [`ForgeError::Transient`]
+    /// for network failures, [`ForgeError::Local`] for disk failures, an
+    /// existing `dest` or a missing `base` branch.
+    pub async fn clone_into(&self, dest: &Path, base: &str) -> ForgeResult<()> {
+        let dest = dest.to_path_buf();
+        let base = base.to_string();
+        let url = self.clone_url();
+        let token = self.opts.token.clone();
+        tokio::task::spawn_blocking(move || GithubForge::clone_blocking(&url, &token, &dest, &base))
+            .await
+            .map_err(|e| ForgeError::Local(format!("clone task failed: {e}")))?
+    }
+
+    fn clone_blocking(url: &str, token: &str, dest: &Path, base: &str) -> ForgeResult<()> {
+        let local =
+            |what: String| move |e: std::io::Error| ForgeError::Local(format!("{what}: {e}"));
+        if dest.exists() {
+            return Err(ForgeError::Local(format!(
+                "cannot clone into {}: it already exists",
+                dest.display()
+            )));
+        }
+        let parent = dest.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .map_err(local(format!("cannot create {}", parent.display())))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".clone-")
+            .tempdir_in(parent)
+            .map_err(local(format!(
+                "cannot make a temporary directory in {}",
+                parent.display()
+            )))?;
+        let staging = tmp.path().join("checkout");
+        let mut fetch = git2::FetchOptions::new();
+        fetch.remote_callbacks(GithubForge::token_callbacks(token, "clone"));
+        let repo = git2::build::RepoBuilder::new()
+            .fetch_options(fetch)
+            .clone(url, &staging)
+            .map_err(|e| {
+                GithubForge::git_error(&e, format!("cannot clone {url}: {}", e.message()))
+            })?;
+        if repo.find_branch(base, git2::BranchType::Local).is_err() {
+            let remote = repo
+                .find_reference(&format!("refs/remotes/origin/{base}"))
+                .and_then(|r| r.peel_to_commit())
+                .map_err(|e| {
+                    ForgeError::Local(format!(
+                        "the clone of {url} has no branch {base:?} (main_branch): {}",
+                        e.message()
+                    ))
+                })?;
+            repo.branch(base, &remote, false).map_err(|e| {
+                ForgeError::Local(format!("cannot create branch {base}: {}", e.message()))
+            })?;
+        }
+        drop(repo);
+        std::fs::rename(&staging, dest).map_err(local(format!(
+            "cannot move the clone to {}",
+            dest.display()
+        )))?;
+        tracing::info!(url, dest = %dest.display(), "cloned the repository");
+        Ok(())
+    }
+
+    fn refresh_blocking(repo_path: &Path, base: &str, url: &str, token: &str) -> ForgeResult<()> {
+        let ctx = |what: &str| {
+            let what = format!("{what} in {}", repo_path.display());
+            move |e: git2::Error| ForgeError::Local(format!("{what}: {}", e.message()))
+        };
+        let repo = git2::Repository::open(repo_path).map_err(ctx("cannot open the checkout"))?;
+        // An anonymous remote lives only in memory: nothing reaches .git/config.
+        let mut remote = repo
+            .remote_anonymous(url)
+            .map_err(ctx("cannot set up the remote"))?;
+        let tracking = format!("refs/remotes/origin/{base}");
+        let refspec = format!("+refs/heads/{base}:{tracking}");
+        let mut fetch = git2::FetchOptions::new();
+        fetch.remote_callbacks(GithubForge::token_callbacks(token, "fetch"));
+        remote
+            .fetch(&[refspec.as_str()], Some(&mut fetch), None)
+            .map_err(|e| {
+                GithubForge::git_error(
+                    &e,
+                    format!("cannot fetch {base} from {url}: {}", e.message()),
+                )
+            })?;
+        drop(remote);
+        let fetched = repo
+            .find_reference(&tracking)
+            .and_then(|r| r.peel_to_commit())
+            .map_err(ctx(&format!("cannot read {tracking}")))?;
+        let local_ref = format!("refs/heads/{base}");
+        let mut local = repo
+            .find_reference(&local_ref)
+            .map_err(ctx(&format!("cannot read {local_ref}")))?;
+        let local_id = local
+            .peel_to_commit()
+            .map_err(ctx(&format!("cannot read {local_ref}")))?
+            .id();
+        if local_id == fetched.id()
+            || repo
+                .graph_descendant_of(local_id, fetched.id())
+                .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        if !repo
+            .graph_descendant_of(fetched.id(), local_id)
+            .unwrap_or(false)
+        {
+            tracing::warn!(
+                base,
+                checkout = %repo_path.display(),
+                "the checkout's base branch has diverged from the forge's; worktrees start from the local one"
+            );
+            return Ok(());
+        }
+        let head_is_base = repo
+            .head()
+            .ok()
+            .and_then(|h| h.name().ok().map(str::to_string))
+            .is_some_and(|h| h == local_ref);
+        if head_is_base && !repo.is_bare() {
+            // Update the working tree too, refusing to overwrite local changes.
+            let mut checkout = git2::build::CheckoutBuilder::new();
+            checkout.safe();
+            if let Err(e) = repo.checkout_tree(fetched.as_object(), Some(&mut checkout)) {
+                tracing::warn!(
+                    base,
+                    checkout = %repo_path.display(),
+                    error = e.message(),
+                    "cannot fast-forward the checkout (local changes?); worktrees start from the local base"
+                );
+                return Ok(());
+            }
+        }
+        local
+            .set_target(fetched.id(), &format!("hydraflow: fast-forward {base}"))
+            .map_err(ctx(&format!("cannot fast-forward {local_ref}")))?;
+        tracing::info!(base, sha = %fetched.id(), "fast-forwarded the base branch");
+        Ok(())
+    }
+
+    fn push_blocking(repo: &Path, branch: &str, url: &str, token: &str) -> Result<(), git2::Error> {
+        let repository = git2::Repository::open(repo)?;
+        // An anonymous remote lives only in memory: nothing reaches .git/config.
+        let mut remote = repository.remote_anonymous(url)?;
+        let rejected: std::cell::RefCell<Option<String>> = std::cell::RefCell::new(None);
+        let mut callbacks = GithubForge::token_callbacks(token, "push");
         callbacks.push_update_reference(|name, status| {
             if let Some(s) = status {
                 *rejected.borrow_mut() = Some(format!("{name}: {s}"));
@@ -768,13 +951,18 @@ impl Forge for GithubForge {
             )
             .await?
             .ok(&what)?;
-        let issue = reply.json::<IssueJson>(&what)?.into_issue();
-        let comments: Vec<CommentJson> = self
-            .get_all(
+        let json = reply.json::<IssueJson>(&what)?;
+        // The issue carries its comment count: listing none would be a wasted request.
+        let comments: Vec<CommentJson> = if json.comments == Some(0) {
+            Vec::new()
+        } else {
+            self.get_all(
                 self.repo_url(&format!("/issues/{number}/comments?per_page=100")),
                 &format!("comments of issue #{number}"),
             )
-            .await?;
+            .await?
+        };
+        let issue = json.into_issue();
         Ok(IssueDetail {
             issue,
             comments: comments
@@ -874,17 +1062,7 @@ impl Forge for GithubForge {
                     repo.display(),
                     e.message()
                 );
-                match e.class() {
-                    git2::ErrorClass::Http | git2::ErrorClass::Net | git2::ErrorClass::Ssl => {
-                        if e.code() == git2::ErrorCode::Auth || e.message().contains("token") {
-                            ForgeError::Auth(msg)
-                        } else {
-                            ForgeError::Transient(msg)
-                        }
-                    }
-                    _ if e.message().contains("token") => ForgeError::Auth(msg),
-                    _ => ForgeError::Local(msg),
-                }
+                GithubForge::git_error(&e, msg)
             })
         })
         .await
@@ -903,9 +1081,11 @@ impl Forge for GithubForge {
                 .await?;
             ForgeResult::Ok(open.into_iter().find(|p| p.head.name == req.head))
         };
-        if let Some(pr) = find().await? {
-            return Ok(pr.into_pull());
-        }
+        // Create first: the pull request is new in the common case, and GitHub
+        // refuses a second open one for the same head (422 with a `custom`
+        // error "A pull request already exists for …"), which is when the
+        // listing is needed. Any 422 is checked against the listing, so the
+        // wording of the error does not matter.
         let body = json!({
             "title": req.title,
             "head": req.head,
@@ -916,7 +1096,6 @@ impl Forge for GithubForge {
             .send(Method::POST, &self.repo_url("/pulls"), Some(&body))
             .await?;
         if reply.status == StatusCode::UNPROCESSABLE_ENTITY
-            && reply.message().contains("already exists")
             && let Some(pr) = find().await?
         {
             return Ok(pr.into_pull());
@@ -1063,6 +1242,18 @@ impl Forge for GithubForge {
             );
         }
         Ok(MergeOutcome { sha: merged.sha })
+    }
+
+    async fn refresh_base(&self, repo: &Path, base: &str) -> ForgeResult<()> {
+        let _guard = self.git_lock.lock().await;
+        let (repo, base) = (repo.to_path_buf(), base.to_string());
+        let url = self.clone_url();
+        let token = self.opts.token.clone();
+        tokio::task::spawn_blocking(move || {
+            GithubForge::refresh_blocking(&repo, &base, &url, &token)
+        })
+        .await
+        .map_err(|e| ForgeError::Local(format!("fetch task failed: {e}")))?
     }
 
     fn rate_budget(&self) -> Option<RateBudget> {

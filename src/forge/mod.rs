@@ -266,6 +266,15 @@ pub trait Forge: Send + Sync {
     /// delete its head branch.
     async fn merge_pull_request(&self, number: u64, title: &str) -> ForgeResult<MergeOutcome>;
 
+    /// Bring the base branch of the checkout at `repo` up to the forge's
+    /// (fetch it and fast-forward the local branch), so a worktree created
+    /// next starts from what was merged on the server. A no-op where the forge
+    /// shares the repository (the local forge merges into it directly).
+    async fn refresh_base(&self, repo: &Path, base: &str) -> ForgeResult<()> {
+        let _ = (repo, base);
+        Ok(())
+    }
+
     /// The API budget left, when the forge has one.
     fn rate_budget(&self) -> Option<RateBudget> {
         None

@@ -481,6 +481,13 @@ async fn poller(ctx: Arc<Pipeline>) {
             Ok(()) => {
                 ctx.forge_ok();
                 ctx.polled.store(true, Ordering::SeqCst);
+                if let Some(budget) = ctx.forge.rate_budget() {
+                    // The API budget after each poll (also on `STATUS=`).
+                    ctx.publish(
+                        EventType::OrchestratorStatus,
+                        json!({"status": "polled", "api_remaining": budget.remaining, "api_limit": budget.limit, "api_reset_at": budget.reset_at}),
+                    );
+                }
                 Duration::from_secs(ctx.config.data_poll_interval)
             }
             Err(ForgeError::Auth(message)) => {

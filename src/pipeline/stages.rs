@@ -495,6 +495,11 @@ async fn publish_branch(ctx: &Pipeline, issue: &Issue) -> Result<PullRequest, St
 
 async fn implement(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
     let n = issue.number;
+    // A forge that merges on its server leaves the local base behind: start
+    // the branch from what was merged so far, or later pull requests conflict.
+    ctx.forge
+        .refresh_base(ctx.worktrees.repo_path(), &ctx.config.main_branch)
+        .await?;
     let wt = ctx.worktrees.create_or_resume(n).await?;
     ctx.state
         .update_issue(n, |r| {
@@ -601,11 +606,7 @@ async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
     let pr = ctx.forge.get_pull_request(pr_number).await?;
     match pr.state {
         PullRequestState::Merged => return merged(ctx, issue, pr_number, None).await,
-        PullRequestState::Closed => {
-            return Err(StageError::Escalate(format!(
-                "pull request #{pr_number} was closed without merging"
-            )));
-        }
+        PullRequestState::Closed => return Err(closed_without_merging(pr_number)),
         PullRequestState::Open => {}
     }
 
@@ -645,7 +646,13 @@ async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
     // CI: poll the head's checks until they settle.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.config.ci_check_timeout);
     loop {
+        // A human may close or merge the pull request at any time.
         let pr = ctx.forge.get_pull_request(pr_number).await?;
+        match pr.state {
+            PullRequestState::Merged => return merged(ctx, issue, pr_number, None).await,
+            PullRequestState::Closed => return Err(closed_without_merging(pr_number)),
+            PullRequestState::Open => {}
+        }
         let checks = ctx.forge.checks(&pr.head_sha).await?;
         ctx.publish(
             EventType::CiCheck,
@@ -678,7 +685,13 @@ async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
     // Mergeability: the forge may still be computing it.
     let mut mergeable = None;
     for attempt in 0..5u32 {
-        mergeable = ctx.forge.get_pull_request(pr_number).await?.mergeable;
+        let pr = ctx.forge.get_pull_request(pr_number).await?;
+        match pr.state {
+            PullRequestState::Merged => return merged(ctx, issue, pr_number, None).await,
+            PullRequestState::Closed => return Err(closed_without_merging(pr_number)),
+            PullRequestState::Open => {}
+        }
+        mergeable = pr.mergeable;
         if mergeable.is_some() {
             break;
         }
@@ -706,7 +719,18 @@ async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
     }
 }
 
+/// A pull request closed by someone else: a human decides what next.
+fn closed_without_merging(pr_number: u64) -> StageError {
+    StageError::Escalate(format!(
+        "pull request #{pr_number} was closed without merging"
+    ))
+}
+
 async fn conflict(ctx: &Pipeline, issue: &Issue, message: String) -> Result<Next, StageError> {
+    // The conflict-fix agent merges the base branch: make it the forge's.
+    ctx.forge
+        .refresh_base(ctx.worktrees.repo_path(), &ctx.config.main_branch)
+        .await?;
     ctx.publish(
         EventType::MergeUpdate,
         json!({"issue": issue.number, "status": "conflict", "message": message}),

@@ -90,6 +90,26 @@ pub struct FakePull {
     pub unknown_left: u32,
 }
 
+/// One API request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// Path and query as sent (`/api/v3/repos/octo-org/demo/issues?state=open&...`).
+    pub path: String,
+    /// The status answered (304 included).
+    pub status: u16,
+    /// The JSON request body, if any.
+    pub body: Option<Value>,
+}
+
+impl Logged {
+    /// Whether the request cost budget (everything but a 304).
+    pub fn budgeted(&self) -> bool {
+        self.status != 304
+    }
+}
+
 /// The fake's whole state.
 #[derive(Debug, Default)]
 pub struct FakeState {
@@ -113,6 +133,8 @@ pub struct FakeState {
     pub counts: HashMap<String, u64>,
     /// Requests answered 304.
     pub not_modified: u64,
+    /// Every API request in arrival order, with its final status.
+    pub log: Vec<Logged>,
     /// Budget left in the window.
     pub remaining: u64,
     /// Every JSON body emitted: (route key, status, body).
@@ -321,6 +343,17 @@ async fn api_layer(
         .get("if-none-match")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string());
+    let (req_parts, req_body) = req.into_parts();
+    let req_bytes = axum::body::to_bytes(req_body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let body_json = serde_json::from_slice::<Value>(&req_bytes).ok();
+    let req = Request::from_parts(req_parts, Body::from(req_bytes));
     let fault = {
         let mut s = lock(&state);
         *s.counts.entry(route.clone()).or_default() += 1;
@@ -367,9 +400,21 @@ async fn api_layer(
             parts.headers.remove("content-type");
             parts.headers.remove("content-length");
             set_rate_headers(&mut parts.headers, s.remaining);
+            s.log.push(Logged {
+                method,
+                path,
+                status: 304,
+                body: body_json,
+            });
             return Response::from_parts(parts, Body::empty());
         }
     }
+    s.log.push(Logged {
+        method,
+        path,
+        status: parts.status.as_u16(),
+        body: body_json,
+    });
     s.remaining = s.remaining.saturating_sub(1);
     set_rate_headers(&mut parts.headers, s.remaining);
     if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {

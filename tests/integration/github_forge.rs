@@ -611,7 +611,11 @@ fn check_shapes(fake: &FakeGithub) {
     let labels = Value::Array(vec![label.clone()]);
     let comment = pygithub("Issue.testCreateComment.txt", "POST", "/comments");
     let pull = pygithub("Repository.testCreatePull.txt", "POST", "/pulls");
-    let error = octokit("errors", "post", "/labels");
+    let mut error = octokit("errors", "post", "/labels");
+    // GitHub documents a `message` on `custom` validation errors ("A pull
+    // request already exists for …"; REST API, client errors); the recorded
+    // error is an `invalid` one, without it.
+    error["errors"][0]["message"] = Value::String("custom validation message".into());
     let reference = |route: &str, status: u16| -> Option<Value> {
         if status >= 400 {
             return Some(error.clone());
@@ -646,4 +650,76 @@ fn check_shapes(fake: &FakeGithub) {
         }
     }
     assert!(checked >= 20, "only {checked} bodies checked");
+}
+
+#[tokio::test]
+async fn clone_and_refresh_the_base_with_the_token_kept_out_of_git() {
+    let fake = FakeGithub::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dest = dir.path().join("data").join("checkout");
+
+    let refused = GithubForge::new(options(&fake, "ghp_wrong"))
+        .expect("forge")
+        .clone_into(&dest, "main")
+        .await;
+    assert!(matches!(refused, Err(ForgeError::Auth(_))), "{refused:?}");
+    assert!(!dest.exists(), "a refused clone leaves nothing");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("data"))
+        .expect("data dir")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let gh = forge(&fake);
+    gh.clone_into(&dest, "main").await.expect("clone");
+    assert!(dest.join("README").exists());
+    let again = gh.clone_into(&dest, "main").await;
+    assert!(matches!(again, Err(ForgeError::Local(_))), "{again:?}");
+    let config = std::fs::read_to_string(dest.join(".git").join("config")).expect("config");
+    assert!(config.contains(&gh.clone_url()), "{config}");
+    assert!(!config.contains(TOKEN), "the token is not in .git/config");
+
+    // Nothing new: nothing moves.
+    let tip = |repo: &Path| {
+        git2::Repository::open(repo)
+            .expect("open")
+            .refname_to_id("refs/heads/main")
+            .expect("main")
+    };
+    let before = tip(&dest);
+    gh.refresh_base(&dest, "main").await.expect("refresh");
+    assert_eq!(tip(&dest), before);
+
+    // A merge on the server: the local main fast-forwards, files included.
+    commit_on_main(&fake, "NOTES.md", "notes\n");
+    gh.refresh_base(&dest, "main").await.expect("refresh");
+    let bare_tip = git2::Repository::open_bare(&fake.bare)
+        .expect("bare")
+        .refname_to_id("refs/heads/main")
+        .expect("main");
+    assert_eq!(tip(&dest), bare_tip);
+    assert_eq!(
+        std::fs::read_to_string(dest.join("NOTES.md")).expect("checked out"),
+        "notes\n"
+    );
+
+    // A local commit the server does not have: main is left alone.
+    let repo = git2::Repository::open(&dest).expect("open");
+    let head = repo.head().expect("head").peel_to_commit().expect("commit");
+    let sig = git2::Signature::now("me", "me@example.com").expect("sig");
+    let local = repo
+        .commit(
+            Some("refs/heads/main"),
+            &sig,
+            &sig,
+            "local",
+            &head.tree().expect("tree"),
+            &[&head],
+        )
+        .expect("commit");
+    gh.refresh_base(&dest, "main").await.expect("refresh");
+    assert_eq!(tip(&dest), local);
+
+    let stale = GithubForge::new(options(&fake, "ghp_wrong")).expect("forge");
+    let refused = stale.refresh_base(&dest, "main").await;
+    assert!(matches!(refused, Err(ForgeError::Auth(_))), "{refused:?}");
 }

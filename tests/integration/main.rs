@@ -2,6 +2,7 @@ mod agent;
 mod fake_github;
 mod git_fixture;
 mod git_worktrees;
+mod github_e2e;
 mod github_forge;
 mod local_forge;
 mod systemd_container;
