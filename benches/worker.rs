@@ -95,6 +95,12 @@ fn machine_facts() {
     println!("kernel: {}", out("uname", &["-sr"]));
     println!("rustc: {}", out("rustc", &["--version"]));
     println!("loadavg: {}", out("cat", &["/proc/loadavg"]));
+    let tmp = std::env::temp_dir();
+    println!(
+        "temp dir (repositories and data; TMPDIR moves it): {} on {}",
+        tmp.display(),
+        out("stat", &["-f", "-c", "%T", &tmp.display().to_string()])
+    );
 }
 
 // ---------------------------------------------------------------- fixture
