@@ -11,4 +11,5 @@ pub mod layout;
 pub mod pipeline;
 pub mod runtime;
 pub mod store;
+pub mod supervisor;
 pub mod systemd;

@@ -68,3 +68,50 @@ pub fn read_credential(name: &str) -> Option<String> {
     let _ = name;
     todo!("systemd helper implements this")
 }
+
+/// The sockets passed by socket activation (sd_listen_fds(3)): when `$LISTEN_PID` is this
+/// process, descriptors 3 to 3 + `$LISTEN_FDS` - 1, marked close-on-exec. `$LISTEN_PID`,
+/// `$LISTEN_FDS` and `$LISTEN_FDNAMES` are then removed, so call this once, before any other
+/// thread starts. Without socket activation the list is empty.
+///
+/// # Errors
+/// `$LISTEN_FDS` that is not a number, or a descriptor that cannot be marked close-on-exec.
+pub fn take_listen_fds() -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+    use std::os::fd::{FromRawFd, RawFd};
+
+    const SD_LISTEN_FDS_START: RawFd = 3;
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS").ok();
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // SAFETY: documented to be called before other threads exist (sd_listen_fds(3)
+        // unsets these too), so nothing reads the environment concurrently.
+        unsafe { std::env::remove_var(var) };
+    }
+    if !ours {
+        return Ok(Vec::new());
+    }
+    let count: RawFd = match count {
+        None => return Ok(Vec::new()),
+        Some(n) => n.trim().parse().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("LISTEN_FDS={n:?} is not a number of descriptors"),
+            )
+        })?,
+    };
+    let mut fds = Vec::new();
+    for fd in SD_LISTEN_FDS_START..SD_LISTEN_FDS_START.saturating_add(count.max(0)) {
+        nix::fcntl::fcntl(
+            // SAFETY: systemd passed this descriptor to this process (LISTEN_PID matched).
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(std::io::Error::from)?;
+        // SAFETY: as above; each descriptor is taken once and owned from here on.
+        fds.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    }
+    Ok(fds)
+}

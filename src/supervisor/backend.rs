@@ -1,0 +1,143 @@
+//! The instance backend: how the supervisor starts, stops and inspects one worker instance per
+//! repository slug — systemd units over D-Bus (`hydraflow@<slug>.service`) or child processes.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::config::SupervisorBackend;
+use crate::layout::Slug;
+use crate::supervisor::process::{ProcessBackend, ProcessOptions};
+
+/// State of one worker instance, in systemd's terms (org.freedesktop.systemd1(5)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceStatus {
+    /// The repository slug (the unit's instance name).
+    pub slug: String,
+    /// `hydraflow@<slug>.service`.
+    pub unit: String,
+    /// `active`, `activating`, `deactivating`, `inactive`, `failed`, `reloading`.
+    pub active_state: String,
+    /// systemd's SubState (`running`, `start`, `dead`, `auto-restart`, …).
+    pub sub_state: String,
+    /// Main PID while running.
+    pub main_pid: Option<u32>,
+    /// Restarts since the unit was started (systemd `NRestarts`).
+    pub n_restarts: u32,
+    /// Memory in bytes (systemd `MemoryCurrent`), when known.
+    pub memory_bytes: Option<u64>,
+    /// When it last became active (RFC 3339 UTC), when known.
+    pub active_since: Option<String>,
+    /// systemd `Service.Result` (`success`, `exit-code`, `timeout`, `watchdog`, `start-limit-hit`, …).
+    pub result: Option<String>,
+}
+
+impl InstanceStatus {
+    /// `ActiveState` is `active` or `reloading`.
+    pub fn running(&self) -> bool {
+        matches!(self.active_state.as_str(), "active" | "reloading")
+    }
+}
+
+/// Why a backend operation failed; messages say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The job ended with a result other than `done`/`skipped`, or the process exited before READY=1.
+    #[error(
+        "{unit} failed to start: job result {job_result}, service result {service_result}{detail}"
+    )]
+    StartFailed {
+        /// The unit name.
+        unit: String,
+        /// The job result (`failed`, `timeout`, `dependency`, …) or `exited` for the process backend.
+        job_result: String,
+        /// `Service.Result` (`exit-code`, `timeout`, …) or the exit status.
+        service_result: String,
+        /// Extra detail, e.g. "; see <log file>" (may be empty).
+        detail: String,
+    },
+    /// The instance did not become active within the time allowed.
+    #[error("{unit} did not become active within {after:?}{detail}")]
+    Timeout {
+        /// The unit name.
+        unit: String,
+        /// The time allowed.
+        after: Duration,
+        /// Extra detail (may be empty).
+        detail: String,
+    },
+    /// A stop or restart job failed.
+    #[error("{unit}: {verb} failed: {message}")]
+    JobFailed {
+        /// The unit name.
+        unit: String,
+        /// `stop`, `restart`, …
+        verb: String,
+        /// Why.
+        message: String,
+    },
+    /// The backend itself is unavailable (D-Bus gone, permission denied, cannot spawn).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Starts, stops and inspects worker instances.
+#[async_trait]
+pub trait InstanceBackend: Send + Sync {
+    /// `systemd` or `process`.
+    fn name(&self) -> &'static str;
+
+    /// Start the instance and wait until it is active (READY=1 reached) or has failed, at most
+    /// `timeout`. Returns `false` when it was already running (nothing started).
+    async fn start(&self, slug: &Slug, timeout: Duration) -> Result<bool, BackendError>;
+
+    /// Stop the instance and wait until it is inactive. Stopping a stopped instance is success.
+    async fn stop(&self, slug: &Slug) -> Result<(), BackendError>;
+
+    /// Restart the instance and wait until it is active again, at most `timeout`.
+    async fn restart(&self, slug: &Slug, timeout: Duration) -> Result<(), BackendError>;
+
+    /// The instance's status (an unknown instance is `inactive`/`dead`).
+    async fn status(&self, slug: &Slug) -> Result<InstanceStatus, BackendError>;
+
+    /// Every instance the backend knows (systemd: `ListUnitsByPatterns([], ["hydraflow@*.service"])`).
+    async fn list(&self) -> Result<Vec<InstanceStatus>, BackendError>;
+}
+
+/// Choose the backend for `kind`: `process` runs children of the supervisor; `systemd` drives
+/// `hydraflow@<slug>.service` over D-Bus; `auto` is `systemd` when `/run/systemd/system` exists
+/// (sd_booted(3)) and the system bus answers, else `process`.
+///
+/// # Errors
+/// [`BackendError::Unavailable`] when `systemd` is asked for and cannot be used.
+pub fn select(
+    kind: SupervisorBackend,
+    process: ProcessOptions,
+) -> Result<Arc<dyn InstanceBackend>, BackendError> {
+    match kind {
+        SupervisorBackend::Process => Ok(Arc::new(ProcessBackend::new(process))),
+        SupervisorBackend::Systemd => connect_systemd(),
+        SupervisorBackend::Auto => {
+            if Path::new("/run/systemd/system").is_dir() {
+                match connect_systemd() {
+                    Ok(backend) => return Ok(backend),
+                    Err(err) => {
+                        tracing::info!("systemd backend unavailable ({err}); using child processes")
+                    }
+                }
+            }
+            Ok(Arc::new(ProcessBackend::new(process)))
+        }
+    }
+}
+
+/// The systemd D-Bus backend. This branch is built without it, so it is always unavailable here;
+/// the module `supervisor::systemd_backend` provides the real connection where it is built in.
+fn connect_systemd() -> Result<Arc<dyn InstanceBackend>, BackendError> {
+    Err(BackendError::Unavailable(
+        "systemd backend not built: set [supervisor] backend = \"process\"".into(),
+    ))
+}
