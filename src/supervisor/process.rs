@@ -598,33 +598,34 @@ impl Actor {
         // KillMode=control-group: nothing of this run outlives its main process.
         if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            wait_group_gone(pid, Duration::from_secs(1)).await;
         }
         let _ = std::fs::remove_file(&pid_file);
         end
     }
 }
 
-/// Stop a survivor of an earlier supervisor recorded in the pid file, if it still is this
-/// instance's worker (same argv in `/proc/<pid>/cmdline`).
+/// Stop what is left of this instance from an earlier supervisor, using the pid file: the
+/// worker itself when `/proc/<pid>/cmdline` still shows its argv, and the rest of its process
+/// group (the pid is the group id) when the worker is gone — Linux does not reuse a pid while a
+/// process group of that id exists, so such a group can only be the old worker's.
 async fn stop_survivor(opts: &ProcessOptions, slug: &Slug) {
     let pid_file = opts.pid_file(slug);
     let Some(pid) = std::fs::read_to_string(&pid_file)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|&p| p > 1)
     else {
         return;
     };
-    if cmdline(pid).as_deref() == Some(opts.argv(slug).as_slice()) {
-        tracing::warn!(slug = %slug, pid, "stopping a worker left by an earlier supervisor");
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
-        let deadline = Instant::now() + opts.stop_timeout;
-        while is_alive(pid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        while is_alive(pid) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let ours = cmdline(pid).as_deref() == Some(opts.argv(slug).as_slice());
+    let group = Pid::from_raw(pid);
+    if (ours || !is_alive(pid)) && group_alive(pid) {
+        tracing::warn!(slug = %slug, pid, "stopping what an earlier supervisor left running");
+        let _ = killpg(group, Signal::SIGTERM);
+        wait_group_gone(pid, opts.stop_timeout).await;
+        let _ = killpg(group, Signal::SIGKILL);
+        wait_group_gone(pid, Duration::from_secs(1)).await;
     }
     let _ = std::fs::remove_file(&pid_file);
 }
@@ -638,6 +639,39 @@ async fn terminate(child: &mut Child, timeout: Duration) {
     if tokio::time::timeout(timeout, child.wait()).await.is_err() {
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         let _ = child.wait().await;
+    }
+}
+
+/// Some process of group `pgid` is alive (not a zombie), from `/proc/<pid>/stat` (proc(5)).
+fn group_alive(pgid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| {
+            // After the parenthesised name: state, ppid, pgrp.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next().unwrap_or("Z");
+            let pgrp = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
+            pgrp == Some(pgid) && state != "Z" && state != "X"
+        })
+}
+
+/// Wait until no process of group `pgid` is alive, at most `limit`.
+async fn wait_group_gone(pgid: i32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while group_alive(pgid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -686,6 +720,8 @@ mod tests {
         assert!(!is_alive(i32::MAX));
         assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
         assert!(cmdline(me).is_some_and(|argv| !argv.is_empty()));
+        let my_group = nix::unistd::getpgrp().as_raw();
+        assert!(group_alive(my_group));
     }
 
     #[test]

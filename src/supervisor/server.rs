@@ -73,6 +73,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(opts.max_connections));
+    let refusals = Arc::new(Semaphore::new(opts.max_connections));
     let active = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -93,12 +94,15 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    let line = Response::error(format!(
-                        "too many connections ({}): try again",
-                        opts.max_connections
-                    ))
-                    .to_line();
-                    let _ = stream.try_write(&line);
+                    // Over the limit: answer with an error from a task of its own (bounded
+                    // too), so that the reply is read before the close; beyond that, close.
+                    if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                        let max = opts.max_connections;
+                        tasks.spawn(async move {
+                            refuse(stream, max).await;
+                            drop(permit);
+                        });
+                    }
                     continue;
                 };
                 let sup = supervisor.clone();
@@ -125,6 +129,25 @@ pub async fn serve(
     Ok(())
 }
 
+/// Tell a client over the connection limit to try again, and close.
+async fn refuse(stream: TcpStream, max: usize) {
+    let (mut reader, mut writer) = stream.into_split();
+    let line = Response::error(format!("too many connections ({max}): try again")).to_line();
+    let _ = writer.write_all(&line).await;
+    let _ = writer.shutdown().await;
+    drain(&mut reader, Duration::from_secs(1)).await;
+}
+
+/// Read and discard what the client still sends, until it closes or for at most `limit`, so
+/// that closing does not reset the connection before the client has read the reply.
+async fn drain(reader: &mut (impl AsyncReadExt + Unpin), limit: Duration) {
+    let mut sink = [0u8; 8192];
+    let _ = tokio::time::timeout(limit, async {
+        while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
 /// Serve one connection: requests until one without `keep_alive`, EOF, an error or silence.
 async fn connection(stream: TcpStream, sup: &Supervisor, idle: Duration, active: &AtomicUsize) {
     let (reader, mut writer) = stream.into_split();
@@ -146,13 +169,7 @@ async fn connection(stream: TcpStream, sup: &Supervisor, idle: Duration, active:
             ));
             let _ = writer.write_all(&reply.to_line()).await;
             let _ = writer.shutdown().await;
-            // Read what the client still sends so that closing does not reset the connection
-            // before it has read the reply.
-            let mut sink = [0u8; 8192];
-            let _ = tokio::time::timeout(idle.min(Duration::from_secs(1)), async {
-                while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
-            })
-            .await;
+            drain(&mut reader, idle.min(Duration::from_secs(1))).await;
             return;
         }
         let (response, keep_alive) = match Request::parse(&line) {
