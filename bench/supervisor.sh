@@ -11,7 +11,7 @@ repos=${1:-200}
 secs=${2:-5}
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
-cargo build --release --quiet
+cargo build --release --quiet 2>/dev/null || cargo build --release
 bin=$CARGO_TARGET_DIR/release/hydraflow
 
 work=$(mktemp -d)
@@ -43,17 +43,17 @@ port_file=$work/state/supervisor-port
 
 now_ms() { date +%s%3N; }
 
-# Start the supervisor; wait for its first answered ping. Prints the milliseconds taken.
+# Start the supervisor; wait for its first answered ping. Sets $pid and $started_ms.
 start() {
     rm -f "$port_file"
     local t0
     t0=$(now_ms)
-    HYDRAFLOW_LOG=warn "$bin" supervisor 2>>"$work/supervisor.log" &
+    HYDRAFLOW_LOG=warn "$bin" supervisor >>"$work/supervisor.log" 2>&1 &
     pid=$!
     until [ -s "$port_file" ] && "$work/lg" -p "$(cat "$port_file")" -n 1 -q '{"action":"ping"}\n' | grep -q ' ok=1 '; do
         sleep 0.001
     done
-    echo $(($(now_ms) - t0))
+    started_ms=$(($(now_ms) - t0))
 }
 
 stop() {
@@ -64,8 +64,8 @@ stop() {
 
 lg() { "$work/lg" -p "$(cat "$port_file")" -d "$secs" -q "$@"; }
 
-first_ping_empty=$(start)
-echo "exec -> first ping answered (no repos): ${first_ping_empty} ms"
+start
+echo "exec -> first ping answered (no repos): ${started_ms} ms"
 echo "ping, 1 client:    $(lg -c 1 '{"action":"ping"}\n')"
 echo "list_repos, 0 repos, 1 client: $(lg -c 1 '{"action":"list_repos"}\n')"
 
@@ -78,8 +78,8 @@ done
 echo "register_repo x$repos (lg process per request): $(($(now_ms) - t0)) ms in all"
 stop
 
-first_ping=$(start)
-echo "exec -> first ping answered ($repos registered repos): ${first_ping} ms"
+start
+echo "exec -> first ping answered ($repos registered repos): ${started_ms} ms"
 t0=$(now_ms)
 until [ "$("$bin" repo list | grep -c 'active (running)')" -eq "$repos" ]; do sleep 0.1; done
 echo "all $repos instances active (READY=1) after: $(($(now_ms) - t0)) ms more"

@@ -556,10 +556,15 @@ impl Supervisor {
     /// Start every registered repository (concurrently, each within the start timeout) and log
     /// instances that run without a registration; those are left running.
     pub async fn reconcile(self: Arc<Self>) {
+        // A few at a time, so that starting hundreds of instances leaves the runtime free to
+        // answer clients.
+        let gate = Arc::new(tokio::sync::Semaphore::new(4));
         let mut starts = tokio::task::JoinSet::new();
         for entry in self.registry.entries() {
             let sup = self.clone();
+            let gate = gate.clone();
             starts.spawn(async move {
+                let _turn = gate.acquire_owned().await;
                 let slug = sup.entry_slug(&entry)?;
                 let _guard = sup.lock(slug.as_str()).await;
                 if sup.registry.get(slug.as_str()).is_none() {

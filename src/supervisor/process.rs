@@ -182,13 +182,20 @@ impl ProcessBackend {
 
     fn status_of(&self, slug: &Slug, snap: &Snapshot) -> InstanceStatus {
         InstanceStatus {
+            memory_bytes: snap.main_pid.and_then(rss_bytes),
+            ..self.status_of_without_memory(slug, snap)
+        }
+    }
+
+    fn status_of_without_memory(&self, slug: &Slug, snap: &Snapshot) -> InstanceStatus {
+        InstanceStatus {
             slug: slug.as_str().to_owned(),
             unit: Self::unit(slug),
             active_state: snap.active_state.to_owned(),
             sub_state: snap.sub_state.to_owned(),
             main_pid: snap.main_pid,
             n_restarts: snap.n_restarts,
-            memory_bytes: snap.main_pid.and_then(rss_bytes),
+            memory_bytes: None,
             active_since: snap.active_since.clone(),
             result: snap.ended.as_ref().map(|e| e.result().to_owned()),
         }
@@ -355,9 +362,11 @@ impl InstanceBackend for ProcessBackend {
             .iter()
             .map(|(slug, e)| (slug.clone(), e.status.borrow().clone()))
             .collect();
+        // Like systemd's ListUnits, the list carries no memory figure (reading /proc for every
+        // instance would make list_repos slow); `status` has it.
         let mut list: Vec<InstanceStatus> = snaps
             .iter()
-            .map(|(slug, snap)| self.status_of(slug, snap))
+            .map(|(slug, snap)| self.status_of_without_memory(slug, snap))
             .collect();
         list.sort_by(|a, b| a.slug.cmp(&b.slug));
         Ok(list)
