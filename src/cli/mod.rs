@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 pub mod config_cmd;
 pub mod hitl;
 pub mod issue;
+pub mod supervisor_cmd;
 pub mod target;
 pub mod worker;
 
@@ -60,6 +61,14 @@ pub enum Command {
     /// List and answer issues waiting for a human.
     #[command(subcommand)]
     Hitl(hitl::HitlCommandArgs),
+    /// Run the supervisor: the control protocol on 127.0.0.1:8765 and one worker instance
+    /// per registered repository.
+    Supervisor(supervisor_cmd::SupervisorArgs),
+    /// Add, remove, list and inspect the supervisor's repositories.
+    #[command(subcommand)]
+    Repo(supervisor_cmd::RepoCommand),
+    /// Check that the supervisor answers.
+    Ping,
 }
 
 /// Which repository a command is about.
@@ -86,5 +95,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config_cmd::run(&cli.config, cmd),
         Command::Issue(cmd) => issue::run(&cli.config, cmd),
         Command::Hitl(cmd) => hitl::run(&cli.config, cmd),
+        Command::Supervisor(args) => supervisor_cmd::run_supervisor(&cli.config, args),
+        Command::Repo(cmd) => supervisor_cmd::run_repo(&cli.config, cmd),
+        Command::Ping => supervisor_cmd::run_ping(&cli.config),
     }
 }
