@@ -4,7 +4,7 @@
 # supervisor so that it starts all of them (reconcile), then loads the control protocol with lg
 # (one TCP connection per request, as the original's client) and prints the figures.
 #
-# usage: bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)]
+# usage: [THREADS=2] bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)]  (THREADS=0: current-thread runtime)
 set -euo pipefail
 
 repos=${1:-200}
@@ -50,7 +50,7 @@ start() {
     rm -f "$port_file"
     local t0
     t0=$(now_ms)
-    HYDRAFLOW_LOG=warn "$bin" supervisor >>"$work/supervisor.log" 2>&1 &
+    HYDRAFLOW_LOG=warn "$bin" supervisor --threads "${THREADS:-2}" >>"$work/supervisor.log" 2>&1 &
     pid=$!
     until [ -s "$port_file" ] && "$work/lg" -p "$(cat "$port_file")" -n 1 -q '{"action":"ping"}\n' | grep -q ' ok=1 '; do
         sleep 0.001

@@ -329,6 +329,26 @@ async fn supervisor_with_systemd_in_a_booted_container() {
         "the failed unit is not left restarting: {unit:?}"
     );
 
+    step("add_repo → active, five times (printed for BENCHMARKS.md, not asserted)");
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let added = served
+            .req(json!({"action": "add_repo", "path": demo_path}))
+            .await;
+        took.push(start.elapsed());
+        assert_eq!(added["started"], true, "{added}");
+        let removed = served
+            .req(json!({"action": "remove_repo", "slug": "demo"}))
+            .await;
+        assert_eq!(removed, json!({"status": "ok"}));
+    }
+    took.sort();
+    step(&format!(
+        "add_repo → active: median {:?}, all {took:?}",
+        took[took.len() / 2]
+    ));
+
     served.stop().await;
     container.power_off().await;
     step("done");
