@@ -1,4 +1,5 @@
 mod agent;
+mod dashboard_api;
 mod fake_github;
 mod git_fixture;
 mod git_worktrees;
@@ -9,6 +10,7 @@ mod systemd_container;
 mod systemd_fake;
 mod util;
 mod util_container;
+mod util_dashboard;
 mod worker_bad_input;
 mod worker_e2e;
 mod worker_notify;
