@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 pub mod config_cmd;
+pub mod dashboard;
 pub mod hitl;
 pub mod issue;
 pub mod target;
@@ -60,6 +61,8 @@ pub enum Command {
     /// List and answer issues waiting for a human.
     #[command(subcommand)]
     Hitl(hitl::HitlCommandArgs),
+    /// Serve the multi-repository dashboard for given worker sockets.
+    Dashboard(dashboard::DashboardArgs),
 }
 
 /// Which repository a command is about.
@@ -86,5 +89,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config_cmd::run(&cli.config, cmd),
         Command::Issue(cmd) => issue::run(&cli.config, cmd),
         Command::Hitl(cmd) => hitl::run(&cli.config, cmd),
+        Command::Dashboard(args) => dashboard::run(args),
     }
 }

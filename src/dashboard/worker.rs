@@ -466,11 +466,12 @@ async fn hitl_close(State(s): State<AppState>, n: IssueNumber, q: Q) -> Api<Valu
 async fn ws(
     State(s): State<AppState>,
     q: Q,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
     let rt = api::runtime(&s.registry, p.repo.as_deref())?;
     let events = Arc::clone(rt.events());
+    let upgrade = upgrade.map_err(|e| ApiError::bad_request(e.body_text()))?;
     Ok(upgrade.on_upgrade(move |socket| stream_events(socket, events, p.since)))
 }
 

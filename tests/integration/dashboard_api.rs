@@ -37,7 +37,7 @@ async fn worker_api_over_its_unix_socket() {
     let p = Project::new(AGENT, "");
     p.add_issue("Add file 1", "please");
     p.add_issue("Add file 2", "please");
-    let mut worker = RunningWorker::start(&p, &[]);
+    let mut worker = RunningWorker::start(&p, "repo", &[]);
     let sock = worker.socket.clone();
     let mode = std::fs::metadata(&sock)
         .expect("socket")

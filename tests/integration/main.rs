@@ -1,5 +1,6 @@
 mod agent;
 mod dashboard_api;
+mod dashboard_supervisor;
 mod fake_github;
 mod git_fixture;
 mod git_worktrees;

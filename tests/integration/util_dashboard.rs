@@ -23,8 +23,8 @@ pub struct RunningWorker {
 }
 
 impl RunningWorker {
-    /// Start `hydraflow run` for `p` (with `env` added) and wait for its socket to answer.
-    pub fn start(p: &Project, env: &[(&str, &Path)]) -> RunningWorker {
+    /// Start `hydraflow run` for `p` (slug `slug`, with `env` added) and wait for its socket to answer.
+    pub fn start(p: &Project, slug: &str, env: &[(&str, &Path)]) -> RunningWorker {
         let mut cmd = p.hydraflow(&["run"]);
         for (k, v) in env {
             cmd.env(k, v);
@@ -38,13 +38,7 @@ impl RunningWorker {
             .iter()
             .find(|(k, _)| *k == "HYDRAFLOW_HOME")
             .map_or_else(|| p.repo().join(".hydraflow"), |(_, v)| v.to_path_buf());
-        let slug = p
-            .repo()
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("slug")
-            .to_owned();
-        let socket = data_root.join(&slug).join("dashboard.sock");
+        let socket = data_root.join(slug).join("dashboard.sock");
         wait_for("the worker API socket", || {
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
         });
