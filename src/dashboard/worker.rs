@@ -585,6 +585,10 @@ pub async fn serve_tcp(
         token,
         super::auth::require_token,
     ));
+    // Small responses go out at once (no Nagle delay behind a delayed ACK).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
