@@ -10,6 +10,7 @@ pub mod config_cmd;
 pub mod dashboard;
 pub mod hitl;
 pub mod issue;
+pub mod supervisor_cmd;
 pub mod target;
 pub mod worker;
 
@@ -63,6 +64,14 @@ pub enum Command {
     Hitl(hitl::HitlCommandArgs),
     /// Serve the multi-repository dashboard for given worker sockets.
     Dashboard(dashboard::DashboardArgs),
+    /// Run the supervisor: the control protocol on 127.0.0.1:8765 and one worker instance
+    /// per registered repository.
+    Supervisor(supervisor_cmd::SupervisorArgs),
+    /// Add, remove, list and inspect the supervisor's repositories.
+    #[command(subcommand)]
+    Repo(supervisor_cmd::RepoCommand),
+    /// Check that the supervisor answers.
+    Ping,
 }
 
 /// Which repository a command is about.
@@ -90,5 +99,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Issue(cmd) => issue::run(&cli.config, cmd),
         Command::Hitl(cmd) => hitl::run(&cli.config, cmd),
         Command::Dashboard(args) => dashboard::run(args),
+        Command::Supervisor(args) => supervisor_cmd::run_supervisor(&cli.config, args),
+        Command::Repo(cmd) => supervisor_cmd::run_repo(&cli.config, cmd),
+        Command::Ping => supervisor_cmd::run_ping(&cli.config),
     }
 }
