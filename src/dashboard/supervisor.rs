@@ -95,6 +95,48 @@ impl RepoDirectory for StaticRepos {
     }
 }
 
+/// The supervisor's registry and backend: a worker's socket is
+/// `/run/hydraflow/<slug>/dashboard.sock` under systemd and
+/// `<state_dir>/<slug>/<slug>/dashboard.sock` under the process backend.
+#[async_trait]
+impl RepoDirectory for crate::supervisor::Supervisor {
+    async fn repos(&self) -> Vec<RepoEntry> {
+        let backend = self.backend();
+        let systemd = backend.name() == "systemd";
+        let listed = backend.list().await;
+        let mut out = Vec::new();
+        for e in self.registry().entries() {
+            let known = match &listed {
+                Ok(all) => all.iter().find(|s| s.slug == e.slug).cloned(),
+                Err(_) => None,
+            };
+            let (unit, unit_error) = match known {
+                Some(s) => (Some(s), None),
+                None => match crate::layout::Slug::new(&e.slug) {
+                    Ok(slug) => match backend.status(&slug).await {
+                        Ok(s) => (Some(s), None),
+                        Err(err) => (None, Some(err.to_string())),
+                    },
+                    Err(err) => (None, Some(err.to_string())),
+                },
+            };
+            let socket = if systemd {
+                super::systemd_socket_path(&e.slug)
+            } else {
+                super::process_socket_path(&self.settings().state_dir, &e.slug)
+            };
+            out.push(RepoEntry {
+                slug: e.slug.clone(),
+                path: (!e.path.is_empty()).then(|| PathBuf::from(&e.path)),
+                socket,
+                unit,
+                unit_error,
+            });
+        }
+        out
+    }
+}
+
 /// One browser's queue.
 #[derive(Debug)]
 struct ClientQueue {
@@ -441,15 +483,15 @@ async fn fan_in(directory: Arc<dyn RepoDirectory>, hub: Arc<Hub>, stop: Cancella
     }
 }
 
-/// The supervisor dashboard's router and its hub; the fan-in runs until
-/// `stop` is cancelled.
+/// The supervisor dashboard's router, its hub and the fan-in task, which
+/// runs until `stop` is cancelled.
 pub fn router(
     directory: Arc<dyn RepoDirectory>,
     token: Option<Arc<str>>,
     stop: CancellationToken,
-) -> (Router, Arc<Hub>) {
+) -> (Router, Arc<Hub>, tokio::task::JoinHandle<()>) {
     let hub = Arc::new(Hub::default());
-    tokio::spawn(fan_in(Arc::clone(&directory), Arc::clone(&hub), stop));
+    let fan = tokio::spawn(fan_in(Arc::clone(&directory), Arc::clone(&hub), stop));
     let app = AppState {
         directory,
         hub: Arc::clone(&hub),
@@ -465,7 +507,7 @@ pub fn router(
             token,
             super::auth::require_token,
         ));
-    (router, hub)
+    (router, hub, fan)
 }
 
 /// Serve the supervisor dashboard on an already-bound listener until
@@ -481,7 +523,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop = CancellationToken::new();
-    let (app, _hub) = router(directory, token, stop.clone());
+    let (app, _hub, fan) = router(directory, token, stop.clone());
     // Small responses go out at once (no Nagle delay behind a delayed ACK).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
@@ -490,6 +532,7 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await;
     stop.cancel();
+    let _ = fan.await;
     result
 }
 

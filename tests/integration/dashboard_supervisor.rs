@@ -442,3 +442,100 @@ async fn headless_chromium_shows_repositories_and_a_live_event() {
         std::fs::write(Path::new(&dir).join("dashboard.png"), &png).expect("copy the screenshot");
     }
 }
+
+/// `hydraflow supervisor` (process backend, real `hydraflow worker`s) serves
+/// the dashboard: both repositories with their unit state, each worker's
+/// socket at `<state_dir>/<slug>/<slug>/dashboard.sock`, proxying to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_daemon_serves_the_dashboard() {
+    let (a, b) = (project("alpha"), project("beta"));
+    let dir = a.fx.tmp.path();
+    let state = dir.join("state");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let config = dir.join("supervisor.toml");
+    let base = std::fs::read_to_string(&a.config).expect("config");
+    let base = base.replace("slug = \"alpha\"\n", "");
+    std::fs::write(
+        &config,
+        format!(
+            "repos_dir = {:?}\n{base}\n[supervisor]\nlisten = \"127.0.0.1:0\"\nbackend = \"process\"\nstate_dir = {:?}\n[dashboard]\nlisten = \"127.0.0.1:{port}\"\n",
+            dir.join("repos").display().to_string(),
+            state.display().to_string(),
+        ),
+    )
+    .expect("write config");
+    let hydraflow = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hydraflow"));
+        cmd.env("HYDRAFLOW_CONFIG", &config)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("HYDRAFLOW_HOME")
+            .env_remove("HF_SUPERVISOR_PORT_FILE")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("HYDRAFLOW_DASHBOARD_TOKEN");
+        cmd
+    };
+    let daemon = hydraflow()
+        .arg("supervisor")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the supervisor");
+    let mut daemon = Dashboard {
+        child: daemon,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    until("the supervisor's port file", || async {
+        state.join("supervisor-port").exists()
+    })
+    .await;
+    for (p, slug) in [(&a, "alpha"), (&b, "beta")] {
+        let out = hydraflow()
+            .args(["repo", "add", "--slug", slug])
+            .arg(p.repo())
+            .output()
+            .expect("repo add");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    until("both workers up in /api/repos", || async {
+        let (_, repos) = get(daemon.addr, "/api/repos").await;
+        worker_up(&repos, "alpha") == Some(true) && worker_up(&repos, "beta") == Some(true)
+    })
+    .await;
+    let (_, repos) = get(daemon.addr, "/api/repos").await;
+    for slug in ["alpha", "beta"] {
+        let row = repos["repos"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["slug"] == slug))
+            .expect("row");
+        assert_eq!(row["unit"]["active_state"], "active", "{row}");
+        assert_eq!(
+            row["socket"],
+            state
+                .join(slug)
+                .join(slug)
+                .join("dashboard.sock")
+                .display()
+                .to_string()
+        );
+    }
+    let (status, v) = get(daemon.addr, "/repos/beta/api/runtimes").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v[0]["slug"], "beta");
+    let (_, page) = get(daemon.addr, "/").await;
+    assert_eq!(page, Value::Null, "the page is HTML, not JSON");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(daemon.child.wait().expect("wait").success());
+}
