@@ -215,6 +215,21 @@ impl Supervisor {
         self.backend.name()
     }
 
+    /// The registry of repositories (read by the dashboard).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The instance backend (read by the dashboard).
+    pub fn backend(&self) -> &Arc<dyn InstanceBackend> {
+        &self.backend
+    }
+
+    /// The fixed settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// The per-slug operation lock: add, remove and restart of one slug run one at a time.
     async fn lock(&self, slug: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
@@ -760,6 +775,35 @@ async fn listener(listen: &str, mut fds: Vec<OwnedFd>) -> Result<TcpListener, Da
         })
 }
 
+/// Serve the dashboard (`dashboard.listen`) until `stop`; a dashboard that
+/// cannot listen is logged and left out (the control protocol still runs).
+async fn start_dashboard(
+    config: &Config,
+    supervisor: &Arc<Supervisor>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let d = &config.dashboard;
+    let listener = match crate::dashboard::bind_tcp(&d.listen, d.token.as_deref()).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("the dashboard is not served: {e}");
+            return None;
+        }
+    };
+    tracing::info!(listen = %d.listen, "dashboard listening");
+    let directory: Arc<dyn crate::dashboard::supervisor::RepoDirectory> = supervisor.clone();
+    let token = d.token.as_deref().map(Arc::from);
+    let stop = stop.clone();
+    Some(tokio::spawn(async move {
+        let shutdown = async move { stop.cancelled().await };
+        if let Err(e) =
+            crate::dashboard::supervisor::serve(listener, directory, token, shutdown).await
+        {
+            tracing::error!("the dashboard stopped: {e}");
+        }
+    }))
+}
+
 /// Run the supervisor until `shutdown` resolves: load the registry, choose the backend, listen
 /// (on `listen_fds[0]` when socket-activated), write the port file, send READY=1, start the
 /// registered repositories, serve; on shutdown remove the port file and stop child instances.
@@ -814,7 +858,14 @@ pub async fn run_daemon(
         crate::systemd::notify_ready(&format!("listening on {addr}"));
     }
     let reconcile = tokio::spawn(supervisor.clone().reconcile());
+    let dashboard_stop = tokio_util::sync::CancellationToken::new();
+    let dashboard = start_dashboard(&opts.config, &supervisor, &dashboard_stop).await;
     let served = server::serve(listener, supervisor.clone(), opts.server, shutdown).await;
+    dashboard_stop.cancel();
+    if let Some(task) = dashboard {
+        // It holds the supervisor: it must end before the backend is dropped below.
+        let _ = task.await;
+    }
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         crate::systemd::notify_stopping();
     }
