@@ -27,27 +27,51 @@ use tracing_subscriber::util::SubscriberInitExt;
 pub const LOG_ENV: &str = "HYDRAFLOW_LOG";
 
 /// Send `states` when `$NOTIFY_SOCKET` is set. The variable is left set: the
-/// worker notifies many times (status, watchdog).
-fn notify(states: &[NotifyState<'_>]) {
-    let result = match env::var("NOTIFY_SOCKET") {
-        // An abstract socket (`@name`, sd_notify(3)), which the supervisor's
-        // process backend uses; sd-notify 0.5 only sends to paths.
-        Ok(name) if name.starts_with('@') => notify_abstract(&name[1..], states),
-        _ => sd_notify::notify(states),
+/// worker notifies many times (status, watchdog). `wait` bounds how long a
+/// full socket buffer may hold the caller: status and watchdog updates are
+/// dropped at once rather than stall the runtime (systemd reads its socket;
+/// a receiver that does not must not freeze the worker), while `READY=1`
+/// and `STOPPING=1` wait up to two seconds.
+fn notify(states: &[NotifyState<'_>], wait: Option<std::time::Duration>) {
+    let Ok(name) = env::var("NOTIFY_SOCKET") else {
+        return;
     };
-    if let Err(err) = result {
-        tracing::warn!("cannot notify the service manager: {err}");
+    if let Err(err) = send_notify(&name, states, wait) {
+        if err.kind() == io::ErrorKind::WouldBlock {
+            tracing::debug!("notify socket full; update dropped");
+        } else {
+            tracing::warn!("cannot notify the service manager: {err}");
+        }
     }
 }
 
-fn notify_abstract(name: &str, states: &[NotifyState<'_>]) -> io::Result<()> {
+/// One datagram to the `$NOTIFY_SOCKET` address: a path, or an abstract
+/// socket written `@name` (sd_notify(3)), which the supervisor's process
+/// backend uses. (sd-notify's own sender blocks and takes paths only.)
+fn send_notify(
+    name: &str,
+    states: &[NotifyState<'_>],
+    wait: Option<std::time::Duration>,
+) -> io::Result<()> {
     use std::os::linux::net::SocketAddrExt as _;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let addr = match name.strip_prefix('@') {
+        Some(abstract_name) => {
+            std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())?
+        }
+        None => std::os::unix::net::SocketAddr::from_pathname(name)?,
+    };
     let message: String = states.iter().map(|s| format!("{s}\n")).collect();
     let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    match wait {
+        Some(timeout) => socket.set_write_timeout(Some(timeout))?,
+        None => socket.set_nonblocking(true)?,
+    }
     socket.send_to_addr(message.as_bytes(), &addr)?;
     Ok(())
 }
+
+/// How long `READY=1` and `STOPPING=1` may wait for room on the socket.
+const IMPORTANT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `status` on one line: lines trimmed and joined with a space (sd_notify(3)
 /// separates assignments with newlines).
@@ -62,22 +86,25 @@ fn one_line(status: &str) -> String {
 
 /// Send `READY=1` with a `STATUS=` line.
 pub fn notify_ready(status: &str) {
-    notify(&[NotifyState::Ready, NotifyState::Status(&one_line(status))]);
+    notify(
+        &[NotifyState::Ready, NotifyState::Status(&one_line(status))],
+        Some(IMPORTANT_WAIT),
+    );
 }
 
 /// Send `STATUS=<status>` (made one line: newlines become spaces).
 pub fn notify_status(status: &str) {
-    notify(&[NotifyState::Status(&one_line(status))]);
+    notify(&[NotifyState::Status(&one_line(status))], None);
 }
 
 /// Send `STOPPING=1`.
 pub fn notify_stopping() {
-    notify(&[NotifyState::Stopping]);
+    notify(&[NotifyState::Stopping], Some(IMPORTANT_WAIT));
 }
 
 /// Send `WATCHDOG=1`.
 pub fn notify_watchdog() {
-    notify(&[NotifyState::Watchdog]);
+    notify(&[NotifyState::Watchdog], None);
 }
 
 /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC` when it is set for

@@ -34,6 +34,8 @@ struct Inner {
     queues: HashMap<Stage, VecDeque<u64>>,
     queued: HashSet<u64>,
     in_flight: HashMap<u64, Stage>,
+    /// The store version at which each issue last left a stage or the store.
+    settled: HashMap<u64, u64>,
 }
 
 /// The issue store of one repository.
@@ -84,6 +86,8 @@ impl IssueStore {
         if inner.in_flight.contains_key(&number) {
             return;
         }
+        let version = *self.version.borrow() + 1;
+        inner.settled.insert(number, version);
         inner.issues.remove(&number);
         if inner.queued.remove(&number) {
             for q in inner.queues.values_mut() {
@@ -128,8 +132,27 @@ impl IssueStore {
 
     /// The issue left its stage task (finished, failed or handed off).
     pub fn finish(&self, number: u64) {
-        self.lock().in_flight.remove(&number);
+        {
+            let mut inner = self.lock();
+            inner.in_flight.remove(&number);
+            let version = *self.version.borrow() + 1;
+            inner.settled.insert(number, version);
+        }
         self.changed();
+    }
+
+    /// The current version: every change of the store increases it.
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// Whether the issue left a stage (or the store) after `version`: a view
+    /// of it listed before then is stale and must not route it again.
+    pub fn settled_since(&self, number: u64, version: u64) -> bool {
+        self.lock()
+            .settled
+            .get(&number)
+            .is_some_and(|v| *v > version)
     }
 
     /// Hand an in-flight issue to `stage`'s queue at once (after its label
@@ -139,6 +162,8 @@ impl IssueStore {
         {
             let mut inner = self.lock();
             inner.in_flight.remove(&number);
+            let version = *self.version.borrow() + 1;
+            inner.settled.insert(number, version);
             inner.issues.insert(number, issue);
             if inner.queued.insert(number) {
                 inner.queues.entry(stage).or_default().push_back(number);
@@ -254,6 +279,22 @@ mod tests {
         store.finish(1);
         store.finish(2);
         assert!(store.depths().is_empty());
+    }
+
+    #[test]
+    fn a_listing_older_than_a_hand_off_is_stale() {
+        let store = IssueStore::new();
+        store.enqueue(issue(1), Stage::Implement);
+        store.take(Stage::Implement);
+        let listed_at = store.version();
+        assert!(!store.settled_since(1, listed_at));
+        store.hand_off(issue(1), Stage::Review);
+        assert!(store.settled_since(1, listed_at));
+        store.take(Stage::Review);
+        let later = store.version();
+        store.finish(1);
+        assert!(store.settled_since(1, later));
+        assert!(!store.settled_since(2, 0));
     }
 
     #[test]

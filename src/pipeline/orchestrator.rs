@@ -544,6 +544,9 @@ async fn poller(ctx: Arc<Pipeline>) {
 
 /// List the pipeline's issues and route each into its queue.
 async fn poll_once(ctx: &Arc<Pipeline>) -> Result<(), ForgeError> {
+    // Issues that leave a stage while the listing is under way are routed
+    // by the stage, not by this (then stale) listing.
+    let listed_at = ctx.store.version();
     let issues = ctx.forge.list_issues(&ctx.labels.listed()).await?;
     let in_progress = ctx.labels.names().in_progress.clone();
     let state = ctx.state.snapshot();
@@ -551,6 +554,9 @@ async fn poll_once(ctx: &Arc<Pipeline>) -> Result<(), ForgeError> {
     for issue in issues {
         let n = issue.number;
         seen.insert(n);
+        if ctx.store.settled_since(n, listed_at) {
+            continue;
+        }
         let record = state.issues.get(&n).cloned().unwrap_or_default();
         if issue.labels.contains(&in_progress) && !record.claimed && !ctx.store.is_busy(n) {
             tracing::debug!(repo_slug = %ctx.layout.slug, issue = n, "skipping issue another worker holds");
@@ -586,7 +592,7 @@ async fn poll_once(ctx: &Arc<Pipeline>) -> Result<(), ForgeError> {
         }
     }
     for known in ctx.store.all() {
-        if !seen.contains(&known.number) {
+        if !seen.contains(&known.number) && !ctx.store.settled_since(known.number, listed_at) {
             ctx.store.forget(known.number);
         }
     }

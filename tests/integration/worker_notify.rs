@@ -128,3 +128,44 @@ exit 1
         .count();
     assert!(triage_runs >= 1);
 }
+
+/// A notify socket that nobody reads fills up; the worker must drop status
+/// updates rather than stall (it used to block in `sendto`).
+#[test]
+fn an_unread_notify_socket_does_not_stall_the_worker() {
+    let agent = r#"#!/bin/sh
+cat > /dev/null
+case "$1" in
+  triage) echo '{"ready": true, "reasons": []}' ;;
+  plan) printf 'PLAN_START\nx\nSUMMARY: x\nPLAN_END\n' ;;
+  implement) echo "$2" > "f-$2.txt"; git add -A; git commit -qm "work $2" ;;
+  review) printf 'VERDICT: APPROVE\nSUMMARY: ok\n' ;;
+esac
+"#;
+    let p = Project::new(agent, "");
+    for n in 1..=12 {
+        p.add_issue(&format!("Issue {n}"), "body");
+    }
+    let socket_path = p.fx.tmp.path().join("unread.sock");
+    let _socket = UnixDatagram::bind(&socket_path).unwrap();
+    let child = p
+        .hydraflow(&["run", "--exit-when-idle"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_bounded(child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in 1..=12 {
+        assert_eq!(
+            p.issue(n).state,
+            hydraflow::forge::IssueState::Closed,
+            "#{n}"
+        );
+    }
+}
