@@ -4,21 +4,21 @@
 # completions into packaging/out/, then the .deb with `cargo deb --no-build` and, with `rpm`
 # as an argument, the .rpm with `cargo generate-rpm`.
 #
-#   packaging/build.sh [deb] [rpm] [--deb-version VERSION]
+#   packaging/build.sh [deb] [rpm] [--deb-revision N]
 #
 # The .deb lands in $CARGO_TARGET_DIR/debian/ (default target/debian/), the .rpm in
-# $CARGO_TARGET_DIR/generate-rpm/. VERSION overrides the .deb's version (used by the system test
-# to build an upgrade).
+# $CARGO_TARGET_DIR/generate-rpm/. N overrides the .deb's revision (default 1; the system test
+# upgrades to revision 2).
 set -eu
 cd "$(dirname "$0")/.."
 
 formats=""
-deb_version=""
+deb_revision=""
 while [ $# -gt 0 ]; do
     case "$1" in
     deb | rpm) formats="$formats $1" ;;
-    --deb-version) deb_version="$2"; shift ;;
-    *) echo "build.sh: unknown argument $1 (expected deb, rpm or --deb-version VERSION)" >&2; exit 2 ;;
+    --deb-revision) deb_revision="$2"; shift ;;
+    *) echo "build.sh: unknown argument $1 (expected deb, rpm or --deb-revision N)" >&2; exit 2 ;;
     esac
     shift
 done
@@ -39,8 +39,8 @@ gzip -9n "$out"/man/*
 for f in $formats; do
     case "$f" in
     deb)
-        if [ -n "$deb_version" ]; then
-            cargo deb --no-build --deb-version "$deb_version"
+        if [ -n "$deb_revision" ]; then
+            cargo deb --no-build --deb-revision "$deb_revision"
         else
             cargo deb --no-build
         fi
