@@ -197,15 +197,17 @@ async fn debian_package_in_a_booted_container() {
         "active"
     );
     assert!(sh(&c, "id hydraflow").contains("hydraflow"));
+    let page = sh(&c, "MANPAGER=cat man hydraflow");
+    assert!(page.contains("hydraflow"), "man hydraflow: {page}");
     sh(
         &c,
-        "test -s /usr/share/man/man1/hydraflow.1.gz && test -s /usr/share/man/man8/hydraflow@.service.8.gz && test -s /usr/share/man/man5/hydraflow.toml.5.gz",
+        "man -w hydraflow.toml && man -w hydraflow@.service && man -w hydraflow-supervisor",
     );
     sh(
         &c,
         "test -f /etc/hydraflow/hydraflow.toml && hydraflow config check >/dev/null",
     );
-    ok("1. hydraflow-supervisor.service active after apt install");
+    ok("1. hydraflow-supervisor.service active after apt install; `man hydraflow` works");
 
     // Lint, measured in the container: verify prints nothing on stderr.
     for unit in [
