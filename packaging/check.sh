@@ -19,7 +19,7 @@ echo "check: lintian $deb"
 lintian --fail-on error "$deb" || status=1
 
 echo "check: rpmlint $rpm"
-rpmlint "$rpm" || status=1
+rpmlint -r packaging/rpm/rpmlintrc "$rpm" || status=1
 
 echo "check: the .deb and the .rpm list the same files"
 dpkg-deb --fsys-tarfile "$deb" | tar -t | sed 's|^\./|/|' | grep -v '/$' \
