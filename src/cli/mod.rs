@@ -10,6 +10,7 @@ pub mod config_cmd;
 pub mod generate;
 pub mod hitl;
 pub mod issue;
+pub mod supervisor_cmd;
 pub mod target;
 pub mod worker;
 
@@ -61,6 +62,14 @@ pub enum Command {
     /// List and answer issues waiting for a human.
     #[command(subcommand)]
     Hitl(hitl::HitlCommandArgs),
+    /// Run the supervisor: the control protocol on 127.0.0.1:8765 and one worker instance
+    /// per registered repository.
+    Supervisor(supervisor_cmd::SupervisorArgs),
+    /// Add, remove, list and inspect the supervisor's repositories.
+    #[command(subcommand)]
+    Repo(supervisor_cmd::RepoCommand),
+    /// Check that the supervisor answers.
+    Ping,
     /// Write manual pages or shell completions (used when building packages).
     #[command(subcommand, hide = true)]
     Generate(generate::GenerateCommand),
@@ -90,6 +99,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config_cmd::run(&cli.config, cmd),
         Command::Issue(cmd) => issue::run(&cli.config, cmd),
         Command::Hitl(cmd) => hitl::run(&cli.config, cmd),
+        Command::Supervisor(args) => supervisor_cmd::run_supervisor(&cli.config, args),
+        Command::Repo(cmd) => supervisor_cmd::run_repo(&cli.config, cmd),
+        Command::Ping => supervisor_cmd::run_ping(&cli.config),
         Command::Generate(cmd) => generate::run(cmd),
     }
 }

@@ -231,10 +231,9 @@ fn print_paths(resolved: &Resolved, log_file: Option<&Path>) {
 fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<ExitCode> {
     let log_file =
         (!systemd::stderr_is_journal()).then(|| resolved.layout.logs_dir().join("hydraflow.log"));
-    if let Some(p) = &log_file {
+    if log_file.is_some() {
         std::fs::create_dir_all(resolved.layout.logs_dir())
             .with_context(|| format!("cannot create {}", resolved.layout.logs_dir().display()))?;
-        let _ = p;
     }
     systemd::init_logging(log_file.as_deref());
     if options.print_paths {

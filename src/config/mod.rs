@@ -334,18 +334,45 @@ impl Default for GithubConfig {
     }
 }
 
+/// Which instance backend the supervisor uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SupervisorBackend {
+    /// systemd when `/run/systemd/system` exists and the system bus answers, else child processes.
+    #[default]
+    Auto,
+    /// `hydraflow@<slug>.service` units over D-Bus.
+    Systemd,
+    /// Child processes of the supervisor.
+    Process,
+}
+
 /// Supervisor settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SupervisorConfig {
     /// Listen address of the TCP control protocol.
     pub listen: String,
+    /// How instances run: `auto`, `systemd` or `process`.
+    pub backend: SupervisorBackend,
+    /// Seconds `add_repo` waits for an instance to become active (READY=1) or fail.
+    pub start_timeout: u64,
+    /// The supervisor's state directory (registry, port file, process-backend instance homes);
+    /// default `$HYDRAFLOW_HOME`, else `~/.hydraflow`.
+    pub state_dir: Option<PathBuf>,
+    /// argv the process backend runs for an instance, before `--instance <slug>`;
+    /// default: this executable and `worker`.
+    pub worker_command: Option<Vec<String>>,
 }
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
         SupervisorConfig {
             listen: "127.0.0.1:8765".into(),
+            backend: SupervisorBackend::Auto,
+            start_timeout: 20,
+            state_dir: None,
+            worker_command: None,
         }
     }
 }

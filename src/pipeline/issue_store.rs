@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::agent::Stage;
 use crate::forge::Issue;
@@ -41,6 +41,7 @@ struct Inner {
 pub struct IssueStore {
     inner: Mutex<Inner>,
     wakers: HashMap<Stage, Notify>,
+    version: watch::Sender<u64>,
 }
 
 impl IssueStore {
@@ -49,6 +50,7 @@ impl IssueStore {
         IssueStore {
             inner: Mutex::new(Inner::default()),
             wakers: Stage::ALL.into_iter().map(|s| (s, Notify::new())).collect(),
+            version: watch::Sender::new(0),
         }
     }
 
@@ -56,9 +58,19 @@ impl IssueStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn changed(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Wakes on every change of the queues or of an issue (for the status line).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
     /// Remember the latest view of `issue` (labels, title, …).
     pub fn upsert(&self, issue: Issue) {
         self.lock().issues.insert(issue.number, issue);
+        self.changed();
     }
 
     /// The latest view of an issue.
@@ -78,6 +90,8 @@ impl IssueStore {
                 q.retain(|n| *n != number);
             }
         }
+        drop(inner);
+        self.changed();
     }
 
     /// Append `issue` to `stage`'s queue unless it is already queued or in
@@ -93,6 +107,7 @@ impl IssueStore {
             inner.queued.insert(number);
             inner.queues.entry(stage).or_default().push_back(number);
         }
+        self.changed();
         if let Some(w) = self.wakers.get(&stage) {
             w.notify_one();
         }
@@ -105,12 +120,16 @@ impl IssueStore {
         let number = inner.queues.get_mut(&stage)?.pop_front()?;
         inner.queued.remove(&number);
         inner.in_flight.insert(number, stage);
-        inner.issues.get(&number).cloned()
+        let issue = inner.issues.get(&number).cloned();
+        drop(inner);
+        self.changed();
+        issue
     }
 
     /// The issue left its stage task (finished, failed or handed off).
     pub fn finish(&self, number: u64) {
         self.lock().in_flight.remove(&number);
+        self.changed();
     }
 
     /// Hand an in-flight issue to `stage`'s queue at once (after its label
@@ -125,6 +144,7 @@ impl IssueStore {
                 inner.queues.entry(stage).or_default().push_back(number);
             }
         }
+        self.changed();
         if let Some(w) = self.wakers.get(&stage) {
             w.notify_one();
         }

@@ -382,9 +382,26 @@ async fn supervise(ctx: Arc<Pipeline>, status: watch::Sender<String>) {
     }
     let mut failures: HashMap<&'static str, u32> = HashMap::new();
     let watchdog = crate::systemd::watchdog_interval();
-    let mut status_tick =
-        tokio::time::interval(watchdog.map_or(STATUS_INTERVAL, |w| w.min(STATUS_INTERVAL)));
+    // The status line is recomputed when the issue store or the pause
+    // changes, and at least every poll interval (API budget, pause
+    // countdown); the watchdog, when asked for, ticks every half period.
+    let mut store_changes = ctx.store.changes();
+    let mut pause_changes = ctx.pause.subscribe();
+    let mut status_tick = tokio::time::interval(STATUS_INTERVAL.max(ctx.poll_interval()));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let refresh = |status: &watch::Sender<String>| {
+        let line = status_line(&ctx);
+        status.send_if_modified(|old| {
+            if *old == line {
+                false
+            } else {
+                old.clone_from(&line);
+                true
+            }
+        });
+    };
     let stale_after = ctx.poll_interval() * 3 + Duration::from_secs(10);
     loop {
         tokio::select! {
@@ -414,18 +431,17 @@ async fn supervise(ctx: Arc<Pipeline>, status: watch::Sender<String>) {
                 ids.insert(id, name);
             }
             _ = status_tick.tick() => {
-                // A loop that beat since its last crash has recovered.
-                let line = status_line(&ctx);
-                status.send_if_modified(|old| {
-                    if *old == line { false } else { old.clone_from(&line); true }
-                });
-                // Ticks come at least every half watchdog period; a runtime
-                // whose loops stopped beating stops pinging, and systemd
-                // restarts it.
-                if watchdog.is_some() && ctx.heartbeats_fresh(stale_after) {
+                refresh(&status);
+                failures.retain(|_, n| *n < ALERT_AFTER_FAILURES * 4);
+            }
+            Ok(()) = store_changes.changed() => refresh(&status),
+            Ok(()) = pause_changes.changed() => refresh(&status),
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                // A runtime whose loops stopped beating stops pinging, and
+                // systemd restarts it.
+                if ctx.heartbeats_fresh(stale_after) {
                     crate::systemd::notify_watchdog();
                 }
-                failures.retain(|_, n| *n < ALERT_AFTER_FAILURES * 4);
             }
             () = ctx.cancel.cancelled(), if set.is_empty() => break,
         }
@@ -582,8 +598,25 @@ async fn poll_once(ctx: &Arc<Pipeline>) -> Result<(), ForgeError> {
 }
 
 /// Apply HITL commands the CLI dropped into the spool directory.
+///
+/// The directory is watched with inotify, so an idle worker does not wake up
+/// to look; without inotify it is read every [`SPOOL_INTERVAL`].
 async fn spool_loop(ctx: Arc<Pipeline>) {
+    use futures_util::StreamExt as _;
     let dir: PathBuf = ctx.layout.spool_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let mut watch = inotify::Inotify::init()
+        .and_then(|ino| {
+            ino.watches().add(
+                &dir,
+                inotify::WatchMask::MOVED_TO | inotify::WatchMask::CLOSE_WRITE,
+            )?;
+            ino.into_event_stream([0u8; 1024])
+        })
+        .map_err(|e| {
+            tracing::warn!(repo_slug = %ctx.layout.slug, error = %e, "cannot watch the spool directory; reading it every second");
+        })
+        .ok();
     loop {
         ctx.beat("spool");
         for (path, entry) in spool::pending(&dir) {
@@ -634,7 +667,20 @@ async fn spool_loop(ctx: Arc<Pipeline>) {
                 }
             }
         }
-        if !sleep_or_stop(&ctx, SPOOL_INTERVAL).await {
+        let wait = match watch.as_mut() {
+            Some(events) => tokio::select! {
+                event = events.next() => {
+                    if event.is_none() {
+                        watch = None;
+                    }
+                    true
+                }
+                () = tokio::time::sleep(ctx.poll_interval()) => true,
+                () = ctx.cancel.cancelled() => false,
+            },
+            None => sleep_or_stop(&ctx, SPOOL_INTERVAL).await,
+        };
+        if !wait {
             return;
         }
     }

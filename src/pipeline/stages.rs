@@ -317,15 +317,23 @@ fn finish(ctx: &Pipeline, n: u64, outcome: Outcome) -> Result<(), StageError> {
         .map_err(store_err)
 }
 
-async fn triage(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
+/// The prompt context with the issue's current body and comments from the
+/// forge; a closed issue has left the pipeline.
+async fn context_with_comments(ctx: &Pipeline, issue: &Issue) -> Result<PromptContext, StageError> {
     let n = issue.number;
     let detail = ctx.forge.get_issue(n).await?;
     if detail.issue.state == IssueState::Closed {
         return Err(StageError::Gone(format!("issue #{n} was closed")));
     }
     let mut pctx = prompt_context(ctx, issue);
-    pctx.body = detail.issue.body.clone();
+    pctx.body = detail.issue.body;
     pctx.comments = detail.comments;
+    Ok(pctx)
+}
+
+async fn triage(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
+    let n = issue.number;
+    let pctx = context_with_comments(ctx, issue).await?;
     let outcome = run_agent(
         ctx,
         Stage::Triage,
@@ -368,13 +376,7 @@ async fn triage(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
 
 async fn plan(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
     let n = issue.number;
-    let detail = ctx.forge.get_issue(n).await?;
-    if detail.issue.state == IssueState::Closed {
-        return Err(StageError::Gone(format!("issue #{n} was closed")));
-    }
-    let mut pctx = prompt_context(ctx, issue);
-    pctx.body = detail.issue.body.clone();
-    pctx.comments = detail.comments;
+    let mut pctx = context_with_comments(ctx, issue).await?;
     pctx.plan = None;
     let outcome = run_agent(
         ctx,

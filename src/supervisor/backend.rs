@@ -1,12 +1,16 @@
 //! The instance backend: how the supervisor starts, stops and inspects one worker instance per
 //! repository slug — systemd units over D-Bus (`hydraflow@<slug>.service`) or child processes.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
 
+use crate::config::SupervisorBackend;
 use crate::layout::Slug;
+use crate::supervisor::process::{ProcessBackend, ProcessOptions};
 
 /// State of one worker instance, in systemd's terms (org.freedesktop.systemd1(5)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -101,4 +105,37 @@ pub trait InstanceBackend: Send + Sync {
 
     /// Every instance the backend knows (systemd: `ListUnitsByPatterns([], ["hydraflow@*.service"])`).
     async fn list(&self) -> Result<Vec<InstanceStatus>, BackendError>;
+}
+
+/// Choose the backend for `kind`: `process` runs children of the supervisor; `systemd` drives
+/// `hydraflow@<slug>.service` over D-Bus; `auto` is `systemd` when `/run/systemd/system` exists
+/// (sd_booted(3)) and the system bus answers, else `process`.
+///
+/// # Errors
+/// [`BackendError::Unavailable`] when `systemd` is asked for and cannot be used.
+pub async fn select(
+    kind: SupervisorBackend,
+    process: ProcessOptions,
+) -> Result<Arc<dyn InstanceBackend>, BackendError> {
+    match kind {
+        SupervisorBackend::Process => Ok(Arc::new(ProcessBackend::new(process))),
+        SupervisorBackend::Systemd => connect_systemd().await,
+        SupervisorBackend::Auto => {
+            if Path::new("/run/systemd/system").is_dir() {
+                match connect_systemd().await {
+                    Ok(backend) => return Ok(backend),
+                    Err(err) => {
+                        tracing::info!("systemd backend unavailable ({err}); using child processes")
+                    }
+                }
+            }
+            Ok(Arc::new(ProcessBackend::new(process)))
+        }
+    }
+}
+
+/// The systemd D-Bus backend on the system bus.
+async fn connect_systemd() -> Result<Arc<dyn InstanceBackend>, BackendError> {
+    let backend = super::systemd_backend::SystemdBackend::connect(None).await?;
+    Ok(Arc::new(backend))
 }

@@ -1,5 +1,776 @@
-//! The supervisor: keeps one worker instance per repository slug running through an
-//! [`backend::InstanceBackend`] (systemd units over D-Bus, or child processes).
+//! The supervisor: a registry of repositories, one worker instance per repository run by an
+//! [`backend::InstanceBackend`] (systemd units or child processes), and the TCP control
+//! protocol of the original HydraFlow supervisor ([`protocol`], [`server`], [`client`]).
+//!
+//! [`Supervisor`] is the service: plain async functions, one per action, that the TCP
+//! handlers call. [`run_daemon`] is `hydraflow supervisor`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Config, SupervisorConfig};
+use crate::layout::{Slug, SlugError};
 
 pub mod backend;
+pub mod client;
+pub mod process;
+pub mod protocol;
+pub mod registry;
+pub mod server;
 pub mod systemd_backend;
+
+use backend::{BackendError, InstanceBackend, InstanceStatus};
+use protocol::{Added, Registered, RepoInfo, RepoList, RepoRef, RepoStatus, RepoTarget, Version};
+use registry::{Registry, RegistryError, RepoEntry};
+
+/// Name of the port file in the state directory.
+pub const PORT_FILE: &str = "supervisor-port";
+/// Environment variable naming the port file (the original's).
+pub const PORT_FILE_ENV: &str = "HF_SUPERVISOR_PORT_FILE";
+/// The original's default port.
+pub const DEFAULT_PORT: u16 = 8765;
+
+/// The supervisor's state directory: `[supervisor] state_dir`, else `$HYDRAFLOW_HOME`, else
+/// `~/.hydraflow` (the system unit sets `HYDRAFLOW_HOME=/var/lib/hydraflow`).
+pub fn state_dir(config: &SupervisorConfig) -> PathBuf {
+    if let Some(dir) = &config.state_dir {
+        return dir.clone();
+    }
+    if let Some(home) = std::env::var_os(crate::config::HOME_ENV).filter(|v| !v.is_empty()) {
+        return PathBuf::from(home);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/".into());
+    Path::new(&home).join(".hydraflow")
+}
+
+/// Why an action failed; the text is the `error` of the reply. The original's wording is kept
+/// where the meaning is the same.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The checkout path does not exist.
+    #[error("Repo path not found: {0}")]
+    PathNotFound(String),
+    /// The checkout path is not a directory.
+    #[error("Repo path is not a directory: {0}")]
+    NotADirectory(String),
+    /// No registration matches.
+    #[error("Repo not found")]
+    NotFound,
+    /// `repo` is not `owner/name`.
+    #[error(
+        "repository \"{0}\" is not valid: expected owner/name with letters, digits, '.', '_' or '-'"
+    )]
+    BadRepo(String),
+    /// No valid slug can be made from the path or repository.
+    #[error("cannot make an instance name from {from}: {source}; give repo_slug")]
+    Slug {
+        /// The path or repository.
+        from: String,
+        /// Why.
+        source: SlugError,
+    },
+    /// The path or repository is registered under another slug.
+    #[error("{what} is already registered as \"{slug}\"")]
+    Duplicate {
+        /// The path or repository.
+        what: String,
+        /// Its slug.
+        slug: String,
+    },
+    /// The registry could not be changed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The per-instance configuration file could not be written.
+    #[error(
+        "cannot write {path}: {source}; set repos_dir in the configuration to a writable directory"
+    )]
+    InstanceFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The worker exited before it was ready (process backend).
+    #[error("Repo process exited with code {code}; see {log}")]
+    Exited {
+        /// The exit code.
+        code: i32,
+        /// The log file.
+        log: String,
+    },
+    /// The instance did not become active in time.
+    #[error("Timed out waiting for repo {slug} to become active within {secs} s; see {log}")]
+    Timeout {
+        /// The slug.
+        slug: String,
+        /// Seconds waited.
+        secs: u64,
+        /// The log file or journal command.
+        log: String,
+    },
+    /// Any other backend failure.
+    #[error(transparent)]
+    Backend(BackendError),
+}
+
+/// Fixed settings of a [`Supervisor`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// State directory (registry, port file, process-backend instance homes).
+    pub state_dir: PathBuf,
+    /// Where per-instance files go: `<repos_dir>/<slug>.toml`.
+    pub repos_dir: PathBuf,
+    /// How long `add_repo` and `restart_repo` wait for an instance.
+    pub start_timeout: Duration,
+    /// Base URL of the supervisor's dashboard (`http://127.0.0.1:5555`).
+    pub dashboard_base: String,
+}
+
+impl Settings {
+    /// Settings from the global configuration.
+    pub fn from_config(config: &Config) -> Settings {
+        Settings {
+            state_dir: state_dir(&config.supervisor),
+            repos_dir: config.repos_dir.clone(),
+            start_timeout: Duration::from_secs(config.supervisor.start_timeout),
+            dashboard_base: format!("http://{}", config.dashboard.listen),
+        }
+    }
+}
+
+/// The supervisor service: registry + backend, one function per protocol action.
+pub struct Supervisor {
+    registry: Registry,
+    backend: Arc<dyn InstanceBackend>,
+    settings: Settings,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A checked `owner/name`.
+fn check_repo(repo: &str) -> Result<(), SupervisorError> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('.')
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    match repo.split_once('/') {
+        Some((owner, name)) if part_ok(owner) && part_ok(name) => Ok(()),
+        _ => Err(SupervisorError::BadRepo(repo.to_owned())),
+    }
+}
+
+/// `~` and `~/x` expanded with `$HOME`.
+fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix('~'), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) if rest.is_empty() || rest.starts_with('/') => {
+            PathBuf::from(format!("{}{rest}", home.to_string_lossy()))
+        }
+        _ => PathBuf::from(path),
+    }
+}
+
+impl Supervisor {
+    /// A supervisor over `registry` and `backend`.
+    pub fn new(registry: Registry, backend: Arc<dyn InstanceBackend>, settings: Settings) -> Self {
+        Supervisor {
+            registry,
+            backend,
+            settings,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The backend's name (`systemd`, `process`).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The per-slug operation lock: add, remove and restart of one slug run one at a time.
+    async fn lock(&self, slug: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self
+                .locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(slug.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    fn log_file(&self, slug: &str) -> String {
+        if self.backend.name() == "process" {
+            self.settings
+                .state_dir
+                .join(slug)
+                .join("worker.log")
+                .display()
+                .to_string()
+        } else {
+            format!("journalctl -u hydraflow@{slug}.service")
+        }
+    }
+
+    fn dashboard_url(&self, slug: &str) -> String {
+        format!("{}/repos/{slug}/", self.settings.dashboard_base)
+    }
+
+    /// Resolve what the client named into (path, repo, slug).
+    fn resolve_target(
+        &self,
+        target: &RepoTarget,
+        slug: Option<Slug>,
+    ) -> Result<(String, Option<String>, Slug), SupervisorError> {
+        match target {
+            RepoTarget::Path(given) => {
+                let path = std::fs::canonicalize(expand_home(given))
+                    .map_err(|_| SupervisorError::PathNotFound(given.clone()))?;
+                if !path.is_dir() {
+                    return Err(SupervisorError::NotADirectory(given.clone()));
+                }
+                let slug = match slug {
+                    Some(s) => s,
+                    None => Slug::from_path(&path).map_err(|source| SupervisorError::Slug {
+                        from: path.display().to_string(),
+                        source,
+                    })?,
+                };
+                let path = path.to_string_lossy().into_owned();
+                Ok((path, None, slug))
+            }
+            RepoTarget::Repo(repo) => {
+                check_repo(repo)?;
+                let slug = match slug {
+                    Some(s) => s,
+                    None => Slug::from_repo(repo).map_err(|source| SupervisorError::Slug {
+                        from: repo.clone(),
+                        source,
+                    })?,
+                };
+                Ok((String::new(), Some(repo.clone()), slug))
+            }
+        }
+    }
+
+    /// The slug a [`RepoRef`] names, when registered.
+    fn resolve_ref(&self, r: &RepoRef) -> Result<RepoEntry, SupervisorError> {
+        let found = match r {
+            RepoRef::Slug(slug) => self.registry.get(slug.as_str()),
+            RepoRef::Repo(repo) => self.registry.find(repo),
+            RepoRef::Path(path) => {
+                let canonical = std::fs::canonicalize(expand_home(path))
+                    .map(|p| p.to_string_lossy().into_owned());
+                canonical
+                    .ok()
+                    .and_then(|p| self.registry.find(&p))
+                    .or_else(|| self.registry.find(path))
+            }
+        };
+        found.ok_or(SupervisorError::NotFound)
+    }
+
+    /// Write `<repos_dir>/<slug>.toml` unless it exists (an administrator's file is kept).
+    fn ensure_instance_file(
+        &self,
+        slug: &Slug,
+        path: &str,
+        repo: Option<&str>,
+    ) -> Result<(), SupervisorError> {
+        let file = self.settings.repos_dir.join(format!("{slug}.toml"));
+        if file.exists() {
+            return Ok(());
+        }
+        let err = |source| SupervisorError::InstanceFile {
+            path: file.clone(),
+            source,
+        };
+        let mut table = toml::Table::new();
+        match repo {
+            Some(repo) => {
+                table.insert("repo".into(), repo.into());
+                table.insert("forge".into(), "github".into());
+            }
+            None => {
+                table.insert("repo_path".into(), path.into());
+                table.insert("forge".into(), "local".into());
+            }
+        }
+        let text = format!(
+            "# Written by the HydraFlow supervisor when {slug} was added; edit freely.\n{}",
+            toml::to_string(&table).map_err(|e| err(std::io::Error::other(e)))?
+        );
+        std::fs::create_dir_all(&self.settings.repos_dir).map_err(err)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".instance.")
+            .tempfile_in(&self.settings.repos_dir)
+            .map_err(err)?;
+        std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(err)?;
+        tmp.as_file().sync_all().map_err(err)?;
+        match tmp.persist_noclobber(&file) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(err(e.error)),
+        }
+    }
+
+    fn start_error(&self, slug: &Slug, err: BackendError) -> SupervisorError {
+        match err {
+            BackendError::StartFailed {
+                ref job_result,
+                ref service_result,
+                ..
+            } if job_result == "exited" => match service_result
+                .strip_prefix("exit-code ")
+                .and_then(|c| c.parse().ok())
+            {
+                Some(code) => SupervisorError::Exited {
+                    code,
+                    log: self.log_file(slug.as_str()),
+                },
+                None => SupervisorError::Backend(err),
+            },
+            BackendError::Timeout { after, .. } => SupervisorError::Timeout {
+                slug: slug.to_string(),
+                secs: after.as_secs(),
+                log: self.log_file(slug.as_str()),
+            },
+            other => SupervisorError::Backend(other),
+        }
+    }
+
+    /// Make the registry entry for a new registration.
+    fn new_entry(&self, slug: &Slug, path: String, repo: Option<String>) -> RepoEntry {
+        RepoEntry {
+            path,
+            slug: slug.to_string(),
+            port: 0,
+            dashboard_url: self.dashboard_url(slug.as_str()),
+            log_file: self.log_file(slug.as_str()),
+            repo,
+            added_at: Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            other: serde_json::Map::new(),
+        }
+    }
+
+    /// Register, refusing a path or repository registered under another slug.
+    fn register(
+        &self,
+        slug: &Slug,
+        path: String,
+        repo: Option<String>,
+    ) -> Result<bool, SupervisorError> {
+        let key = repo.clone().unwrap_or_else(|| path.clone());
+        if let Some(other) = self.registry.find(&key).filter(|e| e.slug != slug.as_str()) {
+            return Err(SupervisorError::Duplicate {
+                what: key,
+                slug: other.slug,
+            });
+        }
+        self.ensure_instance_file(slug, &path, repo.as_deref())?;
+        Ok(self.registry.insert(self.new_entry(slug, path, repo))?)
+    }
+
+    /// `register_repo`: record the repository without starting it.
+    ///
+    /// # Errors
+    /// Path, slug, registry and instance-file errors.
+    pub async fn register_repo(
+        &self,
+        target: RepoTarget,
+        slug: Option<Slug>,
+    ) -> Result<Registered, SupervisorError> {
+        let (path, repo, slug) = self.resolve_target(&target, slug)?;
+        let _guard = self.lock(slug.as_str()).await;
+        self.register(&slug, path.clone(), repo.clone())?;
+        Ok(Registered {
+            slug: slug.to_string(),
+            path,
+            repo,
+        })
+    }
+
+    /// `add_repo`: register the repository and start its instance; answers once it is active
+    /// (READY=1) or has failed, within the start timeout. A new registration whose instance
+    /// fails to start is taken back.
+    ///
+    /// # Errors
+    /// As [`Supervisor::register_repo`], plus why the instance did not start.
+    pub async fn add_repo(
+        &self,
+        target: RepoTarget,
+        slug: Option<Slug>,
+    ) -> Result<Added, SupervisorError> {
+        let (path, repo, slug) = self.resolve_target(&target, slug)?;
+        let _guard = self.lock(slug.as_str()).await;
+        let fresh = self.register(&slug, path.clone(), repo.clone())?;
+        match self.backend.start(&slug, self.settings.start_timeout).await {
+            Ok(started) => Ok(Added {
+                slug: slug.to_string(),
+                port: 0,
+                dashboard_url: self.dashboard_url(slug.as_str()),
+                log_file: self.log_file(slug.as_str()),
+                started,
+                path,
+                repo,
+            }),
+            Err(err) => {
+                if fresh && let Err(e) = self.registry.remove(slug.as_str()) {
+                    tracing::error!(slug = %slug, "cannot take back the registration: {e}");
+                }
+                Err(self.start_error(&slug, err))
+            }
+        }
+    }
+
+    /// `remove_repo`: unregister, then stop the instance.
+    ///
+    /// # Errors
+    /// [`SupervisorError::NotFound`], registry and stop errors.
+    pub async fn remove_repo(&self, r: RepoRef) -> Result<(), SupervisorError> {
+        let entry = self.resolve_ref(&r)?;
+        let _guard = self.lock(&entry.slug).await;
+        let Some(entry) = self.registry.remove(&entry.slug)? else {
+            // Removed by a concurrent request while this one waited for the lock.
+            return Err(SupervisorError::NotFound);
+        };
+        let slug = Slug::new(&entry.slug).map_err(|source| SupervisorError::Slug {
+            from: entry.slug.clone(),
+            source,
+        })?;
+        self.backend
+            .stop(&slug)
+            .await
+            .map_err(SupervisorError::Backend)
+    }
+
+    /// `restart_repo`: restart a registered repository's instance and report its status.
+    ///
+    /// # Errors
+    /// [`SupervisorError::NotFound`] and why the instance did not start.
+    pub async fn restart_repo(&self, r: RepoRef) -> Result<RepoStatus, SupervisorError> {
+        let entry = self.resolve_ref(&r)?;
+        let _guard = self.lock(&entry.slug).await;
+        let slug = self.entry_slug(&entry)?;
+        self.backend
+            .restart(&slug, self.settings.start_timeout)
+            .await
+            .map_err(|e| self.start_error(&slug, e))?;
+        self.status_of(&entry, &slug).await
+    }
+
+    /// `repo_status`: a registered repository's instance state.
+    ///
+    /// # Errors
+    /// [`SupervisorError::NotFound`] and backend errors.
+    pub async fn repo_status(&self, r: RepoRef) -> Result<RepoStatus, SupervisorError> {
+        let entry = self.resolve_ref(&r)?;
+        let slug = self.entry_slug(&entry)?;
+        self.status_of(&entry, &slug).await
+    }
+
+    fn entry_slug(&self, entry: &RepoEntry) -> Result<Slug, SupervisorError> {
+        Slug::new(&entry.slug).map_err(|source| SupervisorError::Slug {
+            from: entry.slug.clone(),
+            source,
+        })
+    }
+
+    async fn status_of(
+        &self,
+        entry: &RepoEntry,
+        slug: &Slug,
+    ) -> Result<RepoStatus, SupervisorError> {
+        let status = self
+            .backend
+            .status(slug)
+            .await
+            .map_err(SupervisorError::Backend)?;
+        Ok(RepoStatus {
+            info: self.info(entry, Some(&status)),
+            unit: status.unit.clone(),
+            main_pid: status.main_pid,
+            memory_bytes: status.memory_bytes,
+            result: status.result.clone(),
+            backend: self.backend.name().to_owned(),
+        })
+    }
+
+    fn info(&self, entry: &RepoEntry, status: Option<&InstanceStatus>) -> RepoInfo {
+        RepoInfo {
+            path: entry.path.clone(),
+            slug: entry.slug.clone(),
+            port: entry.port,
+            dashboard_url: self.dashboard_url(&entry.slug),
+            log_file: self.log_file(&entry.slug),
+            running: status.is_some_and(InstanceStatus::running),
+            repo: entry.repo.clone(),
+            active_state: status
+                .map_or("inactive", |s| s.active_state.as_str())
+                .to_owned(),
+            sub_state: status.map_or("dead", |s| s.sub_state.as_str()).to_owned(),
+            n_restarts: status.map_or(0, |s| s.n_restarts),
+            active_since: status.and_then(|s| s.active_since.clone()),
+        }
+    }
+
+    /// `list_repos`: every registration with `running` from the backend's `ActiveState`.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn list_repos(&self) -> Result<RepoList, SupervisorError> {
+        let statuses: HashMap<String, InstanceStatus> = self
+            .backend
+            .list()
+            .await
+            .map_err(SupervisorError::Backend)?
+            .into_iter()
+            .map(|s| (s.slug.clone(), s))
+            .collect();
+        let repos = self
+            .registry
+            .entries()
+            .iter()
+            .map(|e| self.info(e, statuses.get(&e.slug)))
+            .collect();
+        Ok(RepoList { repos })
+    }
+
+    /// `version`: the program's version and backend; `connections` comes from the server.
+    pub fn version(&self, connections: usize) -> Version {
+        Version {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            backend: self.backend.name().to_owned(),
+            connections,
+        }
+    }
+
+    /// Start every registered repository (concurrently, each within the start timeout) and log
+    /// instances that run without a registration; those are left running.
+    pub async fn reconcile(self: Arc<Self>) {
+        // A few at a time, so that starting hundreds of instances leaves the runtime free to
+        // answer clients.
+        let gate = Arc::new(tokio::sync::Semaphore::new(4));
+        let mut starts = tokio::task::JoinSet::new();
+        for entry in self.registry.entries() {
+            let sup = self.clone();
+            let gate = gate.clone();
+            starts.spawn(async move {
+                let _turn = gate.acquire_owned().await;
+                let slug = sup.entry_slug(&entry)?;
+                let _guard = sup.lock(slug.as_str()).await;
+                if sup.registry.get(slug.as_str()).is_none() {
+                    return Ok((slug, false));
+                }
+                sup.backend
+                    .start(&slug, sup.settings.start_timeout)
+                    .await
+                    .map(|started| (slug.clone(), started))
+                    .map_err(|e| sup.start_error(&slug, e))
+            });
+        }
+        while let Some(done) = starts.join_next().await {
+            match done {
+                Ok(Ok((slug, true))) => tracing::info!(slug = %slug, "started registered repo"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!("cannot start a registered repo: {e}"),
+                Err(e) => tracing::error!("reconcile task failed: {e}"),
+            }
+        }
+        match self.backend.list().await {
+            Ok(list) => {
+                for status in list {
+                    if self.registry.get(&status.slug).is_none() && status.running() {
+                        tracing::warn!(
+                            slug = %status.slug,
+                            unit = %status.unit,
+                            "instance runs without a registration; left running \
+                             (hydraflow repo add to adopt it, or stop the unit)"
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::error!("cannot list instances: {e}"),
+        }
+    }
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The state directory could not be created.
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The registry could not be read.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// No backend could be used.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The listen address could not be bound or the passed socket used.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address or `LISTEN_FDS`.
+        addr: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The port file could not be written.
+    #[error("cannot write the port file {path}: {source}")]
+    PortFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The server failed.
+    #[error("the control server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What `hydraflow supervisor` needs.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The global configuration.
+    pub config: Config,
+    /// The global configuration file (passed to workers as `HYDRAFLOW_CONFIG`).
+    pub config_file: PathBuf,
+    /// Connection handling.
+    pub server: server::ServerOptions,
+}
+
+/// The port file path: `$HF_SUPERVISOR_PORT_FILE`, else `<state_dir>/supervisor-port`.
+pub fn port_file(state_dir: &Path) -> PathBuf {
+    std::env::var_os(PORT_FILE_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| state_dir.join(PORT_FILE), PathBuf::from)
+}
+
+fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".supervisor-port.")
+        .tempfile_in(dir)?;
+    std::io::Write::write_all(&mut tmp, port.to_string().as_bytes())?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// The listener: the first socket passed by systemd socket activation, else `listen` bound.
+async fn listener(listen: &str, mut fds: Vec<OwnedFd>) -> Result<TcpListener, DaemonError> {
+    if !fds.is_empty() {
+        let fd = fds.swap_remove(0);
+        let std_listener = std::net::TcpListener::from(fd);
+        let err = |source| DaemonError::Listen {
+            addr: "the socket passed in LISTEN_FDS".into(),
+            source,
+        };
+        std_listener.set_nonblocking(true).map_err(err)?;
+        return TcpListener::from_std(std_listener).map_err(err);
+    }
+    TcpListener::bind(listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: listen.to_owned(),
+            source,
+        })
+}
+
+/// Run the supervisor until `shutdown` resolves: load the registry, choose the backend, listen
+/// (on `listen_fds[0]` when socket-activated), write the port file, send READY=1, start the
+/// registered repositories, serve; on shutdown remove the port file and stop child instances.
+///
+/// # Errors
+/// [`DaemonError`] saying which step failed.
+pub async fn run_daemon(
+    opts: DaemonOptions,
+    listen_fds: Vec<OwnedFd>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let settings = Settings::from_config(&opts.config);
+    std::fs::create_dir_all(&settings.state_dir).map_err(|source| DaemonError::StateDir {
+        path: settings.state_dir.clone(),
+        source,
+    })?;
+    let loaded = Registry::load(&settings.state_dir)?;
+    if let Some((aside, why)) = &loaded.set_aside {
+        tracing::error!(
+            "the registry {} was unreadable ({why}); it was moved to {} and the supervisor \
+             starts with no repositories: repair it and move it back, then restart",
+            loaded.registry.path().display(),
+            aside.display()
+        );
+    }
+    let worker_command = match &opts.config.supervisor.worker_command {
+        Some(cmd) => cmd.clone(),
+        None => vec![
+            std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "hydraflow".into()),
+            "worker".into(),
+        ],
+    };
+    let process = process::ProcessOptions::new(
+        settings.state_dir.clone(),
+        worker_command,
+        opts.config_file.clone(),
+    );
+    let backend = backend::select(opts.config.supervisor.backend, process).await?;
+    tracing::info!(backend = backend.name(), "instance backend chosen");
+    let listener = listener(&opts.config.supervisor.listen, listen_fds).await?;
+    let addr: SocketAddr = listener.local_addr().map_err(DaemonError::Serve)?;
+    let port_path = port_file(&settings.state_dir);
+    write_port_file(&port_path, addr.port()).map_err(|source| DaemonError::PortFile {
+        path: port_path.clone(),
+        source,
+    })?;
+    tracing::info!(%addr, port_file = %port_path.display(), "listening");
+    let supervisor = Arc::new(Supervisor::new(loaded.registry, backend, settings));
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        crate::systemd::notify_ready(&format!("listening on {addr}"));
+    }
+    let reconcile = tokio::spawn(supervisor.clone().reconcile());
+    let served = server::serve(listener, supervisor.clone(), opts.server, shutdown).await;
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        crate::systemd::notify_stopping();
+    }
+    reconcile.abort();
+    let _ = reconcile.await;
+    if let Err(e) = std::fs::remove_file(&port_path) {
+        tracing::warn!("cannot remove {}: {e}", port_path.display());
+    }
+    // Dropping the last reference to the backend stops child instances (process backend).
+    drop(supervisor);
+    tracing::info!("supervisor stopped");
+    served.map_err(DaemonError::Serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_names() {
+        for ok in ["o/n", "Org-1/repo.name_2"] {
+            assert!(check_repo(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "o", "o/", "/n", "o/n/x", "../n", "o/.git", "o n/x", "ö/n",
+        ] {
+            assert!(check_repo(bad).is_err(), "{bad}");
+        }
+    }
+}

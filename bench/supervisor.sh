@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Supervisor benchmark: builds the release binary and bench/lg.c, starts `hydraflow supervisor`
+# (process backend) in a temporary directory, registers REPOS repositories, restarts the
+# supervisor so that it starts all of them (reconcile), then loads the control protocol with lg
+# (one TCP connection per request, as the original's client) and prints the figures.
+#
+# usage: bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)]
+set -euo pipefail
+
+repos=${1:-200}
+secs=${2:-5}
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+cargo build --release --quiet 2>/dev/null || cargo build --release
+bin=$CARGO_TARGET_DIR/release/hydraflow
+
+work=$(mktemp -d)
+pid=
+cleanup() {
+    if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+cc -O2 -pthread -o "$work/lg" bench/lg.c
+cat > "$work/worker.sh" <<'EOF'
+#!/bin/sh
+systemd-notify --ready --status="bench worker $2"
+sleep 100000 &
+wait
+EOF
+cat > "$work/hydraflow.toml" <<EOF
+repos_dir = "$work/repos"
+[supervisor]
+listen = "127.0.0.1:0"
+backend = "process"
+state_dir = "$work/state"
+worker_command = ["/bin/sh", "$work/worker.sh"]
+EOF
+export HYDRAFLOW_CONFIG=$work/hydraflow.toml
+unset NOTIFY_SOCKET JOURNAL_STREAM HYDRAFLOW_HOME HF_SUPERVISOR_PORT_FILE LISTEN_FDS LISTEN_PID || true
+port_file=$work/state/supervisor-port
+
+now_ms() { date +%s%3N; }
+
+# Start the supervisor; wait for its first answered ping. Sets $pid and $started_ms.
+start() {
+    rm -f "$port_file"
+    local t0
+    t0=$(now_ms)
+    HYDRAFLOW_LOG=warn "$bin" supervisor >>"$work/supervisor.log" 2>&1 &
+    pid=$!
+    until [ -s "$port_file" ] && "$work/lg" -p "$(cat "$port_file")" -n 1 -q '{"action":"ping"}\n' | grep -q ' ok=1 '; do
+        sleep 0.001
+    done
+    started_ms=$(($(now_ms) - t0))
+}
+
+stop() {
+    kill "$pid"
+    wait "$pid" || true
+    pid=
+}
+
+lg() { "$work/lg" -p "$(cat "$port_file")" -d "$secs" -q "$@"; }
+
+start
+echo "exec -> first ping answered (no repos): ${started_ms} ms"
+echo "ping, 1 client:    $(lg -c 1 '{"action":"ping"}\n')"
+echo "list_repos, 0 repos, 1 client: $(lg -c 1 '{"action":"list_repos"}\n')"
+
+mkdir -p "$work/checkouts"
+t0=$(now_ms)
+for i in $(seq 1 "$repos"); do
+    mkdir -p "$work/checkouts/repo-$i"
+    "$work/lg" -p "$(cat "$port_file")" -n 1 -q "{\"action\":\"register_repo\",\"path\":\"$work/checkouts/repo-$i\"}\\n" >/dev/null
+done
+echo "register_repo x$repos (lg process per request): $(($(now_ms) - t0)) ms in all"
+stop
+
+start
+echo "exec -> first ping answered ($repos registered repos): ${started_ms} ms"
+t0=$(now_ms)
+until [ "$("$bin" repo list | grep -c 'active (running)')" -eq "$repos" ]; do sleep 0.1; done
+echo "all $repos instances active (READY=1) after: $(($(now_ms) - t0)) ms more"
+echo "supervisor RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status"), threads: $(awk '/Threads/ {print $2}' "/proc/$pid/status")"
+
+echo "ping, 1 client:    $(lg -c 1 '{"action":"ping"}\n')"
+echo "ping, 16 clients:  $(lg -c 16 '{"action":"ping"}\n')"
+echo "list_repos ($repos repos), 1 client:   $(lg -c 1 '{"action":"list_repos"}\n')"
+echo "list_repos ($repos repos), 16 clients: $(lg -c 16 '{"action":"list_repos"}\n')"
+echo "supervisor RSS after load: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status")"
+
+t0=$(now_ms)
+stop
+echo "SIGTERM -> exit with $repos instances stopped: $(($(now_ms) - t0)) ms"
+left=$(pgrep -f "$work/worker.sh" | wc -l || true)
+echo "workers left running after exit: $left"

@@ -1,0 +1,311 @@
+//! The supervisor's registry of repositories, kept in `<state dir>/supervisor-state.json`
+//! with the original's keys (`repos[].path`, `slug`, `port`, `dashboard_url`, `log_file`) and
+//! additions (`repo`, `added_at`); keys this version does not know are kept as they were.
+//!
+//! Every change rewrites the file atomically (a temporary file in the same directory, fsync,
+//! rename, fsync of the directory). An unreadable file is renamed aside, never overwritten.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Name of the registry file in the state directory.
+pub const STATE_FILE: &str = "supervisor-state.json";
+
+/// One registered repository.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RepoEntry {
+    /// Absolute checkout path; empty for a repository named by `owner/name`.
+    pub path: String,
+    /// The slug (instance name).
+    pub slug: String,
+    /// The original's per-repository dashboard port; always 0 here.
+    #[serde(default)]
+    pub port: u16,
+    /// See the protocol's `dashboard_url`.
+    #[serde(default)]
+    pub dashboard_url: String,
+    /// See the protocol's `log_file`.
+    #[serde(default)]
+    pub log_file: String,
+    /// GitHub `owner/name`, when named so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// When it was registered (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_at: Option<String>,
+    /// Keys written by other versions, kept unchanged.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    #[serde(default)]
+    repos: Vec<RepoEntry>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+/// Why the registry could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Reading, writing or renaming failed.
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        /// `read`, `write`, …
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The slug is registered already with another path or repository.
+    #[error(
+        "slug \"{slug}\" is already registered for {existing}: remove it first or choose another slug (repo_slug)"
+    )]
+    SlugTaken {
+        /// The slug.
+        slug: String,
+        /// What it is registered for.
+        existing: String,
+    },
+}
+
+/// What loading found.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The registry.
+    pub registry: Registry,
+    /// Where an unreadable state file was moved, with the reason; the registry then starts
+    /// empty and the old file stays there for a human.
+    pub set_aside: Option<(PathBuf, String)>,
+}
+
+/// The registry: an in-memory copy of the file, changed only through methods that persist
+/// each change before returning.
+#[derive(Debug)]
+pub struct Registry {
+    path: PathBuf,
+    state: Mutex<StateFile>,
+}
+
+impl Registry {
+    /// Load `<state_dir>/supervisor-state.json`; a missing file is an empty registry.
+    ///
+    /// # Errors
+    /// [`RegistryError::Io`] when the file exists but cannot be read, or cannot be set aside.
+    pub fn load(state_dir: &Path) -> Result<Loaded, RegistryError> {
+        let path = state_dir.join(STATE_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Loaded {
+                    registry: Registry::with(path, StateFile::default()),
+                    set_aside: None,
+                });
+            }
+            Err(source) => {
+                return Err(RegistryError::Io {
+                    what: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        match serde_json::from_slice::<StateFile>(&bytes) {
+            Ok(state) => Ok(Loaded {
+                registry: Registry::with(path, state),
+                set_aside: None,
+            }),
+            Err(e) => {
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+                let aside = path.with_file_name(format!("{STATE_FILE}.unreadable-{stamp}"));
+                std::fs::rename(&path, &aside).map_err(|source| RegistryError::Io {
+                    what: "set aside",
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok(Loaded {
+                    registry: Registry::with(path, StateFile::default()),
+                    set_aside: Some((aside, e.to_string())),
+                })
+            }
+        }
+    }
+
+    fn with(path: PathBuf, state: StateFile) -> Registry {
+        Registry {
+            path,
+            state: Mutex::new(state),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, StateFile> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every entry, in registration order.
+    pub fn entries(&self) -> Vec<RepoEntry> {
+        self.state().repos.clone()
+    }
+
+    /// The entry of `slug`.
+    pub fn get(&self, slug: &str) -> Option<RepoEntry> {
+        self.state().repos.iter().find(|e| e.slug == slug).cloned()
+    }
+
+    /// The entry whose `path` or `repo` is `key`.
+    pub fn find(&self, key: &str) -> Option<RepoEntry> {
+        self.state()
+            .repos
+            .iter()
+            .find(|e| (!e.path.is_empty() && e.path == key) || e.repo.as_deref() == Some(key))
+            .cloned()
+    }
+
+    /// Add `entry`; returns false (and writes nothing) when the same slug is registered for
+    /// the same path and repository already.
+    ///
+    /// # Errors
+    /// [`RegistryError::SlugTaken`] when the slug is registered for something else;
+    /// [`RegistryError::Io`] when the file cannot be written (the registry is then unchanged).
+    pub fn insert(&self, entry: RepoEntry) -> Result<bool, RegistryError> {
+        let mut state = self.state();
+        if let Some(existing) = state.repos.iter().find(|e| e.slug == entry.slug) {
+            if existing.path == entry.path && existing.repo == entry.repo {
+                return Ok(false);
+            }
+            return Err(RegistryError::SlugTaken {
+                slug: entry.slug,
+                existing: existing
+                    .repo
+                    .clone()
+                    .unwrap_or_else(|| existing.path.clone()),
+            });
+        }
+        state.repos.push(entry);
+        if let Err(e) = self.persist(&state) {
+            state.repos.pop();
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Remove `slug`; returns the removed entry, `None` when it was not registered.
+    ///
+    /// # Errors
+    /// [`RegistryError::Io`] when the file cannot be written (the registry is then unchanged).
+    pub fn remove(&self, slug: &str) -> Result<Option<RepoEntry>, RegistryError> {
+        let mut state = self.state();
+        let Some(index) = state.repos.iter().position(|e| e.slug == slug) else {
+            return Ok(None);
+        };
+        let entry = state.repos.remove(index);
+        if let Err(e) = self.persist(&state) {
+            state.repos.insert(index, entry);
+            return Err(e);
+        }
+        Ok(Some(entry))
+    }
+
+    fn persist(&self, state: &StateFile) -> Result<(), RegistryError> {
+        let io = |what, source| RegistryError::Io {
+            what,
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let mut bytes = serde_json::to_vec_pretty(state).map_err(|e| io("encode", e.into()))?;
+        bytes.push(b'\n');
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".supervisor-state.")
+            .tempfile_in(dir)
+            .map_err(|e| io("create a temporary file next to", e))?;
+        tmp.write_all(&bytes).map_err(|e| io("write", e))?;
+        tmp.as_file().sync_all().map_err(|e| io("write", e))?;
+        tmp.persist(&self.path)
+            .map_err(|e| io("replace", e.error))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("sync the directory of", e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(slug: &str, path: &str) -> RepoEntry {
+        RepoEntry {
+            path: path.into(),
+            slug: slug.into(),
+            port: 0,
+            dashboard_url: String::new(),
+            log_file: String::new(),
+            repo: None,
+            added_at: None,
+            other: Map::new(),
+        }
+    }
+
+    #[test]
+    fn the_original_file_loads_and_unknown_keys_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"repos": [{"path": "/abs/path", "slug": "demo", "port": 0, "dashboard_url": "http://localhost:0", "log_file": "", "future": 1}], "version": 3}"#,
+        )
+        .unwrap();
+        let loaded = Registry::load(dir.path()).unwrap();
+        assert!(loaded.set_aside.is_none());
+        let reg = loaded.registry;
+        assert_eq!(reg.get("demo").unwrap().path, "/abs/path");
+        assert!(reg.insert(entry("two", "/two")).unwrap());
+        let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["version"], 3);
+        assert_eq!(v["repos"][0]["future"], 1);
+        assert_eq!(v["repos"][0]["dashboard_url"], "http://localhost:0");
+        assert_eq!(v["repos"][1]["slug"], "two");
+    }
+
+    #[test]
+    fn an_unreadable_file_is_set_aside_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), "{\"repos\": [tru").unwrap();
+        let loaded = Registry::load(dir.path()).unwrap();
+        let (aside, _) = loaded.set_aside.unwrap();
+        assert_eq!(std::fs::read_to_string(aside).unwrap(), "{\"repos\": [tru");
+        assert!(loaded.registry.entries().is_empty());
+    }
+
+    #[test]
+    fn insert_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::load(dir.path()).unwrap().registry;
+        assert!(reg.insert(entry("a", "/a")).unwrap());
+        assert!(!reg.insert(entry("a", "/a")).unwrap());
+        let err = reg.insert(entry("a", "/b")).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "slug \"a\" is already registered for /a: remove it first or choose another slug (repo_slug)"
+        );
+        assert_eq!(reg.find("/a").unwrap().slug, "a");
+        assert_eq!(reg.remove("a").unwrap().unwrap().slug, "a");
+        assert!(reg.remove("a").unwrap().is_none());
+        let reloaded = Registry::load(dir.path()).unwrap().registry;
+        assert!(reloaded.entries().is_empty());
+    }
+}
