@@ -89,6 +89,7 @@ pub fn run(config_file: &Path, cmd: HitlCommandArgs) -> anyhow::Result<ExitCode>
         },
     )
     .with_context(|| format!("cannot write to the spool directory {}", dir.display()))?;
+    super::ownership::restore_owner(&resolved.layout.data_root, &resolved.layout.repo_dir())?;
     let what = match command {
         HitlCommand::Correct { .. } => "correction",
         HitlCommand::Skip => "skip",

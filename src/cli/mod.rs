@@ -10,6 +10,7 @@ pub mod config_cmd;
 pub mod generate;
 pub mod hitl;
 pub mod issue;
+pub mod ownership;
 pub mod supervisor_cmd;
 pub mod target;
 pub mod worker;
