@@ -72,8 +72,8 @@ fn built_debs() -> Vec<PathBuf> {
     });
     assert!(
         debs.len() >= 2,
-        "need two .debs of different versions in {} (found {debs:?}): run `packaging/build.sh deb` \
-         and `packaging/build.sh deb --deb-version <higher>` first (.ci/run does)",
+        "need two .debs of different versions in {} (found {debs:?}): run `packaging/build.sh deb --profile dev \
+         --deb-revision 1 --deb-revision 2` first (.ci/run does)",
         dir.display()
     );
     debs
@@ -182,7 +182,7 @@ async fn debian_package_in_a_booted_container() {
     sh(
         &c,
         &format!(
-            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-download {}",
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q {}",
             inside(first)
         ),
     );
@@ -203,10 +203,7 @@ async fn debian_package_in_a_booted_container() {
         &c,
         "man -w hydraflow.toml && man -w hydraflow@.service && man -w hydraflow-supervisor",
     );
-    sh(
-        &c,
-        "test -f /etc/hydraflow/hydraflow.toml && hydraflow config check >/dev/null",
-    );
+    sh(&c, "test -f /etc/hydraflow/hydraflow.toml");
     ok("1. hydraflow-supervisor.service active after apt install; `man hydraflow` works");
 
     // Lint, measured in the container: verify prints nothing on stderr.
@@ -227,6 +224,7 @@ async fn debian_package_in_a_booted_container() {
 
     // 2. Add a local-forge repository through the supervisor.
     make_repository(&c, "demo");
+    sh(&c, "hydraflow config check --instance demo");
     sh(&c, "hydraflow repo add /srv/hydraflow/demo --slug demo");
     wait_sh(
         &c,
@@ -255,9 +253,11 @@ async fn debian_package_in_a_booted_container() {
         &c,
         "HYDRAFLOW_HOME=/var/lib/hydraflow/demo hydraflow issue add --instance demo \
          --title 'Add a greeting script' \
-         --body 'Add greet.sh that prints a friendly greeting.' >/dev/null \
-         && chown -R --reference=/var/lib/hydraflow/demo /var/lib/private/hydraflow/demo",
+         --body 'Add greet.sh that prints a friendly greeting.' >/dev/null",
     );
+    // Filed as root, the issue belongs to the instance's user: nothing there is root's.
+    let root_owned = sh(&c, "find /var/lib/private/hydraflow/demo -user root");
+    assert_eq!(root_owned.trim(), "", "root-owned files after `issue add`");
     wait_sh(
         &c,
         "greet.sh merged on main",
@@ -279,7 +279,7 @@ async fn debian_package_in_a_booted_container() {
         "REPO_SLUG=demo",
         "ISSUE=1",
         "STAGE=",
-        "SYSLOG_IDENTIFIER=hydraflow@demo",
+        "_SYSTEMD_UNIT=hydraflow@demo.service",
     ] {
         assert!(
             journal.contains(field),
@@ -337,6 +337,16 @@ async fn debian_package_in_a_booted_container() {
             .trim()
             .to_owned();
         assert_ne!(uid, them_uid, "{me} and {them} share a user");
+        // Its own dynamic user, not the supervisor's static one.
+        assert_eq!(
+            prop(&c, &format!("hydraflow@{me}.service"), "User"),
+            format!("hf-{me}")
+        );
+        assert_ne!(
+            uid,
+            sh(&c, "id -u hydraflow").trim(),
+            "{me} runs as hydraflow"
+        );
         for path in [
             format!("/var/lib/hydraflow/{them}/{them}/state.json"),
             format!("/var/lib/private/hydraflow/{them}"),
@@ -371,7 +381,7 @@ async fn debian_package_in_a_booted_container() {
             &format!("/var/lib/hydraflow/{me}/{me}"),
         ]);
     }
-    ok("6. demo and other run as different users and cannot read each other's state");
+    ok("6. demo and other run as users hf-demo and hf-other and cannot read each other's state");
 
     // 7. Exposure scores, measured in the container.
     let worker = security_score(&c, "hydraflow@demo.service");
@@ -394,7 +404,7 @@ async fn debian_package_in_a_booted_container() {
     sh(
         &c,
         &format!(
-            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-download {}",
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q {}",
             inside(upgrade)
         ),
     );
