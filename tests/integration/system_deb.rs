@@ -14,7 +14,8 @@ use crate::util_container::{Container, ContainerConfig, step, system_tests_enabl
 const DEBS: &str = "/mnt/hydraflow-debs";
 
 /// The instance configuration the administrator writes before `hydraflow repo add` (the
-/// supervisor keeps an existing file): the local forge and the scripted demo agent.
+/// supervisor keeps an existing file): the local forge and the scripted demo agent, through
+/// [`HELD_AGENT`].
 const INSTANCE_CONFIG: &str = r#"repo_path = "/srv/hydraflow/SLUG"
 forge = "local"
 poll_interval = 2
@@ -22,8 +23,20 @@ data_poll_interval = 3
 
 [agent]
 preset = "command"
-command = ["/usr/bin/hydraflow", "demo-agent", "--stage", "{stage}", "--issue", "{issue}"]
+command = ["/usr/local/bin/hydraflow-held-agent", "{stage}", "{issue}"]
 output = "plain"
+"#;
+
+/// The demo agent, except that the first implement call for each issue after #1 leaves a
+/// marker in the instance's state directory and hangs: the test kills the worker there
+/// (step 5). Later calls, the restarted worker's, run the demo agent.
+const HELD_AGENT: &str = r#"#!/bin/sh
+marker="$HYDRAFLOW_HOME/held-$2"
+if [ "$1" = implement ] && [ "$2" != 1 ] && [ ! -e "$marker" ]; then
+    : >"$marker"
+    sleep 600
+fi
+exec /usr/bin/hydraflow demo-agent --stage "$1" --issue "$2"
 "#;
 
 /// The .debs built by packaging/build.sh, lowest version first.
@@ -93,7 +106,9 @@ fn wait_sh(c: &Container, what: &str, limit: Duration, script: &str) -> String {
             return String::from_utf8_lossy(&out.stdout).into_owned();
         }
         if start.elapsed() > limit {
-            let status = c.exec(&["sh", "-c", "systemctl --no-pager status 'hydraflow*' ; journalctl --no-pager -n 80 -u 'hydraflow*'"]);
+            let status = c.exec(&["sh", "-c", "systemctl --no-pager status 'hydraflow*' ; journalctl --no-pager -n 80 -u 'hydraflow*'; \
+                 ls -la /var/lib/private/hydraflow/*/ /var/lib/private/hydraflow/*/*/logs; \
+                 tail -n 20 /var/lib/private/hydraflow/*/*/sessions.jsonl"]);
             panic!(
                 "gave up waiting for {what} after {limit:?}: {}{}\n{}",
                 String::from_utf8_lossy(&out.stdout),
@@ -173,7 +188,11 @@ async fn debian_package_in_a_booted_container() {
     let deb_dir = first.parent().expect("deb dir").to_path_buf();
     let inside = |p: &Path| format!("{DEBS}/{}", p.file_name().expect("name").to_string_lossy());
     let mut c = Container::boot(&ContainerConfig {
-        files: Vec::new(),
+        files: vec![(
+            "/usr/local/bin/hydraflow-held-agent".into(),
+            HELD_AGENT.into(),
+            0o755,
+        )],
         bind_ro: vec![(deb_dir, DEBS.into())],
     });
 
@@ -204,7 +223,17 @@ async fn debian_package_in_a_booted_container() {
         "man -w hydraflow.toml && man -w hydraflow@.service && man -w hydraflow-supervisor",
     );
     sh(&c, "test -f /etc/hydraflow/hydraflow.toml");
-    ok("1. hydraflow-supervisor.service active after apt install; `man hydraflow` works");
+    // Socket activation: with the service stopped, a client's connection starts it again.
+    sh(
+        &c,
+        "systemctl stop hydraflow-supervisor.service 2>/dev/null && \
+         ! systemctl is-active -q hydraflow-supervisor.service && \
+         hydraflow ping && systemctl is-active -q hydraflow-supervisor.service",
+    );
+    ok(
+        "1. hydraflow-supervisor.service active after apt install, started again by its socket; \
+         `man hydraflow` works",
+    );
 
     // Lint, measured in the container: verify prints nothing on stderr.
     for unit in [
@@ -288,7 +317,26 @@ async fn debian_package_in_a_booted_container() {
     }
     ok("4. journalctl -u 'hydraflow@*' HYDRAFLOW_INSTANCE=demo shows REPO_SLUG, ISSUE, STAGE");
 
-    // 5. SIGKILL: systemd restarts the worker, the state is intact, nothing is done twice.
+    // 5. SIGKILL in the middle of the second issue's implement stage: systemd restarts the
+    // worker, which finishes the issue from its state with one merge and one pull request.
+    // (Issues and pull requests share one numbering, so it is not #2.)
+    let added = sh(
+        &c,
+        "HYDRAFLOW_HOME=/var/lib/hydraflow/demo hydraflow issue add --instance demo \
+         --title 'Add a farewell script' --body 'Add farewell.sh that says goodbye.'",
+    );
+    let second: u64 = added
+        .trim()
+        .strip_prefix("created issue #")
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no issue number in {added:?}"));
+    wait_sh(
+        &c,
+        &format!("issue #{second}'s agent to hang in implement"),
+        Duration::from_secs(120),
+        &format!("test -e /var/lib/private/hydraflow/demo/held-{second}"),
+    );
     let pid = prop(&c, "hydraflow@demo.service", "MainPID");
     let restarts = prop(&c, "hydraflow@demo.service", "NRestarts");
     sh(
@@ -306,18 +354,40 @@ async fn debian_package_in_a_booted_container() {
              systemctl is-active hydraflow@demo.service"
         ),
     );
-    // Give the restarted worker a few poll rounds to (wrongly) redo the issue.
-    std::thread::sleep(Duration::from_secs(8));
-    assert_eq!(
-        main_log(&c, "demo"),
-        log,
-        "the restarted worker changed main"
+    wait_sh(
+        &c,
+        "farewell.sh merged on main",
+        Duration::from_secs(120),
+        "git -c safe.directory='*' -C /srv/hydraflow/demo cat-file -e main:farewell.sh",
     );
+    // Give the restarted worker a few poll rounds to (wrongly) redo something.
+    std::thread::sleep(Duration::from_secs(8));
+    let log = main_log(&c, "demo");
+    for n in [1, second] {
+        let merges = log
+            .lines()
+            .filter(|l| l.starts_with(&format!("Fixes #{n}:")))
+            .count();
+        assert_eq!(merges, 1, "issue #{n} merged {merges} times: {log}");
+        let shown = sh(
+            &c,
+            &format!(
+                "HYDRAFLOW_HOME=/var/lib/hydraflow/demo hydraflow issue show --instance demo {n} --json"
+            ),
+        );
+        let shown: serde_json::Value = serde_json::from_str(&shown).expect("issue show --json");
+        let pulls = shown["pull_requests"].as_array().map(Vec::len);
+        assert_eq!(pulls, Some(1), "pull requests of issue #{n}: {shown}");
+    }
     sh(
         &c,
         "test -s /var/lib/private/hydraflow/demo/demo/state.json",
     );
-    ok("5. SIGKILL: restarted by systemd, state intact, main unchanged (no duplicate work)");
+    ok(&format!(
+        "5. SIGKILL during implement of #{second}: restarted by systemd, one merge and one pull request \
+         per issue, main is now {:?}",
+        log.lines().collect::<Vec<_>>()
+    ));
 
     // 6. A second instance cannot read the first's state, nor the first the second's.
     make_repository(&c, "other");
