@@ -4,7 +4,7 @@
 # supervisor so that it starts all of them (reconcile), then loads the control protocol with lg
 # (one TCP connection per request, as the original's client) and prints the figures.
 #
-# usage: bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)]
+# usage: [THREADS=2] bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)]  (THREADS=0: current-thread runtime)
 set -euo pipefail
 
 repos=${1:-200}
@@ -25,6 +25,8 @@ trap cleanup EXIT
 cc -O2 -pthread -o "$work/lg" bench/lg.c
 cat > "$work/worker.sh" <<'EOF'
 #!/bin/sh
+# slow-* instances take half a second to get ready (the add_repo-in-flight figure).
+case "$2" in slow-*) sleep 0.5 ;; esac
 systemd-notify --ready --status="bench worker $2"
 sleep 100000 &
 wait
@@ -48,7 +50,7 @@ start() {
     rm -f "$port_file"
     local t0
     t0=$(now_ms)
-    HYDRAFLOW_LOG=warn "$bin" supervisor >>"$work/supervisor.log" 2>&1 &
+    HYDRAFLOW_LOG=warn "$bin" supervisor --threads "${THREADS:-2}" >>"$work/supervisor.log" 2>&1 &
     pid=$!
     until [ -s "$port_file" ] && "$work/lg" -p "$(cat "$port_file")" -n 1 -q '{"action":"ping"}\n' | grep -q ' ok=1 '; do
         sleep 0.001
@@ -90,6 +92,21 @@ echo "ping, 16 clients:  $(lg -c 16 '{"action":"ping"}\n')"
 echo "list_repos ($repos repos), 1 client:   $(lg -c 1 '{"action":"list_repos"}\n')"
 echo "list_repos ($repos repos), 16 clients: $(lg -c 16 '{"action":"list_repos"}\n')"
 echo "supervisor RSS after load: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status")"
+
+# ping from one client while add_repo of slow instances (0.5 s to READY=1) runs back to back.
+mkdir -p "$work/checkouts/slow-1" "$work/checkouts/slow-2"
+(
+    end=$(($(now_ms) + secs * 1000))
+    n=0
+    while [ "$(now_ms)" -lt "$end" ]; do
+        n=$((n % 2 + 1))
+        "$work/lg" -p "$(cat "$port_file")" -n 1 -q "{\"action\":\"add_repo\",\"path\":\"$work/checkouts/slow-$n\"}\\n" >/dev/null
+        "$work/lg" -p "$(cat "$port_file")" -n 1 -q "{\"action\":\"remove_repo\",\"slug\":\"slow-$n\"}\\n" >/dev/null
+    done
+) &
+adder=$!
+echo "ping, 1 client, add_repo in flight: $(lg -c 1 '{"action":"ping"}\n')"
+wait "$adder"
 
 t0=$(now_ms)
 stop

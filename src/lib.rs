@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod forge;
 pub mod git;

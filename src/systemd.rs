@@ -29,9 +29,24 @@ pub const LOG_ENV: &str = "HYDRAFLOW_LOG";
 /// Send `states` when `$NOTIFY_SOCKET` is set. The variable is left set: the
 /// worker notifies many times (status, watchdog).
 fn notify(states: &[NotifyState<'_>]) {
-    if let Err(err) = sd_notify::notify(states) {
+    let result = match env::var("NOTIFY_SOCKET") {
+        // An abstract socket (`@name`, sd_notify(3)), which the supervisor's
+        // process backend uses; sd-notify 0.5 only sends to paths.
+        Ok(name) if name.starts_with('@') => notify_abstract(&name[1..], states),
+        _ => sd_notify::notify(states),
+    };
+    if let Err(err) = result {
         tracing::warn!("cannot notify the service manager: {err}");
     }
+}
+
+fn notify_abstract(name: &str, states: &[NotifyState<'_>]) -> io::Result<()> {
+    use std::os::linux::net::SocketAddrExt as _;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let message: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    socket.send_to_addr(message.as_bytes(), &addr)?;
+    Ok(())
 }
 
 /// `status` on one line: lines trimmed and joined with a space (sd_notify(3)

@@ -57,6 +57,12 @@ pub fn run(config_file: &Path, cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
                 .unwrap_or(0);
             for (key, value) in rows {
                 let source = r.sources.get(&key).cloned().unwrap_or(Source::Default);
+                // Secrets are never printed.
+                let value = if key == "dashboard.token" && value != "null" {
+                    "\"(set, not shown)\"".to_owned()
+                } else {
+                    value
+                };
                 let line = format!("{key} = {value}");
                 println!("{line:<width$}  # {source}");
             }

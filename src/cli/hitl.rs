@@ -7,10 +7,10 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use super::TargetArgs;
-use crate::pipeline::spool::{self, SpoolEntry};
+use crate::pipeline::spool;
 use crate::store::state::{HitlCommand, State, StateTracker};
 
 /// `hydraflow hitl …`
@@ -64,31 +64,18 @@ pub fn run(config_file: &Path, cmd: HitlCommandArgs) -> anyhow::Result<ExitCode>
             target,
             number,
             text,
-        } => {
-            if text.trim().is_empty() {
-                bail!("the correction is empty: say what the agent should do differently");
-            }
-            (target, number, HitlCommand::Correct { text })
-        }
+        } => (target, number, HitlCommand::Correct { text }),
         HitlCommandArgs::Skip { target, number } => (target, number, HitlCommand::Skip),
         HitlCommandArgs::Close { target, number } => (target, number, HitlCommand::Close),
     };
     let resolved = super::target::resolve(config_file, &target)?;
     let state = read_state(&resolved.layout.state_file())?;
-    match state.issues.get(&number) {
-        Some(r) if r.hitl.is_some() => {}
-        _ => bail!("issue #{number} is not waiting for a human: see `hydraflow hitl list`"),
-    }
-    let dir = resolved.layout.spool_dir();
-    let path = spool::submit(
-        &dir,
-        &SpoolEntry {
-            issue: number,
-            command: command.clone(),
-            created_at: chrono::Utc::now().to_rfc3339(),
-        },
-    )
-    .with_context(|| format!("cannot write to the spool directory {}", dir.display()))?;
+    let path = spool::submit_command(
+        &resolved.layout.spool_dir(),
+        &state,
+        number,
+        command.clone(),
+    )?;
     super::ownership::restore_owner(&resolved.layout.data_root, &resolved.layout.repo_dir())?;
     let what = match command {
         HitlCommand::Correct { .. } => "correction",

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 pub mod config_cmd;
+pub mod dashboard;
 pub mod generate;
 pub mod hitl;
 pub mod issue;
@@ -63,6 +64,8 @@ pub enum Command {
     /// List and answer issues waiting for a human.
     #[command(subcommand)]
     Hitl(hitl::HitlCommandArgs),
+    /// Serve the multi-repository dashboard for given worker sockets.
+    Dashboard(dashboard::DashboardArgs),
     /// Run the supervisor: the control protocol on 127.0.0.1:8765 and one worker instance
     /// per registered repository.
     Supervisor(supervisor_cmd::SupervisorArgs),
@@ -100,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config_cmd::run(&cli.config, cmd),
         Command::Issue(cmd) => issue::run(&cli.config, cmd),
         Command::Hitl(cmd) => hitl::run(&cli.config, cmd),
+        Command::Dashboard(args) => dashboard::run(args),
         Command::Supervisor(args) => supervisor_cmd::run_supervisor(&cli.config, args),
         Command::Repo(cmd) => supervisor_cmd::run_repo(&cli.config, cmd),
         Command::Ping => supervisor_cmd::run_ping(&cli.config),

@@ -18,7 +18,7 @@ use crate::forge::github::{self, GithubForge, GithubOptions};
 use crate::forge::local::LocalForge;
 use crate::forge::{Forge, ForgeError};
 use crate::runtime::{RepoRuntime, RepoRuntimeRegistry};
-use crate::systemd;
+use crate::{dashboard, systemd};
 
 /// How long a stop may take before the process exits anyway (the unit's
 /// `TimeoutStopSec=` is longer).
@@ -271,27 +271,42 @@ async fn daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Ex
         setup.agent_env,
     )
     .with_context(|| format!("cannot start the worker for {slug}"))?;
-    let registry = RepoRuntimeRegistry::new();
+    let registry = Arc::new(RepoRuntimeRegistry::new());
     registry.register(Arc::clone(&runtime));
 
     runtime.start().await;
+    let api_stop = tokio_util::sync::CancellationToken::new();
+    let api = start_api(&runtime, &registry, &api_stop).await?;
     let status = runtime.status_line().await;
     systemd::notify_ready(&status);
-    tracing::info!(repo_slug = %slug, status, "worker ready");
-    let mut changes = runtime
-        .status_changes()
-        .await
-        .context("the orchestrator did not start")?;
+    tracing::info!(repo_slug = %slug, status, socket = %api.display(), "worker ready");
+    let mut changes = runtime.status_changes().await;
     let mut idle_check = tokio::time::interval(Duration::from_millis(250));
+    let mut stopped_tick = tokio::time::interval(Duration::from_secs(1));
     let mut idle_since: Option<Instant> = None;
     let reason = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
-            changed = changes.changed() => {
-                if changed.is_err() { break "the orchestrator stopped"; }
-                let line = changes.borrow_and_update().clone();
-                systemd::notify_status(&line);
+            changed = async { changes.as_mut()?.changed().await.ok() }, if changes.is_some() => {
+                match changed {
+                    Some(()) => {
+                        let line = changes.as_mut().map(|c| c.borrow_and_update().clone()).unwrap_or_default();
+                        systemd::notify_status(&line);
+                    }
+                    // Stopped through the API: the process stays up to be started again.
+                    None => {
+                        changes = None;
+                        systemd::notify_status("stopped through the dashboard API");
+                    }
+                }
+            }
+            _ = stopped_tick.tick(), if changes.is_none() => {
+                // The loops (which ping the watchdog) are stopped: keep the unit alive.
+                systemd::notify_watchdog();
+                if runtime.running().await {
+                    changes = runtime.status_changes().await;
+                }
             }
             _ = idle_check.tick(), if options.exit_when_idle => {
                 if runtime.is_idle().await {
@@ -305,13 +320,48 @@ async fn daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Ex
             }
         }
     };
+    api_stop.cancel();
     tracing::info!(repo_slug = %slug, reason, "stopping");
     systemd::notify_stopping();
     systemd::notify_status(&format!("stopping: {reason}"));
     runtime.stop(STOP_DEADLINE).await;
     registry.remove(slug.as_str());
+    let _ = std::fs::remove_file(&api);
     tracing::info!(repo_slug = %slug, "stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Bind the worker API's Unix socket (and its TCP address when
+/// `dashboard.worker_listen` is set) and serve it until `stop` is cancelled.
+/// Returns the socket path.
+async fn start_api(
+    runtime: &RepoRuntime,
+    registry: &Arc<RepoRuntimeRegistry>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<PathBuf> {
+    let path = dashboard::worker_socket_path(runtime.layout());
+    let listener = dashboard::bind_private_socket(&path)?;
+    let (reg, stop1) = (Arc::clone(registry), stop.clone());
+    tokio::spawn(async move {
+        if let Err(e) =
+            dashboard::worker::serve(listener, reg, async move { stop1.cancelled().await }).await
+        {
+            tracing::error!(error = %e, "the worker API stopped");
+        }
+    });
+    let config = &runtime.resolved().config.dashboard;
+    if let Some(address) = &config.worker_listen {
+        let listener = dashboard::bind_tcp(address, config.token.as_deref()).await?;
+        let token = config.token.as_deref().map(Arc::from);
+        let (reg, stop2) = (Arc::clone(registry), stop.clone());
+        tokio::spawn(async move {
+            let shutdown = async move { stop2.cancelled().await };
+            if let Err(e) = dashboard::worker::serve_tcp(listener, reg, token, shutdown).await {
+                tracing::error!(error = %e, "the worker API (TCP) stopped");
+            }
+        });
+    }
+    Ok(path)
 }
 
 /// Make and run the demo: a repository with four issues, the scripted demo

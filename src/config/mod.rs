@@ -383,12 +383,19 @@ impl Default for SupervisorConfig {
 pub struct DashboardConfig {
     /// Listen address of the supervisor's dashboard.
     pub listen: String,
+    /// Optional TCP listen address of a worker's API (besides its Unix socket).
+    pub worker_listen: Option<String>,
+    /// Access token for the TCP dashboards (`Authorization: Bearer …` or the
+    /// `hydraflow_token` cookie); required to listen on a non-loopback address.
+    pub token: Option<String>,
 }
 
 impl Default for DashboardConfig {
     fn default() -> Self {
         DashboardConfig {
             listen: "127.0.0.1:5555".into(),
+            worker_listen: None,
+            token: None,
         }
     }
 }

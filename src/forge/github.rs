@@ -1,6 +1,7 @@
 //! The GitHub forge: [`Forge`] over GitHub's REST API (api.github.com or
-//! GitHub Enterprise Server) with octocrab as the HTTP client, and branch
-//! pushes over HTTPS with git2.
+//! GitHub Enterprise Server) with octocrab as the HTTP client, and clones,
+//! fetches and branch pushes with git2 over git's smart HTTP protocol
+//! ([`super::git_http`]: ureq and rustls, no OpenSSL).
 //!
 //! **Invariant:** only this module imports octocrab.
 //!
@@ -13,8 +14,9 @@
 //! newer field still works. Retries use `backon` (jittered exponential
 //! backoff; a rate limit's own wait replaces the backoff delay). A tokio
 //! semaphore caps concurrent requests per process. The token is never put in
-//! a URL, a git config or a log: git2 receives it through a credentials
-//! callback only.
+//! a URL, a git config or a log: git's HTTP requests carry it through
+//! [`super::git_http`] (git2 has no `https` feature and no credentials
+//! callback here), only to the web URL's host.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,6 +33,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+use super::git_http;
 use super::{
     ChecksState, ChecksSummary, Comment, Forge, ForgeError, ForgeResult, Issue, IssueDetail,
     IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest, PullRequestState, RateBudget,
@@ -456,6 +459,8 @@ impl GithubForge {
     /// client cannot be built.
     pub fn new(opts: GithubOptions) -> ForgeResult<GithubForge> {
         let api = opts.api_url.trim_end_matches('/').to_string();
+        // Before any git2 network operation of the process (see git_http::register).
+        git_http::register().map_err(|e| ForgeError::Local(e.message().to_string()))?;
         let client = octocrab::Octocrab::builder()
             .base_uri(api.as_str())
             .map_err(|e| ForgeError::Local(format!("github.api_url {api:?} is not a URI: {e}")))?
@@ -694,45 +699,43 @@ impl GithubForge {
         Ok(reply.json::<PullJson>(&what)?.into_pull())
     }
 
-    /// Callbacks answering the remote's credential request with the token
-    /// (HTTP Basic, user `x-access-token`), once: a second request means the
-    /// token was refused, and asking again would loop.
-    fn token_callbacks<'a>(token: &'a str, action: &'static str) -> git2::RemoteCallbacks<'a> {
-        let mut callbacks = git2::RemoteCallbacks::new();
-        let mut attempts = 0;
-        callbacks.credentials(move |_url, _user, allowed| {
-            attempts += 1;
-            if attempts > 1 || !allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
-                return Err(git2::Error::from_str(&format!(
-                    "the remote did not accept the GitHub token for {action}"
-                )));
-            }
-            git2::Cred::userpass_plaintext("x-access-token", token)
-        });
-        callbacks
-    }
-
     /// Map a git2 failure of a network operation to a [`ForgeError`]: a refused
     /// token is [`ForgeError::Auth`], other network failures are transient,
     /// the rest local.
     fn git_error(e: &git2::Error, msg: String) -> ForgeError {
         match e.class() {
+            _ if e.code() == git2::ErrorCode::Auth => ForgeError::Auth(msg),
             git2::ErrorClass::Http | git2::ErrorClass::Net | git2::ErrorClass::Ssl => {
-                if e.code() == git2::ErrorCode::Auth || e.message().contains("token") {
-                    ForgeError::Auth(msg)
-                } else {
-                    ForgeError::Transient(msg)
-                }
-            }
-            _ if e.code() == git2::ErrorCode::Auth || e.message().contains("token") => {
-                ForgeError::Auth(msg)
+                ForgeError::Transient(msg)
             }
             _ => ForgeError::Local(msg),
         }
     }
 
+    /// Run a git2 network operation on this thread with the token sent to
+    /// `web_url`'s host ([`git_http::with_token`]); its failure becomes
+    /// [`ForgeError::Auth`] when the server refused the token, else as
+    /// [`Self::git_error`] says, with the message `msg` makes.
+    fn with_token<T>(
+        web_url: &str,
+        token: &str,
+        op: impl FnOnce() -> Result<T, git2::Error>,
+        msg: impl FnOnce(&git2::Error) -> String,
+    ) -> ForgeResult<T> {
+        let done = git_http::with_token(web_url, token, op)
+            .map_err(|e| ForgeError::Local(e.to_string()))?;
+        done.value.map_err(|e| {
+            let msg = msg(&e);
+            if done.token_refused {
+                ForgeError::Auth(msg)
+            } else {
+                GithubForge::git_error(&e, msg)
+            }
+        })
+    }
+
     /// Clone the repository into `dest` (which must not exist) over HTTPS,
-    /// the token given through the credentials callback only: the clone's
+    /// the token sent by [`git_http`] only: the clone's
     /// `origin` is [`Self::clone_url`], without credentials. The clone is
     /// made in a temporary directory next to `dest` and renamed into place,
     /// so a failed clone leaves nothing behind. When the remote's default
@@ -746,13 +749,21 @@ impl GithubForge {
         let dest = dest.to_path_buf();
         let base = base.to_string();
         let url = self.clone_url();
-        let token = self.opts.token.clone();
-        tokio::task::spawn_blocking(move || GithubForge::clone_blocking(&url, &token, &dest, &base))
-            .await
-            .map_err(|e| ForgeError::Local(format!("clone task failed: {e}")))?
+        let (web_url, token) = (self.opts.web_url.clone(), self.opts.token.clone());
+        tokio::task::spawn_blocking(move || {
+            GithubForge::clone_blocking(&url, &web_url, &token, &dest, &base)
+        })
+        .await
+        .map_err(|e| ForgeError::Local(format!("clone task failed: {e}")))?
     }
 
-    fn clone_blocking(url: &str, token: &str, dest: &Path, base: &str) -> ForgeResult<()> {
+    fn clone_blocking(
+        url: &str,
+        web_url: &str,
+        token: &str,
+        dest: &Path,
+        base: &str,
+    ) -> ForgeResult<()> {
         let local =
             |what: String| move |e: std::io::Error| ForgeError::Local(format!("{what}: {e}"));
         if dest.exists() {
@@ -772,14 +783,12 @@ impl GithubForge {
                 parent.display()
             )))?;
         let staging = tmp.path().join("checkout");
-        let mut fetch = git2::FetchOptions::new();
-        fetch.remote_callbacks(GithubForge::token_callbacks(token, "clone"));
-        let repo = git2::build::RepoBuilder::new()
-            .fetch_options(fetch)
-            .clone(url, &staging)
-            .map_err(|e| {
-                GithubForge::git_error(&e, format!("cannot clone {url}: {}", e.message()))
-            })?;
+        let repo = GithubForge::with_token(
+            web_url,
+            token,
+            || git2::build::RepoBuilder::new().clone(url, &staging),
+            |e| format!("cannot clone {url}: {}", e.message()),
+        )?;
         if repo.find_branch(base, git2::BranchType::Local).is_err() {
             let remote = repo
                 .find_reference(&format!("refs/remotes/origin/{base}"))
@@ -803,7 +812,13 @@ impl GithubForge {
         Ok(())
     }
 
-    fn refresh_blocking(repo_path: &Path, base: &str, url: &str, token: &str) -> ForgeResult<()> {
+    fn refresh_blocking(
+        repo_path: &Path,
+        base: &str,
+        url: &str,
+        web_url: &str,
+        token: &str,
+    ) -> ForgeResult<()> {
         let ctx = |what: &str| {
             let what = format!("{what} in {}", repo_path.display());
             move |e: git2::Error| ForgeError::Local(format!("{what}: {}", e.message()))
@@ -815,16 +830,12 @@ impl GithubForge {
             .map_err(ctx("cannot set up the remote"))?;
         let tracking = format!("refs/remotes/origin/{base}");
         let refspec = format!("+refs/heads/{base}:{tracking}");
-        let mut fetch = git2::FetchOptions::new();
-        fetch.remote_callbacks(GithubForge::token_callbacks(token, "fetch"));
-        remote
-            .fetch(&[refspec.as_str()], Some(&mut fetch), None)
-            .map_err(|e| {
-                GithubForge::git_error(
-                    &e,
-                    format!("cannot fetch {base} from {url}: {}", e.message()),
-                )
-            })?;
+        GithubForge::with_token(
+            web_url,
+            token,
+            || remote.fetch(&[refspec.as_str()], None, None),
+            |e| format!("cannot fetch {base} from {url}: {}", e.message()),
+        )?;
         drop(remote);
         let fetched = repo
             .find_reference(&tracking)
@@ -882,12 +893,13 @@ impl GithubForge {
         Ok(())
     }
 
-    fn push_blocking(repo: &Path, branch: &str, url: &str, token: &str) -> Result<(), git2::Error> {
+    /// Push `branch` to `url`; run inside [`Self::with_token`].
+    fn push_blocking(repo: &Path, branch: &str, url: &str) -> Result<(), git2::Error> {
         let repository = git2::Repository::open(repo)?;
         // An anonymous remote lives only in memory: nothing reaches .git/config.
         let mut remote = repository.remote_anonymous(url)?;
         let rejected: std::cell::RefCell<Option<String>> = std::cell::RefCell::new(None);
-        let mut callbacks = GithubForge::token_callbacks(token, "push");
+        let mut callbacks = git2::RemoteCallbacks::new();
         callbacks.push_update_reference(|name, status| {
             if let Some(s) = status {
                 *rejected.borrow_mut() = Some(format!("{name}: {s}"));
@@ -1054,16 +1066,20 @@ impl Forge for GithubForge {
         let repo = repo.to_path_buf();
         let branch_owned = branch.to_string();
         let url = self.clone_url();
-        let token = self.opts.token.clone();
+        let (web_url, token) = (self.opts.web_url.clone(), self.opts.token.clone());
         tokio::task::spawn_blocking(move || {
-            GithubForge::push_blocking(&repo, &branch_owned, &url, &token).map_err(|e| {
-                let msg = format!(
-                    "cannot push {branch_owned} from {}: {}",
-                    repo.display(),
-                    e.message()
-                );
-                GithubForge::git_error(&e, msg)
-            })
+            GithubForge::with_token(
+                &web_url,
+                &token,
+                || GithubForge::push_blocking(&repo, &branch_owned, &url),
+                |e| {
+                    format!(
+                        "cannot push {branch_owned} from {}: {}",
+                        repo.display(),
+                        e.message()
+                    )
+                },
+            )
         })
         .await
         .map_err(|e| ForgeError::Local(format!("push task failed: {e}")))?
@@ -1248,9 +1264,9 @@ impl Forge for GithubForge {
         let _guard = self.git_lock.lock().await;
         let (repo, base) = (repo.to_path_buf(), base.to_string());
         let url = self.clone_url();
-        let token = self.opts.token.clone();
+        let (web_url, token) = (self.opts.web_url.clone(), self.opts.token.clone());
         tokio::task::spawn_blocking(move || {
-            GithubForge::refresh_blocking(&repo, &base, &url, &token)
+            GithubForge::refresh_blocking(&repo, &base, &url, &web_url, &token)
         })
         .await
         .map_err(|e| ForgeError::Local(format!("fetch task failed: {e}")))?

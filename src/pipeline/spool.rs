@@ -8,7 +8,61 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::state::HitlCommand;
+use crate::store::state::{HitlCommand, State};
+
+/// Why a HITL command was refused before reaching the spool.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The issue has no HITL record in `state.json`.
+    #[error("issue #{0} is not waiting for a human: see `hydraflow hitl list`")]
+    NotWaiting(u64),
+    /// A correction with no text.
+    #[error("the correction is empty: say what the agent should do differently")]
+    EmptyCorrection,
+    /// The spool directory could not be written.
+    #[error("cannot write to the spool directory {dir}: {source}")]
+    Io {
+        /// The spool directory.
+        dir: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Check `command` for `issue` against `state` (the issue must be waiting
+/// for a human; a correction must have text) and hand it to the worker
+/// through `dir`. The one path by which the CLI and the dashboard API send
+/// HITL commands; returns the spool file written.
+///
+/// # Errors
+/// [`SubmitError`] for an issue not in HITL, an empty correction or an I/O failure.
+pub fn submit_command(
+    dir: &Path,
+    state: &State,
+    issue: u64,
+    command: HitlCommand,
+) -> Result<PathBuf, SubmitError> {
+    if let HitlCommand::Correct { text } = &command
+        && text.trim().is_empty()
+    {
+        return Err(SubmitError::EmptyCorrection);
+    }
+    if state.issues.get(&issue).is_none_or(|r| r.hitl.is_none()) {
+        return Err(SubmitError::NotWaiting(issue));
+    }
+    submit(
+        dir,
+        &SpoolEntry {
+            issue,
+            command,
+            created_at: chrono::Utc::now().to_rfc3339(),
+        },
+    )
+    .map_err(|source| SubmitError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    })
+}
 
 /// One spooled command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

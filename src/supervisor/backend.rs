@@ -105,6 +105,14 @@ pub trait InstanceBackend: Send + Sync {
 
     /// Every instance the backend knows (systemd: `ListUnitsByPatterns([], ["hydraflow@*.service"])`).
     async fn list(&self) -> Result<Vec<InstanceStatus>, BackendError>;
+
+    /// A counter that changes whenever what [`InstanceBackend::list`] returns may have changed
+    /// (an instance started, became ready, crashed, was restarted or stopped, by whoever). Read
+    /// it before calling `list` to know whether a list made earlier is still current. `None`
+    /// (the default) when the backend cannot tell: callers then ask `list` every time.
+    fn generation(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Choose the backend for `kind`: `process` runs children of the supervisor; `systemd` drives

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +28,10 @@ pub mod server;
 pub mod systemd_backend;
 
 use backend::{BackendError, InstanceBackend, InstanceStatus};
-use protocol::{Added, Registered, RepoInfo, RepoList, RepoRef, RepoStatus, RepoTarget, Version};
+use protocol::{
+    Added, Registered, Reply, RepoInfo, RepoList, RepoRef, RepoStatus, RepoTarget, Response,
+    Version,
+};
 use registry::{Registry, RegistryError, RepoEntry};
 
 /// Name of the port file in the state directory.
@@ -151,6 +155,17 @@ pub struct Supervisor {
     backend: Arc<dyn InstanceBackend>,
     settings: Settings,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bumped after every change this supervisor makes (registry, start, stop, restart).
+    changes: AtomicU64,
+    /// The last `list_repos` reply line, valid while neither this supervisor's nor the
+    /// backend's generation has moved.
+    list_cache: Mutex<Option<ListCache>>,
+}
+
+/// A `list_repos` reply line and the (supervisor, backend) generations it was made at.
+struct ListCache {
+    key: (u64, u64),
+    line: Arc<[u8]>,
 }
 
 /// A checked `owner/name`.
@@ -185,12 +200,34 @@ impl Supervisor {
             backend,
             settings,
             locks: Mutex::new(HashMap::new()),
+            changes: AtomicU64::new(0),
+            list_cache: Mutex::new(None),
         }
+    }
+
+    /// Something this supervisor did may have changed what `list_repos` shows.
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
     }
 
     /// The backend's name (`systemd`, `process`).
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    /// The registry of repositories (read by the dashboard).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The instance backend (read by the dashboard).
+    pub fn backend(&self) -> &Arc<dyn InstanceBackend> {
+        &self.backend
+    }
+
+    /// The fixed settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// The per-slug operation lock: add, remove and restart of one slug run one at a time.
@@ -375,7 +412,9 @@ impl Supervisor {
             });
         }
         self.ensure_instance_file(slug, &path, repo.as_deref())?;
-        Ok(self.registry.insert(self.new_entry(slug, path, repo))?)
+        let inserted = self.registry.insert(self.new_entry(slug, path, repo));
+        self.changed();
+        Ok(inserted?)
     }
 
     /// `register_repo`: record the repository without starting it.
@@ -411,7 +450,9 @@ impl Supervisor {
         let (path, repo, slug) = self.resolve_target(&target, slug)?;
         let _guard = self.lock(slug.as_str()).await;
         let fresh = self.register(&slug, path.clone(), repo.clone())?;
-        match self.backend.start(&slug, self.settings.start_timeout).await {
+        let started = self.backend.start(&slug, self.settings.start_timeout).await;
+        self.changed();
+        match started {
             Ok(started) => Ok(Added {
                 slug: slug.to_string(),
                 port: 0,
@@ -422,8 +463,16 @@ impl Supervisor {
                 repo,
             }),
             Err(err) => {
-                if fresh && let Err(e) = self.registry.remove(slug.as_str()) {
-                    tracing::error!(slug = %slug, "cannot take back the registration: {e}");
+                if fresh {
+                    if let Err(e) = self.registry.remove(slug.as_str()) {
+                        tracing::error!(slug = %slug, "cannot take back the registration: {e}");
+                    }
+                    // systemd would go on restarting a unit whose start failed
+                    // (Restart=on-failure): an unregistered instance must not run.
+                    if let Err(e) = self.backend.stop(&slug).await {
+                        tracing::warn!(slug = %slug, "cannot stop the failed instance: {e}");
+                    }
+                    self.changed();
                 }
                 Err(self.start_error(&slug, err))
             }
@@ -437,7 +486,9 @@ impl Supervisor {
     pub async fn remove_repo(&self, r: RepoRef) -> Result<(), SupervisorError> {
         let entry = self.resolve_ref(&r)?;
         let _guard = self.lock(&entry.slug).await;
-        let Some(entry) = self.registry.remove(&entry.slug)? else {
+        let removed = self.registry.remove(&entry.slug);
+        self.changed();
+        let Some(entry) = removed? else {
             // Removed by a concurrent request while this one waited for the lock.
             return Err(SupervisorError::NotFound);
         };
@@ -445,10 +496,9 @@ impl Supervisor {
             from: entry.slug.clone(),
             source,
         })?;
-        self.backend
-            .stop(&slug)
-            .await
-            .map_err(SupervisorError::Backend)
+        let stopped = self.backend.stop(&slug).await;
+        self.changed();
+        stopped.map_err(SupervisorError::Backend)
     }
 
     /// `restart_repo`: restart a registered repository's instance and report its status.
@@ -459,10 +509,12 @@ impl Supervisor {
         let entry = self.resolve_ref(&r)?;
         let _guard = self.lock(&entry.slug).await;
         let slug = self.entry_slug(&entry)?;
-        self.backend
+        let restarted = self
+            .backend
             .restart(&slug, self.settings.start_timeout)
-            .await
-            .map_err(|e| self.start_error(&slug, e))?;
+            .await;
+        self.changed();
+        restarted.map_err(|e| self.start_error(&slug, e))?;
         self.status_of(&entry, &slug).await
     }
 
@@ -543,6 +595,40 @@ impl Supervisor {
         Ok(RepoList { repos })
     }
 
+    /// The `list_repos` reply line (see [`Supervisor::list_repos`]), made once and served from
+    /// a cache until this supervisor or the backend reports a change ([`InstanceBackend::generation`]);
+    /// made afresh every time for a backend that cannot tell.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn list_repos_line(&self) -> Result<Arc<[u8]>, SupervisorError> {
+        // Read before listing: a change during the listing moves a generation past the key.
+        let key = self
+            .backend
+            .generation()
+            .map(|backend| (self.changes.load(Ordering::Acquire), backend));
+        let cache = || {
+            self.list_cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(key) = key
+            && let Some(hit) = cache().as_ref().filter(|c| c.key == key)
+        {
+            return Ok(hit.line.clone());
+        }
+        let line: Arc<[u8]> = Response::Ok(Reply::Repos(self.list_repos().await?))
+            .to_line()
+            .into();
+        if let Some(key) = key {
+            *cache() = Some(ListCache {
+                key,
+                line: line.clone(),
+            });
+        }
+        Ok(line)
+    }
+
     /// `version`: the program's version and backend; `connections` comes from the server.
     pub fn version(&self, connections: usize) -> Version {
         Version {
@@ -569,9 +655,9 @@ impl Supervisor {
                 if sup.registry.get(slug.as_str()).is_none() {
                     return Ok((slug, false));
                 }
-                sup.backend
-                    .start(&slug, sup.settings.start_timeout)
-                    .await
+                let started = sup.backend.start(&slug, sup.settings.start_timeout).await;
+                sup.changed();
+                started
                     .map(|started| (slug.clone(), started))
                     .map_err(|e| sup.start_error(&slug, e))
             });
@@ -689,6 +775,35 @@ async fn listener(listen: &str, mut fds: Vec<OwnedFd>) -> Result<TcpListener, Da
         })
 }
 
+/// Serve the dashboard (`dashboard.listen`) until `stop`; a dashboard that
+/// cannot listen is logged and left out (the control protocol still runs).
+async fn start_dashboard(
+    config: &Config,
+    supervisor: &Arc<Supervisor>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let d = &config.dashboard;
+    let listener = match crate::dashboard::bind_tcp(&d.listen, d.token.as_deref()).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("the dashboard is not served: {e}");
+            return None;
+        }
+    };
+    tracing::info!(listen = %d.listen, "dashboard listening");
+    let directory: Arc<dyn crate::dashboard::supervisor::RepoDirectory> = supervisor.clone();
+    let token = d.token.as_deref().map(Arc::from);
+    let stop = stop.clone();
+    Some(tokio::spawn(async move {
+        let shutdown = async move { stop.cancelled().await };
+        if let Err(e) =
+            crate::dashboard::supervisor::serve(listener, directory, token, shutdown).await
+        {
+            tracing::error!("the dashboard stopped: {e}");
+        }
+    }))
+}
+
 /// Run the supervisor until `shutdown` resolves: load the registry, choose the backend, listen
 /// (on `listen_fds[0]` when socket-activated), write the port file, send READY=1, start the
 /// registered repositories, serve; on shutdown remove the port file and stop child instances.
@@ -743,7 +858,14 @@ pub async fn run_daemon(
         crate::systemd::notify_ready(&format!("listening on {addr}"));
     }
     let reconcile = tokio::spawn(supervisor.clone().reconcile());
+    let dashboard_stop = tokio_util::sync::CancellationToken::new();
+    let dashboard = start_dashboard(&opts.config, &supervisor, &dashboard_stop).await;
     let served = server::serve(listener, supervisor.clone(), opts.server, shutdown).await;
+    dashboard_stop.cancel();
+    if let Some(task) = dashboard {
+        // It holds the supervisor: it must end before the backend is dropped below.
+        let _ = task.await;
+    }
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         crate::systemd::notify_stopping();
     }

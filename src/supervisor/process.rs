@@ -158,6 +158,8 @@ struct Entry {
 /// Runs instances as child processes; see the module documentation.
 pub struct ProcessBackend {
     opts: Arc<ProcessOptions>,
+    /// Bumped by every actor on every change of its snapshot ([`InstanceBackend::generation`]).
+    changes: Arc<AtomicU64>,
     instances: Mutex<HashMap<Slug, Entry>>,
 }
 
@@ -166,6 +168,7 @@ impl ProcessBackend {
     pub fn new(opts: ProcessOptions) -> ProcessBackend {
         ProcessBackend {
             opts: Arc::new(opts),
+            changes: Arc::new(AtomicU64::new(0)),
             instances: Mutex::new(HashMap::new()),
         }
     }
@@ -211,6 +214,7 @@ impl ProcessBackend {
                 let (cmd_tx, cmd_rx) = mpsc::channel(4);
                 let actor = Actor {
                     opts: self.opts.clone(),
+                    changes: self.changes.clone(),
                     slug: slug.clone(),
                     status: status_tx,
                     commands: cmd_rx,
@@ -223,6 +227,7 @@ impl ProcessBackend {
                     },
                 );
                 tokio::spawn(actor.run());
+                self.changes.fetch_add(1, Ordering::Release);
                 (status_rx, true)
             }
         }
@@ -356,6 +361,10 @@ impl InstanceBackend for ProcessBackend {
         })
     }
 
+    fn generation(&self) -> Option<u64> {
+        Some(self.changes.load(Ordering::Acquire))
+    }
+
     async fn list(&self) -> Result<Vec<InstanceStatus>, BackendError> {
         let snaps: Vec<(Slug, Snapshot)> = self
             .instances()
@@ -376,6 +385,7 @@ impl InstanceBackend for ProcessBackend {
 /// One instance's lifecycle: spawn, wait for READY=1, restart on failure, stop on request.
 struct Actor {
     opts: Arc<ProcessOptions>,
+    changes: Arc<AtomicU64>,
     slug: Slug,
     status: watch::Sender<Snapshot>,
     commands: mpsc::Receiver<Control>,
@@ -464,6 +474,7 @@ impl Actor {
 
     fn publish(&self, f: impl FnOnce(&mut Snapshot)) {
         self.status.send_modify(f);
+        self.changes.fetch_add(1, Ordering::Release);
     }
 
     fn bind_notify_socket(&self) -> std::io::Result<(UnixDatagram, String)> {

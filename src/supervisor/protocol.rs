@@ -14,6 +14,10 @@ use crate::layout::Slug;
 /// Longest request line accepted, in bytes (without the `\n`).
 pub const MAX_LINE: usize = 64 * 1024;
 
+/// The reply `{"status":"ok"}` as a line (`ping`, `remove_repo`), equal to
+/// `Response::Ok(Reply::Done(Done {})).to_line()`.
+pub const OK_LINE: &[u8] = b"{\"status\":\"ok\"}\n";
+
 /// A repository to add or register.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RepoTarget {
@@ -566,6 +570,7 @@ mod tests {
             Response::Ok(Reply::Done(Done {})).to_line(),
             b"{\"status\":\"ok\"}\n"
         );
+        assert_eq!(Response::Ok(Reply::Done(Done {})).to_line(), OK_LINE);
         assert_eq!(
             Response::error("Repo not found").to_line(),
             b"{\"status\":\"error\",\"error\":\"Repo not found\"}\n"

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::Supervisor;
-use super::protocol::{Action, Done, MAX_LINE, Reply, Request, Response};
+use super::protocol::{Action, Done, MAX_LINE, OK_LINE, Reply, Request, Response};
 
 /// How connections are handled.
 #[derive(Debug, Clone)]
@@ -58,6 +58,36 @@ pub async fn dispatch(sup: &Supervisor, action: Action, connections: usize) -> R
     match result {
         Ok(reply) => Response::Ok(reply),
         Err(err) => Response::error(err.to_string()),
+    }
+}
+
+/// One reply line: shared (the cached `list_repos` reply, a constant) or made for this request.
+enum Line {
+    Shared(Arc<[u8]>),
+    Static(&'static [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Line {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Line::Shared(b) => b,
+            Line::Static(b) => b,
+            Line::Owned(b) => b,
+        }
+    }
+}
+
+/// The reply line to one action: `ping` and `list_repos` (from the supervisor's cache) without
+/// serialising anything, the rest through [`dispatch`].
+async fn answer(sup: &Supervisor, action: Action, connections: usize) -> Line {
+    match action {
+        Action::Ping => Line::Static(OK_LINE),
+        Action::ListRepos => match sup.list_repos_line().await {
+            Ok(line) => Line::Shared(line),
+            Err(err) => Line::Owned(Response::error(err.to_string()).to_line()),
+        },
+        other => Line::Owned(dispatch(sup, other, connections).await.to_line()),
     }
 }
 
@@ -150,9 +180,11 @@ async fn drain(reader: &mut (impl AsyncReadExt + Unpin), limit: Duration) {
 
 /// Serve one connection: requests until one without `keep_alive`, EOF, an error or silence.
 async fn connection(stream: TcpStream, sup: &Supervisor, idle: Duration, active: &AtomicUsize) {
-    let (reader, mut writer) = stream.into_split();
-    let mut reader = BufReader::new(reader);
-    let mut line = Vec::new();
+    let mut stream = stream;
+    let (reader, mut writer) = stream.split();
+    // Requests are short: a small buffer, grown by read_until for a long line.
+    let mut reader = BufReader::with_capacity(1024, reader);
+    let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
         let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
@@ -174,12 +206,12 @@ async fn connection(stream: TcpStream, sup: &Supervisor, idle: Duration, active:
         }
         let (response, keep_alive) = match Request::parse(&line) {
             Ok(request) => (
-                dispatch(sup, request.action, active.load(Ordering::Relaxed)).await,
+                answer(sup, request.action, active.load(Ordering::Relaxed)).await,
                 request.keep_alive,
             ),
-            Err(bad) => (Response::error(bad.0), false),
+            Err(bad) => (Line::Owned(Response::error(bad.0).to_line()), false),
         };
-        if writer.write_all(&response.to_line()).await.is_err() {
+        if writer.write_all(response.bytes()).await.is_err() {
             return;
         }
         if !keep_alive || !complete {

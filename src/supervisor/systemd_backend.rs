@@ -7,6 +7,7 @@
 //! job path, so a signal that arrives before the method's reply is never lost.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,10 @@ const UNIT_SUFFIX: &str = ".service";
 /// How long a `JobRemoved` for a job path nobody waits for yet is kept, in case its method
 /// reply is still on its way.
 const EARLY_SIGNAL_TTL: Duration = Duration::from_secs(30);
+/// Where systemd puts unit objects (org.freedesktop.systemd1(5)).
+const UNIT_PATH_NAMESPACE: &str = "/org/freedesktop/systemd1/unit";
+/// The object path prefix of `hydraflow@…` units: `@` is escaped as `_40` in bus paths.
+const UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/hydraflow_40";
 /// Upper bound for one D-Bus method call (systemd's own default, `DEFAULT_TIMEOUT_USEC`).
 const METHOD_TIMEOUT: Duration = Duration::from_secs(25);
 /// How long [`SystemdBackend::stop`] waits by default: systemd's `DefaultTimeoutStopSec=` (90 s)
@@ -135,6 +140,9 @@ struct RouterState {
 #[derive(Default)]
 struct JobRouter {
     state: Mutex<RouterState>,
+    /// Bumped on every `JobRemoved` and `PropertiesChanged` of an instance unit
+    /// ([`InstanceBackend::generation`]).
+    changes: AtomicU64,
 }
 
 /// What [`JobRouter::watch`] found.
@@ -186,6 +194,10 @@ impl JobRouter {
 
     /// A `JobRemoved(id, job, unit, result)` arrived.
     fn removed(&self, path: &str, unit: &str, result: &str) {
+        if slug_of_unit(unit).is_some() {
+            // Before the waiter learns the result: a list made after the job sees the change.
+            self.changed();
+        }
         let mut state = self.lock();
         if let Some(tx) = state.pending.remove(path) {
             // The waiter may have timed out meanwhile; nothing to do then.
@@ -203,6 +215,11 @@ impl JobRouter {
         state
             .early
             .insert(path.to_owned(), (result.to_owned(), now));
+    }
+
+    /// An instance unit changed.
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
     }
 
     /// The signal stream ended: fail every waiter (their senders drop) and all later waits.
@@ -225,6 +242,27 @@ async fn route_jobs(mut stream: JobRemovedStream, router: Arc<JobRouter>) {
         "the D-Bus connection to systemd was closed: check that dbus and systemd are running"
             .to_owned(),
     );
+}
+
+/// Counts every `PropertiesChanged` of an instance unit (ActiveState, SubState, NRestarts, …:
+/// systemd sends them to subscribed clients) until the stream ends; then the generation is no
+/// longer tracked.
+async fn watch_units(
+    mut stream: zbus::MessageStream,
+    router: Arc<JobRouter>,
+    tracked: Arc<AtomicBool>,
+) {
+    while let Some(msg) = stream.next().await {
+        let Ok(msg) = msg else { continue };
+        if msg
+            .header()
+            .path()
+            .is_some_and(|p| p.as_str().starts_with(UNIT_PATH_PREFIX))
+        {
+            router.changed();
+        }
+    }
+    tracked.store(false, Ordering::Release);
 }
 
 /// The manager method that makes a job.
@@ -259,6 +297,10 @@ pub struct SystemdBackend {
     manager: ManagerProxy<'static>,
     jobs: Arc<JobRouter>,
     router_task: tokio::task::JoinHandle<()>,
+    /// Counts unit property changes; `None` when the match could not be added.
+    units_task: Option<tokio::task::JoinHandle<()>>,
+    /// Whether unit changes are being counted (the signal streams are open).
+    tracked: Arc<AtomicBool>,
     stop_timeout: Duration,
 }
 
@@ -273,6 +315,9 @@ impl std::fmt::Debug for SystemdBackend {
 impl Drop for SystemdBackend {
     fn drop(&mut self) {
         self.router_task.abort();
+        if let Some(task) = &self.units_task {
+            task.abort();
+        }
     }
 }
 
@@ -315,11 +360,40 @@ impl SystemdBackend {
             .map_err(|err| bus_error("Subscribe", &err))?;
         let jobs = Arc::new(JobRouter::default());
         let router_task = tokio::spawn(route_jobs(stream, Arc::clone(&jobs)));
+        let tracked = Arc::new(AtomicBool::new(false));
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface("org.freedesktop.DBus.Properties")
+            .member("PropertiesChanged")
+            .path_namespace(UNIT_PATH_NAMESPACE)
+            .build();
+        let units = match rule {
+            Ok(rule) => zbus::MessageStream::for_match_rule(rule, &conn, None).await,
+            Err(err) => Err(err),
+        };
+        let units_task = match units {
+            Ok(stream) => {
+                tracked.store(true, Ordering::Release);
+                Some(tokio::spawn(watch_units(
+                    stream,
+                    Arc::clone(&jobs),
+                    Arc::clone(&tracked),
+                )))
+            }
+            Err(err) => {
+                tracing::warn!(
+                    "cannot watch unit property changes ({err}): list_repos asks systemd every time"
+                );
+                None
+            }
+        };
         Ok(SystemdBackend {
             conn,
             manager,
             jobs,
             router_task,
+            units_task,
+            tracked,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
         })
     }
@@ -586,6 +660,12 @@ impl InstanceBackend for SystemdBackend {
             Some(path) => self.read_status(slug.as_str(), &unit, &path).await,
             None => Ok(not_loaded(slug.as_str(), &unit)),
         }
+    }
+
+    fn generation(&self) -> Option<u64> {
+        let closed = self.jobs.lock().closed.is_some();
+        (self.tracked.load(Ordering::Acquire) && !closed)
+            .then(|| self.jobs.changes.load(Ordering::Acquire))
     }
 
     async fn list(&self) -> Result<Vec<InstanceStatus>, BackendError> {

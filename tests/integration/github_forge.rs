@@ -723,3 +723,31 @@ async fn clone_and_refresh_the_base_with_the_token_kept_out_of_git() {
     let refused = stale.refresh_base(&dest, "main").await;
     assert!(matches!(refused, Err(ForgeError::Auth(_))), "{refused:?}");
 }
+
+#[tokio::test]
+async fn the_token_goes_only_to_the_web_urls_host() {
+    let fake = FakeGithub::start().await;
+    let url = format!("{}/{OWNER}/{REPO}.git", fake.web_url());
+    let other_origin = fake.web_url().replace("127.0.0.1", "localhost");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clone = |web_url: String, dest: std::path::PathBuf| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            hydraflow::forge::git_http::with_token(&web_url, TOKEN, || {
+                git2::Repository::clone(&url, &dest).map(|_| ())
+            })
+            .expect("session")
+        })
+    };
+    let elsewhere = clone(other_origin, dir.path().join("a"))
+        .await
+        .expect("task");
+    let err = elsewhere.value.expect_err("no token, no clone");
+    assert!(err.message().contains("no token is sent there"), "{err}");
+    assert!(!elsewhere.token_refused);
+    let here = clone(fake.web_url(), dir.path().join("b"))
+        .await
+        .expect("task");
+    assert!(here.value.is_ok(), "{:?}", here.value);
+    assert!(dir.path().join("b").join("README").exists());
+}

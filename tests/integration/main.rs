@@ -1,4 +1,6 @@
 mod agent;
+mod dashboard_api;
+mod dashboard_supervisor;
 mod fake_github;
 mod git_fixture;
 mod git_worktrees;
@@ -11,6 +13,7 @@ mod systemd_container;
 mod systemd_fake;
 mod util;
 mod util_container;
+mod util_dashboard;
 mod worker_bad_input;
 mod worker_e2e;
 mod worker_notify;

@@ -615,7 +615,8 @@ fn output(cmd: &mut std::process::Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The worker processes (by argv) of instance `slug` that are alive.
+/// The worker processes (by argv) of instance `slug` that are alive, without their forked
+/// children that have not exec'd yet.
 fn workers_of(slug: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -634,6 +635,17 @@ fn workers_of(slug: &str) -> Vec<u32> {
             pids.push(pid);
         }
     }
+    // A child the worker forks has its argv until it execs: count only the topmost.
+    let parent = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+            })
+    };
+    let all = pids.clone();
+    pids.retain(|&p| parent(p).is_none_or(|pp| !all.contains(&pp)));
     pids
 }
 

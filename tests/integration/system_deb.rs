@@ -194,6 +194,7 @@ async fn debian_package_in_a_booted_container() {
             0o755,
         )],
         bind_ro: vec![(deb_dir, DEBS.into())],
+        bind: Vec::new(),
     });
 
     // 1. Install with apt: the supervisor runs.

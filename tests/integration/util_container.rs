@@ -37,7 +37,7 @@ pub fn step(what: &str) {
 }
 
 /// The cache directory of the rootfs (`$HYDRAFLOW_TEST_CACHE`, default /var/cache/hydraflow-test).
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     std::env::var_os("HYDRAFLOW_TEST_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/hydraflow-test"))
@@ -50,6 +50,8 @@ pub struct ContainerConfig {
     pub files: Vec<(String, String, u32)>,
     /// Host paths bound read-only into the container, as (host path, container path).
     pub bind_ro: Vec<(PathBuf, String)>,
+    /// Host paths bound read-write into the container, as (host path, container path).
+    pub bind: Vec<(PathBuf, String)>,
 }
 
 /// A booted container; powered off and removed on drop.
@@ -192,6 +194,9 @@ impl Container {
         );
         for (host, inside) in &config.bind_ro {
             cmd.push_str(&format!(" --bind-ro='{}':'{inside}'", host.display()));
+        }
+        for (host, inside) in &config.bind {
+            cmd.push_str(&format!(" --bind='{}':'{inside}'", host.display()));
         }
         step("booting with systemd-nspawn");
         let log = fs::File::create(container.dir.path().join("console.log")).expect("log file");
