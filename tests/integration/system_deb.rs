@@ -1,7 +1,7 @@
 //! The Debian package in a booted Debian 12 container (`HYDRAFLOW_SYSTEM_TESTS=1`, as root):
 //! install the built .deb with apt, add a local-forge repository through the supervisor, watch
-//! its `hydraflow@<slug>.service` take an issue to a merged commit, then SIGKILL, isolation,
-//! `systemd-analyze`, upgrade, remove and purge. The README's Install section does the same
+//! its `hydraflow@<slug>.service` take an issue to a merged commit, then SIGKILL in the middle
+//! of a second issue, isolation, `systemd-analyze`, upgrade, remove and purge. The README's Install section does the same
 //! steps. The .debs come from `packaging/build.sh` (`.ci/run` builds them first): the lowest
 //! version in `$CARGO_TARGET_DIR/debian/` is installed, the highest is the upgrade.
 
