@@ -76,6 +76,7 @@ pub fn run(config_file: &Path, cmd: HitlCommandArgs) -> anyhow::Result<ExitCode>
         number,
         command.clone(),
     )?;
+    super::ownership::restore_owner(&resolved.layout.data_root, &resolved.layout.repo_dir())?;
     let what = match command {
         HitlCommand::Correct { .. } => "correction",
         HitlCommand::Skip => "skip",

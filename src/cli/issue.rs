@@ -90,7 +90,10 @@ pub fn run(config_file: &Path, cmd: IssueCommand) -> anyhow::Result<ExitCode> {
         )
     })?;
     let mut out = std::io::stdout().lock();
-    execute(&forge, &resolved.config.labels.find, cmd, &mut out)
+    let result = execute(&forge, &resolved.config.labels.find, cmd, &mut out);
+    // As root on a packaged instance: what the forge wrote goes to the worker's user.
+    super::ownership::restore_owner(&resolved.layout.data_root, &resolved.layout.repo_dir())?;
+    result
 }
 
 /// Run `cmd` against `forge`, writing what the user sees to `out`;

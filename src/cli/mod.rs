@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand};
 
 pub mod config_cmd;
 pub mod dashboard;
+pub mod generate;
 pub mod hitl;
 pub mod issue;
+pub mod ownership;
 pub mod supervisor_cmd;
 pub mod target;
 pub mod worker;
@@ -72,6 +74,9 @@ pub enum Command {
     Repo(supervisor_cmd::RepoCommand),
     /// Check that the supervisor answers.
     Ping,
+    /// Write manual pages or shell completions (used when building packages).
+    #[command(subcommand, hide = true)]
+    Generate(generate::GenerateCommand),
 }
 
 /// Which repository a command is about.
@@ -102,5 +107,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Supervisor(args) => supervisor_cmd::run_supervisor(&cli.config, args),
         Command::Repo(cmd) => supervisor_cmd::run_repo(&cli.config, cmd),
         Command::Ping => supervisor_cmd::run_ping(&cli.config),
+        Command::Generate(cmd) => generate::run(cmd),
     }
 }

@@ -8,6 +8,7 @@ mod github_e2e;
 mod github_forge;
 mod local_forge;
 mod supervisor;
+mod system_deb;
 mod systemd_container;
 mod systemd_fake;
 mod util;

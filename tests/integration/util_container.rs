@@ -1,6 +1,8 @@
 //! A booted Debian 12 container for system tests (docs: /work/shared/spec/systemd.md, "Testing
 //! against a real systemd"): a copy of the cached rootfs (built by
-//! `tests/system/prepare-host.sh`), booted with `systemd-nspawn --boot` from a scratch cgroup,
+//! `tests/system/prepare-host.sh`), booted with `systemd-nspawn --boot --private-network` (only its own
+//! loopback, so ports such as the supervisor's 127.0.0.1:8765 clash neither with the host's nor
+//! with another test's) from a scratch cgroup,
 //! its system bus socket bound to a host directory, the built `hydraflow` bound to
 //! `/usr/bin/hydraflow`. Reusable by later system tests (e.g. one that installs a .deb: put it
 //! with [`Container::write_file`] / [`ContainerConfig::files`] and run `dpkg -i` with
@@ -186,7 +188,7 @@ impl Container {
 
         let mut cmd = format!(
             "{join}exec systemd-nspawn --quiet -D '{}' --boot --register=no --keep-unit \
-             --bind='{}':/run/dbus",
+             --private-network --bind='{}':/run/dbus",
             root.display(),
             bus.display()
         );

@@ -9,6 +9,10 @@ set -eu
 cache="${HYDRAFLOW_TEST_CACHE:-/var/cache/hydraflow-test}"
 rootfs="$cache/rootfs"
 suite=bookworm
+# man-db: the package test checks `man hydraflow` and lets `systemd-analyze verify` check the
+# units' Documentation= pages. The marker file holds this list: a cache built with another list
+# is rebuilt.
+include=systemd,systemd-sysv,dbus,polkitd,libpam-systemd,git,ca-certificates,man-db
 
 missing=""
 command -v debootstrap >/dev/null 2>&1 || missing="$missing debootstrap"
@@ -22,7 +26,7 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
 fi
 
-if [ -e "$rootfs/.hydraflow-rootfs-complete" ]; then
+if [ "$(cat "$rootfs/.hydraflow-rootfs-complete" 2>/dev/null)" = "$include" ]; then
     echo "prepare-host: rootfs cached at $rootfs"
     exit 0
 fi
@@ -57,11 +61,11 @@ rm -rf "$tmp"
 trap 'cp "$tmp/debootstrap/debootstrap.log" "$cache/debootstrap-failed.log" 2>/dev/null; rm -rf "$tmp"' EXIT
 echo "prepare-host: debootstrap $suite from $mirror into $rootfs"
 debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,polkitd,libpam-systemd,git,ca-certificates \
+    --include="$include" \
     "$suite" "$tmp" "$mirror"
 # A machine id is made at first boot of each copy.
 : >"$tmp/etc/machine-id"
-touch "$tmp/.hydraflow-rootfs-complete"
+echo "$include" >"$tmp/.hydraflow-rootfs-complete"
 rm -rf "$rootfs"
 mv "$tmp" "$rootfs"
 trap - EXIT
