@@ -239,8 +239,10 @@ fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Exit
     if options.print_paths {
         print_paths(&resolved, log_file.as_deref());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs the loops: the worker waits on agents, git and the
+    // forge, and git2's blocking calls go to tokio's blocking pool. This
+    // keeps an idle worker small (BENCHMARKS.md).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("hydraflow")
         .enable_all()
         .build()
