@@ -48,6 +48,7 @@ pub enum Command {
     /// Run a configured instance (what hydraflow@<slug>.service runs).
     Worker(worker::WorkerArgs),
     /// Run the worker in the foreground on a checkout (try-out and development).
+    #[command(after_long_help = RUN_EXAMPLES)]
     Run(worker::RunArgs),
     /// Make a demo repository with issues and take them through the pipeline
     /// with the scripted demo agent.
@@ -78,6 +79,16 @@ pub enum Command {
     #[command(subcommand, hide = true)]
     Generate(generate::GenerateCommand),
 }
+
+/// Examples shown by `hydraflow run --help` and in hydraflow-run(1).
+const RUN_EXAMPLES: &str = "Examples:
+  hydraflow run --repo ~/src/project
+      The local forge: issues and pull requests under <checkout>/.hydraflow.
+  hydraflow run --forge github --repo owner/name
+      GitHub: the token comes from the credential github-token, else
+      HYDRAFLOW_GH_TOKEN, GH_TOKEN or GITHUB_TOKEN; the repository is cloned
+      into the data root. For GitHub Enterprise Server set github.api_url and
+      github.web_url in hydraflow.toml.";
 
 /// Which repository a command is about.
 #[derive(Debug, Clone, Args, Default)]
