@@ -260,8 +260,10 @@ case "$stage" in
 esac
 "#;
 
-#[test]
-fn sigkill_mid_implement_resumes_exactly_once() {
+/// A project with [`CRASH_AGENT`] and one issue, and a worker started on it
+/// and caught with its implement agent hanging: (project, worker, marker file
+/// holding the agent's pid).
+fn worker_hanging_in_implement() -> (Project, std::process::Child, std::path::PathBuf) {
     let p = Project::new(CRASH_AGENT, "");
     let dir = p.fx.tmp.path().to_owned();
     // The agent environment comes from the config, so the marker dir goes there.
@@ -283,6 +285,12 @@ fn sigkill_mid_implement_resumes_exactly_once() {
     wait_for("the implement agent to start", || {
         marker.exists() && !std::fs::read_to_string(&marker).unwrap().trim().is_empty()
     });
+    (p, child, marker)
+}
+
+#[test]
+fn sigkill_mid_implement_resumes_exactly_once() {
+    let (p, child, marker) = worker_hanging_in_implement();
     let worker_pid = child.id() as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(worker_pid),
@@ -336,26 +344,7 @@ fn sigkill_mid_implement_resumes_exactly_once() {
 /// within 10 s; the next start resumes it.
 #[test]
 fn sigterm_checkpoints_and_resumes() {
-    let p = Project::new(CRASH_AGENT, "");
-    let dir = p.fx.tmp.path().to_owned();
-    let mut config = std::fs::read_to_string(&p.config).unwrap();
-    config.push_str(&format!(
-        "[agent.env]\nHYDRAFLOW_TEST_DIR = {:?}\n",
-        dir.display().to_string()
-    ));
-    std::fs::write(&p.config, config).unwrap();
-    p.add_issue("Do the work", "two halves");
-
-    let child = p
-        .hydraflow(&["run"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let marker = dir.join("implement-started");
-    wait_for("the implement agent to start", || {
-        marker.exists() && !std::fs::read_to_string(&marker).unwrap().trim().is_empty()
-    });
+    let (p, child, marker) = worker_hanging_in_implement();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
