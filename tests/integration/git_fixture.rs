@@ -108,3 +108,19 @@ pub fn tip<'r>(repo: &'r Repository, name: &str) -> Option<git2::Commit<'r>> {
         .ok()
         .map(|b| b.get().peel_to_commit().expect("tip"))
 }
+
+/// Subjects of the commits reachable from `refname` (e.g. `refs/heads/main`), newest first.
+pub fn subjects(repo: &Repository, refname: &str) -> Vec<String> {
+    let mut walk = repo.revwalk().expect("revwalk");
+    walk.push_ref(refname).expect("ref");
+    walk.map(|oid| {
+        repo.find_commit(oid.expect("oid"))
+            .expect("commit")
+            .summary()
+            .ok()
+            .flatten()
+            .unwrap_or("")
+            .to_owned()
+    })
+    .collect()
+}

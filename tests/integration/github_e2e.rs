@@ -208,18 +208,7 @@ impl Gh {
     /// Subjects of the commits on the bare repository's `main`, newest first.
     fn main_subjects(&self) -> Vec<String> {
         let repo = git2::Repository::open_bare(&self.fake.bare).expect("bare");
-        let mut walk = repo.revwalk().expect("revwalk");
-        walk.push_ref("refs/heads/main").expect("main");
-        walk.map(|oid| {
-            repo.find_commit(oid.expect("oid"))
-                .expect("commit")
-                .summary()
-                .ok()
-                .flatten()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect()
+        crate::git_fixture::subjects(&repo, "refs/heads/main")
     }
 }
 

@@ -154,20 +154,7 @@ impl Project {
 
     /// Subjects of the commits on `main`, newest first.
     pub fn main_subjects(&self) -> Vec<String> {
-        let repo = git2::Repository::open(self.repo()).expect("open");
-        let mut walk = repo.revwalk().expect("revwalk");
-        walk.push(repo.refname_to_id("refs/heads/main").expect("main"))
-            .expect("push");
-        walk.map(|oid| {
-            repo.find_commit(oid.expect("oid"))
-                .expect("commit")
-                .summary()
-                .ok()
-                .flatten()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect()
+        git_fixture::subjects(&self.fx.repo(), "refs/heads/main")
     }
 
     /// Content of `path` on `main`.
