@@ -86,6 +86,10 @@ t0=$(now_ms)
 until [ "$("$bin" repo list | grep -c 'active (running)')" -eq "$repos" ]; do sleep 0.1; done
 echo "all $repos instances active (READY=1) after: $(($(now_ms) - t0)) ms more"
 echo "supervisor RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status"), threads: $(awk '/Threads/ {print $2}' "/proc/$pid/status")"
+echo "  $(grep -E '^(RssAnon|RssFile)' "/proc/$pid/status" | tr -s ' \t\n' ' ')"
+echo "  resident by mapping (kB):"
+awk '/^[0-9a-f]+-[0-9a-f]+ /{m=$2" "($6 == "" ? "[anon]" : $6)} /^Rss:/{if ($2 > 0) print "   ", $2, m}' \
+    "/proc/$pid/smaps" | sort -k1,1nr | head -12
 
 echo "ping, 1 client:    $(lg -c 1 '{"action":"ping"}\n')"
 echo "ping, 16 clients:  $(lg -c 16 '{"action":"ping"}\n')"
