@@ -273,7 +273,8 @@ static LISTEN_FDS_TAKEN: AtomicBool = AtomicBool::new(false);
 /// Take the sockets passed by socket activation (sd_listen_fds(3)): when
 /// `$LISTEN_PID` is this process, `$LISTEN_FDS` descriptors starting at 3,
 /// in the order of the socket unit's `Listen…=` lines, each set `FD_CLOEXEC`.
-/// No activation gives an empty list; so does every call after the first.
+/// No activation gives an empty list; so does every call after the first
+/// (of this function or [`take_named_listen_fds`]).
 ///
 /// The `LISTEN_*` variables are removed when the process is still
 /// single-threaded (call this first thing in `main`). Later they are left:
@@ -284,21 +285,63 @@ static LISTEN_FDS_TAKEN: AtomicBool = AtomicBool::new(false);
 /// # Errors
 /// `InvalidData` when the variables are malformed or a descriptor is not open.
 pub fn take_listen_fds() -> io::Result<Vec<OwnedFd>> {
+    Ok(take_named_listen_fds()?
+        .into_iter()
+        .map(|(_, fd)| fd)
+        .collect())
+}
+
+/// Like [`take_listen_fds`], with each descriptor's name
+/// (sd_listen_fds_with_names(3)): the socket unit's `FileDescriptorName=`
+/// (default: the socket unit's name), from the colon-separated
+/// `$LISTEN_FDNAMES`. Without `$LISTEN_FDNAMES` every name is `unknown`, as
+/// sd_listen_fds_with_names(3) does.
+///
+/// # Errors
+/// `InvalidData` when the variables are malformed, a descriptor is not open,
+/// or `$LISTEN_FDNAMES` names fewer descriptors than `$LISTEN_FDS` passes.
+pub fn take_named_listen_fds() -> io::Result<Vec<(String, OwnedFd)>> {
     if LISTEN_FDS_TAKEN.swap(true, Ordering::SeqCst) {
         return Ok(Vec::new());
     }
-    let descriptors = libsystemd::activation::receive_descriptors(false)
-        .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
-    let fds = descriptors
-        .into_iter()
-        .map(|d| {
-            // SAFETY: systemd passed these descriptors to this process (LISTEN_PID
-            // matched and fcntl succeeded on each, so they are open); nothing else
-            // in the program owns them, and LISTEN_FDS_TAKEN makes this the only
-            // place that ever takes ownership of them.
-            unsafe { OwnedFd::from_raw_fd(d.into_raw_fd()) }
-        })
-        .collect();
+    let invalid =
+        |err: libsystemd::errors::SdError| io::Error::new(io::ErrorKind::InvalidData, err);
+    let own = |d: libsystemd::activation::FileDescriptor| {
+        // SAFETY: systemd passed these descriptors to this process (LISTEN_PID
+        // matched and fcntl succeeded on each, so they are open); nothing else
+        // in the program owns them, and LISTEN_FDS_TAKEN makes this the only
+        // place that ever takes ownership of them.
+        unsafe { OwnedFd::from_raw_fd(d.into_raw_fd()) }
+    };
+    let fds: Vec<(String, OwnedFd)> = if env::var_os("LISTEN_FDNAMES").is_some() {
+        let passed: Option<usize> = env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok());
+        let fds: Vec<(String, OwnedFd)> =
+            libsystemd::activation::receive_descriptors_with_names(false)
+                .map_err(invalid)?
+                .into_iter()
+                .map(|(d, name)| (name, own(d)))
+                .collect();
+        // The library pairs descriptors with names and leaves out unnamed ones.
+        if let Some(passed) = passed
+            && !fds.is_empty()
+            && fds.len() != passed
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "LISTEN_FDNAMES names {} descriptors but LISTEN_FDS is {passed}: expected one name per descriptor",
+                    fds.len()
+                ),
+            ));
+        }
+        fds
+    } else {
+        libsystemd::activation::receive_descriptors(false)
+            .map_err(invalid)?
+            .into_iter()
+            .map(|d| ("unknown".to_owned(), own(d)))
+            .collect()
+    };
     if single_threaded() {
         for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
             // SAFETY: this process has one thread (checked just above, and only
@@ -740,6 +783,55 @@ mod tests {
         }
         let out = run(cmd);
         assert!(String::from_utf8_lossy(&out.stdout).contains("activated"));
+        nix::unistd::close(a).expect("close");
+        nix::unistd::close(b).expect("close");
+    }
+
+    #[test]
+    fn named_socket_activation() {
+        if in_child() {
+            let got = match take_named_listen_fds() {
+                Ok(fds) => fds
+                    .iter()
+                    .map(|(name, fd)| format!("{name}={}", fd.as_raw_fd()))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                Err(err) => format!("error: {err}"),
+            };
+            assert_eq!(got, env::var("EXPECT").expect("EXPECT"));
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let unix = UnixListener::bind(dir.path().join("api.sock")).expect("bind unix");
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let high = |fd: std::os::fd::BorrowedFd<'_>| {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100)).expect("dup")
+        };
+        let (a, b) = (high(unix.as_fd()), high(tcp.as_fd()));
+        let check = |names: Option<&str>, expected: &str| {
+            let mut envs = vec![("LISTEN_FDS", "2"), ("EXPECT", expected)];
+            envs.extend(names.map(|n| ("LISTEN_FDNAMES", n)));
+            let mut cmd = child("named_socket_activation", &envs, &["LISTEN_PID"]);
+            // SAFETY: as in `socket_activation`: dup2(2) only, on open descriptors.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (from, to) in [(a, 3), (b, 4)] {
+                        if nix::libc::dup2(from, to) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+            run(cmd);
+        };
+        check(Some("dashboard:control"), "dashboard=3 control=4");
+        check(Some("dashboard:dashboard"), "dashboard=3 dashboard=4");
+        check(None, "unknown=3 unknown=4");
+        check(
+            Some("dashboard"),
+            "error: LISTEN_FDNAMES names 1 descriptors but LISTEN_FDS is 2: expected one name per descriptor",
+        );
         nix::unistd::close(a).expect("close");
         nix::unistd::close(b).expect("close");
     }

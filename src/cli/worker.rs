@@ -1,6 +1,7 @@
 //! `hydraflow worker`, `hydraflow run`, `hydraflow demo` and the scripted
 //! demo agent.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -229,6 +230,8 @@ fn print_paths(resolved: &Resolved, log_file: Option<&Path>) {
 
 /// Run the worker until SIGTERM/SIGINT (or idleness when asked).
 fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<ExitCode> {
+    // Before any thread exists: take the sockets of socket activation and clear its variables.
+    let passed = systemd::take_named_listen_fds().context("cannot take LISTEN_FDS")?;
     let log_file =
         (!systemd::stderr_is_journal()).then(|| resolved.layout.logs_dir().join("hydraflow.log"));
     if log_file.is_some() {
@@ -239,6 +242,7 @@ fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Exit
     if options.print_paths {
         print_paths(&resolved, log_file.as_deref());
     }
+    let activated = dashboard_fd(passed);
     // One thread runs the loops: the worker waits on agents, git and the
     // forge, and git2's blocking calls go to tokio's blocking pool. This
     // keeps an idle worker small (BENCHMARKS.md).
@@ -247,7 +251,7 @@ fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Exit
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let code = rt.block_on(daemon(resolved.clone(), options))?;
+    let code = rt.block_on(daemon(resolved.clone(), options, activated))?;
     rt.shutdown_timeout(Duration::from_secs(1));
     if options.print_paths {
         print_paths(&resolved, log_file.as_deref());
@@ -255,7 +259,29 @@ fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Exit
     Ok(code)
 }
 
-async fn daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<ExitCode> {
+/// The descriptor socket activation named `dashboard` (`FileDescriptorName=`
+/// of hydraflow@.socket), if any; the others are closed with a warning.
+fn dashboard_fd(passed: Vec<(String, OwnedFd)>) -> Option<OwnedFd> {
+    let mut found = None;
+    for (name, fd) in passed {
+        if name == dashboard::ACTIVATION_NAME && found.is_none() {
+            found = Some(fd);
+        } else {
+            tracing::warn!(
+                name,
+                "closing a socket passed by socket activation: only one named {:?} is used",
+                dashboard::ACTIVATION_NAME
+            );
+        }
+    }
+    found
+}
+
+async fn daemon(
+    resolved: Resolved,
+    options: DaemonOptions,
+    activated: Option<OwnedFd>,
+) -> anyhow::Result<ExitCode> {
     let slug = resolved.layout.slug.clone();
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -278,10 +304,10 @@ async fn daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Ex
 
     runtime.start().await;
     let api_stop = tokio_util::sync::CancellationToken::new();
-    let api = start_api(&runtime, &registry, &api_stop).await?;
+    let api = start_api(&runtime, &registry, &api_stop, activated).await?;
     let status = runtime.status_line().await;
     systemd::notify_ready(&status);
-    tracing::info!(repo_slug = %slug, status, socket = %api.display(), "worker ready");
+    tracing::info!(repo_slug = %slug, status, socket = %api.path.display(), "worker ready");
     let mut changes = runtime.status_changes().await;
     let mut idle_check = tokio::time::interval(Duration::from_millis(250));
     let mut stopped_tick = tokio::time::interval(Duration::from_secs(1));
@@ -328,21 +354,57 @@ async fn daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Ex
     systemd::notify_status(&format!("stopping: {reason}"));
     runtime.stop(STOP_DEADLINE).await;
     registry.remove(slug.as_str());
-    let _ = std::fs::remove_file(&api);
+    // A socket of socket activation belongs to its socket unit, which keeps listening.
+    if !api.activated {
+        let _ = std::fs::remove_file(&api.path);
+    }
     tracing::info!(repo_slug = %slug, "stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Bind the worker API's Unix socket (and its TCP address when
-/// `dashboard.worker_listen` is set) and serve it until `stop` is cancelled.
-/// Returns the socket path.
+/// The worker API's Unix socket.
+struct ApiSocket {
+    /// Its path.
+    path: PathBuf,
+    /// Passed by socket activation (else bound by this process, which removes it on exit).
+    activated: bool,
+}
+
+/// Serve the worker API on `activated` (the socket systemd passed) or else on
+/// a Unix socket bound here, plus its TCP address when
+/// `dashboard.worker_listen` is set, until `stop` is cancelled.
 async fn start_api(
     runtime: &RepoRuntime,
     registry: &Arc<RepoRuntimeRegistry>,
     stop: &tokio_util::sync::CancellationToken,
-) -> anyhow::Result<PathBuf> {
-    let path = dashboard::worker_socket_path(runtime.layout());
-    let listener = dashboard::bind_private_socket(&path)?;
+    activated: Option<OwnedFd>,
+) -> anyhow::Result<ApiSocket> {
+    let slug = &runtime.layout().slug;
+    let (listener, api) = match activated {
+        Some(fd) => {
+            let (listener, path) = dashboard::activated_socket(fd)?;
+            tracing::info!(repo_slug = %slug, socket = %path.display(), "worker API on the socket passed by socket activation");
+            (
+                listener,
+                ApiSocket {
+                    path,
+                    activated: true,
+                },
+            )
+        }
+        None => {
+            let path = dashboard::worker_socket_path(runtime.layout());
+            let listener = dashboard::bind_private_socket(&path)?;
+            tracing::info!(repo_slug = %slug, socket = %path.display(), "worker API on a socket bound by the worker (no socket activation)");
+            (
+                listener,
+                ApiSocket {
+                    path,
+                    activated: false,
+                },
+            )
+        }
+    };
     let (reg, stop1) = (Arc::clone(registry), stop.clone());
     tokio::spawn(async move {
         if let Err(e) =
@@ -363,7 +425,7 @@ async fn start_api(
             }
         });
     }
-    Ok(path)
+    Ok(api)
 }
 
 /// Make and run the demo: a repository with four issues, the scripted demo

@@ -3,10 +3,14 @@
 //! TCP that lists every repository, proxies to each worker's socket, fans
 //! in their events and serves the web page ([`supervisor`]).
 //!
-//! Where a worker's socket is: `$RUNTIME_DIRECTORY/dashboard.sock` when
-//! systemd set `RuntimeDirectory=` (the unit sets `hydraflow/%i`, so
-//! `/run/hydraflow/<slug>/dashboard.sock`), else
-//! `data_root/<slug>/dashboard.sock`.
+//! Where a worker's socket is: under the packaged units, the socket
+//! `hydraflow@<slug>.socket` listens on (`/run/hydraflow-dashboard/<slug>.sock`,
+//! owned by the supervisor's user `hydraflow`, mode 0600) and passes to the
+//! worker as the descriptor named `dashboard` (socket activation), so the
+//! supervisor can connect although the worker runs as its own dynamic user.
+//! Without socket activation the worker binds one itself (mode 0600, its own
+//! user): `$RUNTIME_DIRECTORY/dashboard.sock` when systemd set
+//! `RuntimeDirectory=`, else `data_root/<slug>/dashboard.sock`.
 //!
 //! **Invariant:** route handlers are one-line adapters into plain functions
 //! ([`worker::api`]); only this module speaks HTTP.
@@ -47,10 +51,20 @@ pub fn worker_socket_path(layout: &Layout) -> PathBuf {
     }
 }
 
-/// Where the supervisor finds the worker of `slug` under systemd (the unit
-/// has `RuntimeDirectory=hydraflow/%i`).
+/// The directory of the workers' activation sockets (`hydraflow@.socket`'s
+/// `ListenStream=`): one directory for every instance, apart from the
+/// instances' `RuntimeDirectory=` (removed when a worker stops).
+pub const SYSTEMD_SOCKET_DIR: &str = "/run/hydraflow-dashboard";
+
+/// The `FileDescriptorName=` of the worker API's socket in
+/// `hydraflow@.socket`, as `$LISTEN_FDNAMES` names it (sd_listen_fds_with_names(3)).
+pub const ACTIVATION_NAME: &str = "dashboard";
+
+/// Where the supervisor finds the worker of `slug` under systemd:
+/// `/run/hydraflow-dashboard/<slug>.sock`, the `ListenStream=` of
+/// `hydraflow@<slug>.socket` (owned by the supervisor's user).
 pub fn systemd_socket_path(slug: &str) -> PathBuf {
-    Path::new("/run/hydraflow").join(slug).join(SOCKET_NAME)
+    Path::new(SYSTEMD_SOCKET_DIR).join(format!("{slug}.sock"))
 }
 
 /// Where the supervisor finds the worker of `slug` under the process
@@ -81,6 +95,33 @@ pub fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener, Dash
     Ok(listener)
 }
 
+/// The worker API's listener from `fd`, a socket passed by socket activation
+/// (the one named [`ACTIVATION_NAME`]); returns it with its path. Made
+/// non-blocking for tokio; call it inside the runtime.
+///
+/// # Errors
+/// [`DashboardError::Activated`] when `fd` is not a Unix socket bound to a path.
+pub fn activated_socket(
+    fd: std::os::fd::OwnedFd,
+) -> Result<(tokio::net::UnixListener, PathBuf), DashboardError> {
+    let bad = |source| DashboardError::Activated { source };
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    let path = listener
+        .local_addr()
+        .map_err(bad)?
+        .as_pathname()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            bad(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the socket has no path: expected ListenStream=<path> in hydraflow@.socket",
+            ))
+        })?;
+    listener.set_nonblocking(true).map_err(bad)?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(bad)?;
+    Ok((listener, path))
+}
+
 /// Why a dashboard could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DashboardError {
@@ -90,6 +131,15 @@ pub enum DashboardError {
         /// The socket path or TCP address.
         address: String,
         /// The OS error.
+        source: std::io::Error,
+    },
+    /// The descriptor named `dashboard` by socket activation is not a
+    /// listening Unix socket with a path.
+    #[error(
+        "the socket passed as {ACTIVATION_NAME:?} (LISTEN_FDNAMES) is not usable as the worker API: {source}"
+    )]
+    Activated {
+        /// What was wrong with it.
         source: std::io::Error,
     },
     /// A TCP address that is not loopback without an access token.

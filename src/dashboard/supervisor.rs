@@ -96,7 +96,9 @@ impl RepoDirectory for StaticRepos {
 }
 
 /// The supervisor's registry and backend: a worker's socket is
-/// `/run/hydraflow/<slug>/dashboard.sock` under systemd and
+/// `/run/hydraflow-dashboard/<slug>.sock` under systemd (made by
+/// `hydraflow@<slug>.socket`, owned by the supervisor's user, passed to the
+/// worker by socket activation) and
 /// `<state_dir>/<slug>/<slug>/dashboard.sock` under the process backend.
 #[async_trait]
 impl RepoDirectory for crate::supervisor::Supervisor {

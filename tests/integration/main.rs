@@ -14,6 +14,7 @@ mod systemd_fake;
 mod util;
 mod util_container;
 mod util_dashboard;
+mod worker_activation;
 mod worker_bad_input;
 mod worker_e2e;
 mod worker_notify;

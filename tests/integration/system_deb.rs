@@ -1,6 +1,7 @@
 //! The Debian package in a booted Debian 12 container (`HYDRAFLOW_SYSTEM_TESTS=1`, as root):
 //! install the built .deb with apt, add a local-forge repository through the supervisor, watch
-//! its `hydraflow@<slug>.service` take an issue to a merged commit, then SIGKILL in the middle
+//! its `hydraflow@<slug>.service` take an issue to a merged commit, the supervisor's dashboard
+//! reach it through `hydraflow@<slug>.socket`, then SIGKILL in the middle
 //! of a second issue, isolation, `systemd-analyze`, upgrade, remove and purge. The README's Install section does the same
 //! steps. The .debs come from `packaging/build.sh` (`.ci/run` builds them first): the lowest
 //! version in `$CARGO_TARGET_DIR/debian/` is installed, the highest is the upgrade.
@@ -127,6 +128,82 @@ fn prop(c: &Container, unit: &str, name: &str) -> String {
         .to_owned()
 }
 
+/// `GET path` on the supervisor's dashboard (127.0.0.1:5555) from inside the container, over
+/// bash's `/dev/tcp` (the rootfs has no curl): the status line and the body.
+fn dashboard_get(c: &Container, path: &str) -> (String, String) {
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/5555 && \
+         printf 'GET {path} HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && cat <&3"
+    );
+    let response = c.exec_ok(&["bash", "-c", &script]);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response for {path}: {response:?}"));
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
+}
+
+/// The supervisor's dashboard reaches the worker of `slug` through its activation socket:
+/// `/repos/<slug>/healthz` is the worker's health and `/api/repos` shows it up, on
+/// `/run/hydraflow-dashboard/<slug>.sock` owned by `hydraflow`, mode 0600.
+fn check_dashboard_reaches(c: &Container, slug: &str) {
+    let socket = format!("/run/hydraflow-dashboard/{slug}.sock");
+    assert_eq!(
+        prop(c, &format!("hydraflow@{slug}.socket"), "ActiveState"),
+        "active"
+    );
+    assert_eq!(
+        sh(c, &format!("stat -c '%U %G %a' {socket}")).trim(),
+        "hydraflow hydraflow 600"
+    );
+    let (status, body) = dashboard_get(c, &format!("/repos/{slug}/healthz"));
+    assert!(
+        status.contains(" 200 "),
+        "/repos/{slug}/healthz: {status}\n{body}"
+    );
+    let health: serde_json::Value = serde_json::from_str(&body).expect("health JSON");
+    assert_eq!(health["status"], "ok", "{health}");
+    let (status, body) = dashboard_get(c, "/api/repos");
+    assert!(status.contains(" 200 "), "/api/repos: {status}\n{body}");
+    let repos: serde_json::Value = serde_json::from_str(&body).expect("/api/repos JSON");
+    let row = repos["repos"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["slug"] == slug))
+        .unwrap_or_else(|| panic!("no {slug} in /api/repos: {repos}"));
+    assert_eq!(row["socket"], socket.as_str(), "{row}");
+    assert_eq!(row["worker"]["up"], true, "{row}");
+    // Root and the supervisor's user may connect; anyone else may not (perl-base has
+    // IO::Socket::UNIX).
+    let connect = |user: &str, group: &str| {
+        c.exec(&[
+            "setpriv",
+            &format!("--reuid={user}"),
+            &format!("--regid={group}"),
+            "--clear-groups",
+            "perl",
+            "-MIO::Socket::UNIX",
+            "-e",
+            &format!("IO::Socket::UNIX->new(Peer => '{socket}') or die \"$!\\n\""),
+        ])
+    };
+    for (user, group, allowed) in [
+        ("root", "root", true),
+        ("hydraflow", "hydraflow", true),
+        ("nobody", "nogroup", false),
+    ] {
+        let out = connect(user, group);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.success(),
+            allowed,
+            "{user} connecting to {socket}: {stderr}"
+        );
+        if !allowed {
+            assert!(stderr.contains("Permission denied"), "{user}: {stderr}");
+        }
+    }
+}
+
 /// Print a step's result.
 fn ok(what: &str) {
     println!("[deb] ok: {what}");
@@ -239,6 +316,7 @@ async fn debian_package_in_a_booted_container() {
     // Lint, measured in the container: verify prints nothing on stderr.
     for unit in [
         "hydraflow@test.service",
+        "hydraflow@test.socket",
         "hydraflow-supervisor.service",
         "hydraflow-supervisor.socket",
         "hydraflow.target",
@@ -277,6 +355,11 @@ async fn debian_package_in_a_booted_container() {
         "2. hydraflow@demo.service active, READY reached, STATUS: {}",
         status.trim()
     ));
+    check_dashboard_reaches(&c, "demo");
+    ok(
+        "2b. the supervisor's dashboard proxies /repos/demo/healthz to the worker through \
+         /run/hydraflow-dashboard/demo.sock (hydraflow, 0600; nobody cannot connect)",
+    );
 
     // 3. File an issue; the worker takes it to a merged commit.
     sh(
@@ -466,8 +549,28 @@ async fn debian_package_in_a_booted_container() {
         "7. systemd-analyze security: worker {worker}, supervisor {supervisor}"
     ));
 
+    // 7b. Removing a repository stops its worker and its socket: nothing listens there any
+    // more, so no dashboard request can start the removed worker again.
+    sh(&c, "hydraflow repo remove other");
+    assert_eq!(
+        prop(&c, "hydraflow@other.service", "ActiveState"),
+        "inactive"
+    );
+    assert_eq!(
+        prop(&c, "hydraflow@other.socket", "ActiveState"),
+        "inactive"
+    );
+    sh(&c, "test ! -e /run/hydraflow-dashboard/other.sock");
+    let (status, _) = dashboard_get(&c, "/repos/other/healthz");
+    assert!(status.contains(" 404 "), "/repos/other/healthz: {status}");
+    assert_eq!(
+        prop(&c, "hydraflow@other.service", "ActiveState"),
+        "inactive"
+    );
+    ok("7b. repo remove other: hydraflow@other.service and .socket inactive, socket file gone");
+
     // 8. Upgrade: instances restarted with their state; remove: stopped, state kept; purge.
-    let before: Vec<String> = ["demo", "other"]
+    let before: Vec<String> = ["demo"]
         .iter()
         .map(|s| prop(&c, &format!("hydraflow@{s}.service"), "MainPID"))
         .collect();
@@ -480,7 +583,7 @@ async fn debian_package_in_a_booted_container() {
         ),
     );
     let version = sh(&c, "dpkg-query -W -f '${Version}' hydraflow");
-    for (slug, old) in ["demo", "other"].iter().zip(&before) {
+    for (slug, old) in ["demo"].iter().zip(&before) {
         wait_sh(
             &c,
             &format!("hydraflow@{slug}.service restarted"),
@@ -496,8 +599,9 @@ async fn debian_package_in_a_booted_container() {
         &c,
         "test -s /var/lib/private/hydraflow/demo/demo/state.json",
     );
+    check_dashboard_reaches(&c, "demo");
     ok(&format!(
-        "8a. upgraded to {version}: instances restarted, state intact"
+        "8a. upgraded to {version}: instances restarted, state intact, dashboard reaches demo"
     ));
 
     sh(
@@ -506,6 +610,7 @@ async fn debian_package_in_a_booted_container() {
     );
     for unit in [
         "hydraflow@demo.service",
+        "hydraflow@demo.socket",
         "hydraflow@other.service",
         "hydraflow-supervisor.service",
     ] {
