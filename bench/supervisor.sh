@@ -4,7 +4,7 @@
 # supervisor so that it starts all of them (reconcile), then loads the control protocol with lg
 # (one TCP connection per request, as the original's client) and prints the figures.
 #
-# usage: [THREADS=2] bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)]  (THREADS=0: current-thread runtime)
+# usage: bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)]
 set -euo pipefail
 
 repos=${1:-200}
@@ -50,7 +50,7 @@ start() {
     rm -f "$port_file"
     local t0
     t0=$(now_ms)
-    HYDRAFLOW_LOG=warn "$bin" supervisor --threads "${THREADS:-2}" >>"$work/supervisor.log" 2>&1 &
+    HYDRAFLOW_LOG=warn "$bin" supervisor >>"$work/supervisor.log" 2>&1 &
     pid=$!
     until [ -s "$port_file" ] && "$work/lg" -p "$(cat "$port_file")" -n 1 -q '{"action":"ping"}\n' | grep -q ' ok=1 '; do
         sleep 0.001
@@ -68,6 +68,9 @@ lg() { "$work/lg" -p "$(cat "$port_file")" -d "$secs" -q "$@"; }
 
 start
 echo "exec -> first ping answered (no repos): ${started_ms} ms"
+sleep 1
+echo "supervisor RSS, no repos: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status"), threads: $(awk '/Threads/ {print $2}' "/proc/$pid/status")"
+echo "  $(grep -E '^(RssAnon|RssFile)' "/proc/$pid/status" | tr -s ' \t\n' ' ')"
 echo "ping, 1 client:    $(lg -c 1 '{"action":"ping"}\n')"
 echo "list_repos, 0 repos, 1 client: $(lg -c 1 '{"action":"list_repos"}\n')"
 

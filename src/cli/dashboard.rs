@@ -38,8 +38,7 @@ fn parse_worker(s: &str) -> Result<(String, PathBuf), String> {
 /// # Errors
 /// A bad address, a missing token for a non-loopback address, a failed bind.
 pub fn run(args: DashboardArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -30,10 +30,6 @@ pub struct SupervisorArgs {
     /// Most connections served at once.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_connections: usize,
-    /// Runtime worker threads; 0 serves everything on the main thread (a current-thread
-    /// runtime).
-    #[arg(long, value_name = "N", default_value_t = 2)]
-    pub threads: usize,
 }
 
 /// `hydraflow repo …`
@@ -112,17 +108,12 @@ pub fn run_supervisor(config_file: &Path, args: SupervisorArgs) -> anyhow::Resul
             ..ServerOptions::default()
         },
     };
-    let runtime = match args.threads {
-        0 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .thread_name("hydraflow-supervisor")
-            .enable_all()
-            .build(),
-    }
-    .context("cannot start the async runtime")?;
+    // One thread serves everything (blocking work goes to tokio's blocking pool): on two
+    // vCPUs it answered as fast as two worker threads did, with less memory (BENCHMARKS.md).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot handle SIGTERM")?;

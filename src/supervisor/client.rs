@@ -23,6 +23,17 @@ pub enum ClientError {
         /// The address tried.
         addr: SocketAddr,
     },
+    /// No reply within the timeout.
+    #[error(
+        "the supervisor at {addr} did not answer within {} s: see `journalctl -u hydraflow-supervisor` (or its log), then try again",
+        .timeout.as_secs_f64()
+    )]
+    TimedOut {
+        /// The address.
+        addr: SocketAddr,
+        /// How long the client waited.
+        timeout: Duration,
+    },
     /// Connecting, sending or reading failed.
     #[error("cannot talk to the supervisor at {addr}: {source}")]
     Io {
@@ -70,9 +81,41 @@ pub fn call(
     (&mut stream)
         .take(limit)
         .read_to_end(&mut reply)
-        .map_err(io)?;
+        .map_err(|e| match e.kind() {
+            // A read timeout (SO_RCVTIMEO) shows as EAGAIN: "Resource temporarily unavailable".
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ClientError::TimedOut { addr, timeout }
+            }
+            _ => io(e),
+        })?;
     let line = reply.split(|&b| b == b'\n').next().unwrap_or_default();
     parse_reply(line)
         .map_err(|e| ClientError::BadReply(e.0))?
         .map_err(ClientError::Refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::protocol::Action;
+
+    #[test]
+    fn a_supervisor_that_never_answers_is_a_timeout_that_says_what_to_do() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Accept and hold the connection without answering.
+        let holder = std::thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+        let request = Request {
+            action: Action::Ping,
+            keep_alive: false,
+        };
+        let err = call(addr, &request, Duration::from_millis(200)).expect_err("no answer");
+        let _held = holder.join().expect("join");
+        assert!(matches!(err, ClientError::TimedOut { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("did not answer within 0.2 s") && text.contains("journalctl"),
+            "{text}"
+        );
+    }
 }
