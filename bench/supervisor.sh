@@ -18,6 +18,7 @@ work=$(mktemp -d)
 pid=
 cleanup() {
     if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    kill $(jobs -p) 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -99,6 +100,10 @@ echo "ping, 16 clients:  $(lg -c 16 '{"action":"ping"}\n')"
 echo "list_repos ($repos repos), 1 client:   $(lg -c 1 '{"action":"list_repos"}\n')"
 echo "list_repos ($repos repos), 16 clients: $(lg -c 16 '{"action":"list_repos"}\n')"
 echo "supervisor RSS after load: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status")"
+exec 3<>"/dev/tcp/127.0.0.1/$(cat "$port_file")"
+printf '{"action":"list_repos"}\n' >&3
+cat <&3 >"$work/list-reply"
+exec 3<&-
 
 # ping from one client while add_repo of slow instances (0.5 s to READY=1) runs back to back.
 mkdir -p "$work/checkouts/slow-1" "$work/checkouts/slow-2"
@@ -120,3 +125,19 @@ stop
 echo "SIGTERM -> exit with $repos instances stopped: $(($(now_ms) - t0)) ms"
 left=$(pgrep -f "$work/worker.sh" | wc -l || true)
 echo "workers left running after exit: $left"
+
+# The yardstick: bench/floor.c answers with the same bytes and does nothing else (one thread,
+# blocking calls, no parsing), so the machine's own cost of a loopback TCP connection per
+# request, with lg on the same CPUs, shows beside the supervisor's figures.
+cc -O2 -o "$work/floor" bench/floor.c
+floor_port=$((20000 + RANDOM % 20000))
+"$work/floor" "$floor_port" &
+floor_pid=$!
+sleep 0.2
+echo "floor, ping reply, 16 clients: $("$work/lg" -p "$floor_port" -d "$secs" -q -c 16 '{"action":"ping"}\n')"
+kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true
+"$work/floor" "$floor_port" "$work/list-reply" &
+floor_pid=$!
+sleep 0.2
+echo "floor, list_repos reply ($(wc -c <"$work/list-reply") bytes), 16 clients: $("$work/lg" -p "$floor_port" -d "$secs" -q -c 16 '{"action":"list_repos"}\n')"
+kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true

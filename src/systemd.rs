@@ -176,10 +176,14 @@ pub enum LogTarget {
 /// enclosing span (`info_span!("issue", issue = 42)`) reaches the journal as
 /// `ISSUE=42`. When the journal socket cannot be reached, lines go to stderr.
 ///
+/// Journal entries carry `SYSLOG_IDENTIFIER=<identifier>`, the same name the
+/// unit's `SyslogIdentifier=` gives its stdout and stderr (`hydraflow@<slug>`,
+/// `hydraflow-supervisor`), so `journalctl -t` finds both kinds of line.
+///
 /// The log file's parent directories are created; when it cannot be opened
 /// a warning is logged and stderr/journal logging goes on. A second call
 /// installs nothing and returns the target it would have chosen.
-pub fn init_logging(log_file: Option<&Path>) -> LogTarget {
+pub fn init_logging(identifier: &str, log_file: Option<&Path>) -> LogTarget {
     let filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
         .with_env_var(LOG_ENV)
@@ -187,7 +191,14 @@ pub fn init_logging(log_file: Option<&Path>) -> LogTarget {
     let wants_journal = stderr_is_journal();
     let (journal, journal_error) = if wants_journal {
         match tracing_journald::layer() {
-            Ok(layer) => (Some(layer.with_field_prefix(None)), None),
+            Ok(layer) => (
+                Some(
+                    layer
+                        .with_field_prefix(None)
+                        .with_syslog_identifier(identifier.to_owned()),
+                ),
+                None,
+            ),
             Err(err) => (None, Some(err)),
         }
     } else {
@@ -592,9 +603,12 @@ mod tests {
                 "journal" => LogTarget::Journal,
                 _ => LogTarget::Stderr,
             };
-            assert_eq!(init_logging(Some(Path::new(&path))), expected);
+            assert_eq!(
+                init_logging("hydraflow-test", Some(Path::new(&path))),
+                expected
+            );
             // A second call is harmless.
-            assert_eq!(init_logging(None), expected);
+            assert_eq!(init_logging("hydraflow-test", None), expected);
             let span = tracing::info_span!("issue", issue = 42, stage = "review");
             let _guard = span.enter();
             tracing::info!(repo_slug = "owner-repo", "picked up");

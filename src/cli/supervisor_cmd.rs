@@ -98,7 +98,7 @@ pub fn run_supervisor(config_file: &Path, args: SupervisorArgs) -> anyhow::Resul
     if let Some(listen) = args.listen {
         config.supervisor.listen = listen;
     }
-    crate::systemd::init_logging(None);
+    crate::systemd::init_logging("hydraflow-supervisor", None);
     let opts = supervisor::DaemonOptions {
         config,
         config_file: config_file.to_owned(),

@@ -238,7 +238,10 @@ fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Exit
         std::fs::create_dir_all(resolved.layout.logs_dir())
             .with_context(|| format!("cannot create {}", resolved.layout.logs_dir().display()))?;
     }
-    systemd::init_logging(log_file.as_deref());
+    systemd::init_logging(
+        &format!("hydraflow@{}", resolved.layout.slug),
+        log_file.as_deref(),
+    );
     if options.print_paths {
         print_paths(&resolved, log_file.as_deref());
     }

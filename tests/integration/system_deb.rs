@@ -399,7 +399,19 @@ async fn debian_package_in_a_booted_container() {
             "no {field} in the journal:\n{journal}"
         );
     }
-    ok("4. journalctl -u 'hydraflow@*' HYDRAFLOW_INSTANCE=demo shows REPO_SLUG, ISSUE, STAGE");
+    // The worker's own entries go under the unit's SyslogIdentifier= too.
+    let tagged = sh(
+        &c,
+        "journalctl --no-pager -o verbose -t hydraflow@demo REPO_SLUG=demo",
+    );
+    assert!(
+        tagged.contains("ISSUE=1"),
+        "journalctl -t hydraflow@demo finds no structured entry:\n{tagged}"
+    );
+    ok(
+        "4. journalctl -u 'hydraflow@*' HYDRAFLOW_INSTANCE=demo shows REPO_SLUG, ISSUE, STAGE; \
+         -t hydraflow@demo finds them too",
+    );
 
     // 5. SIGKILL in the middle of the second issue's implement stage: systemd restarts the
     // worker, which finishes the issue from its state with one merge and one pull request.
