@@ -1,5 +1,6 @@
-//! The TCP server of the control protocol: one task per connection, one JSON line in, one
-//! out, then close (unless the request asked for `keep_alive`). A bounded number of
+//! The TCP server of the control protocol: one JSON line in, one out, then close (unless the
+//! request asked for `keep_alive`); a `ping` or `list_repos` already waiting when the
+//! connection is accepted is answered in place, anything else gets a task of its own. A bounded number of
 //! connections is served at once; a silent client is dropped after the idle timeout; a line
 //! over [`MAX_LINE`] bytes is refused. Handlers are one-line adapters into [`Supervisor`].
 
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -21,7 +23,9 @@ use super::protocol::{Action, Done, MAX_LINE, OK_LINE, Reply, Request, Response}
 pub struct ServerOptions {
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout: Duration,
-    /// Most connections served at once; more are answered with an error and closed.
+    /// Most connections served by tasks at once; more are answered with an error and closed.
+    /// (A `ping` or `list_repos` answered in place, the moment it is accepted, needs no task
+    /// and is not counted.)
     pub max_connections: usize,
     /// On shutdown, how long requests in flight may take before they are cut off.
     pub shutdown_grace: Duration,
@@ -122,6 +126,16 @@ pub async fn serve(
                         continue;
                     }
                 };
+                // The original's clients send their one line right after connecting: when it
+                // is already here and answered from memory, reply and close in place.
+                let (stream, prefix) = match answer_at_once(stream, &supervisor) {
+                    AtOnce::Answered => continue,
+                    AtOnce::Rest(stream, rest) => {
+                        tasks.spawn(finish_reply(stream, rest));
+                        continue;
+                    }
+                    AtOnce::Serve(stream, prefix) => (stream, prefix),
+                };
                 let _ = stream.set_nodelay(true);
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     // Over the limit: answer with an error from a task of its own (bounded
@@ -140,7 +154,7 @@ pub async fn serve(
                 let idle = opts.idle_timeout;
                 tasks.spawn(async move {
                     active.fetch_add(1, Ordering::Relaxed);
-                    connection(stream, &sup, idle, &active).await;
+                    connection(stream, prefix, &sup, idle, &active).await;
                     active.fetch_sub(1, Ordering::Relaxed);
                     drop(permit);
                 });
@@ -157,6 +171,62 @@ pub async fn serve(
         while tasks.join_next().await.is_some() {}
     }
     Ok(())
+}
+
+/// What [`answer_at_once`] did with a new connection.
+enum AtOnce {
+    /// Replied in full; the connection is closed.
+    Answered,
+    /// Replied in part (the socket buffer is full): the rest is to be written by a task.
+    Rest(TcpStream, Vec<u8>),
+    /// Not answerable in place: serve it with [`connection`], which first reads the bytes
+    /// already taken from the socket.
+    Serve(TcpStream, Vec<u8>),
+}
+
+/// The fast path for one-shot clients: when a whole `ping` or `list_repos` line (without
+/// `keep_alive`) is already in the socket's buffer and [`answer`] is ready at once (`ping`
+/// always, `list_repos` when its cached line is current), write the reply and close, without a
+/// task, a timer or a second poll. Anything else, and a line not yet complete, goes to
+/// [`connection`] with what was read. Only actions without side effects are answered here,
+/// because a reply that is not ready at once is dropped unfinished.
+fn answer_at_once(stream: TcpStream, sup: &Supervisor) -> AtOnce {
+    let mut buf = [0u8; 512];
+    let n = match stream.try_read(&mut buf) {
+        Ok(n) => n,
+        Err(_) => return AtOnce::Serve(stream, Vec::new()),
+    };
+    let got = &buf[..n];
+    let one_line = got.iter().position(|&b| b == b'\n') == Some(n.wrapping_sub(1));
+    let request = one_line.then(|| Request::parse(got).ok()).flatten();
+    let action = match request {
+        Some(Request {
+            action: action @ (Action::Ping | Action::ListRepos),
+            keep_alive: false,
+        }) => action,
+        _ => return AtOnce::Serve(stream, got.to_vec()),
+    };
+    let Some(line) = answer(sup, action, 1).now_or_never() else {
+        return AtOnce::Serve(stream, got.to_vec());
+    };
+    let bytes = line.bytes();
+    match stream.try_write(bytes) {
+        Ok(written) if written == bytes.len() => AtOnce::Answered,
+        Ok(written) => AtOnce::Rest(stream, bytes[written..].to_vec()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            AtOnce::Rest(stream, bytes.to_vec())
+        }
+        Err(_) => AtOnce::Answered,
+    }
+}
+
+/// Write the rest of a reply [`answer_at_once`] began, then close.
+async fn finish_reply(mut stream: TcpStream, rest: Vec<u8>) {
+    let write = async {
+        stream.write_all(&rest).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
 }
 
 /// Tell a client over the connection limit to try again, and close.
@@ -179,11 +249,18 @@ async fn drain(reader: &mut (impl AsyncReadExt + Unpin), limit: Duration) {
 }
 
 /// Serve one connection: requests until one without `keep_alive`, EOF, an error or silence.
-async fn connection(stream: TcpStream, sup: &Supervisor, idle: Duration, active: &AtomicUsize) {
+/// `prefix` holds bytes already read from the socket (by [`answer_at_once`]).
+async fn connection(
+    stream: TcpStream,
+    prefix: Vec<u8>,
+    sup: &Supervisor,
+    idle: Duration,
+    active: &AtomicUsize,
+) {
     let mut stream = stream;
     let (reader, mut writer) = stream.split();
     // Requests are short: a small buffer, grown by read_until for a long line.
-    let mut reader = BufReader::with_capacity(1024, reader);
+    let mut reader = BufReader::with_capacity(1024, std::io::Cursor::new(prefix).chain(reader));
     let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
