@@ -90,6 +90,32 @@ pub fn commit_files(dir: &Path, files: &[(&str, Option<&str>)], message: &str) -
         .expect("commit")
 }
 
+/// Commit `content` to `file` on `main` of the bare repository at `bare` directly, as a
+/// human pushing to the forge would (no checkout).
+pub fn commit_on_bare_main(bare: &Path, file: &str, content: &str) {
+    let repo = Repository::open_bare(bare).expect("bare");
+    let head = repo
+        .find_reference("refs/heads/main")
+        .and_then(|r| r.peel_to_commit())
+        .expect("main");
+    let mut tb = repo
+        .treebuilder(Some(&head.tree().expect("tree")))
+        .expect("tb");
+    tb.insert(file, repo.blob(content.as_bytes()).expect("blob"), 0o100644)
+        .expect("insert");
+    let tree = repo.find_tree(tb.write().expect("write")).expect("tree");
+    let sig = Signature::now("human", "human@example.com").expect("sig");
+    repo.commit(
+        Some("refs/heads/main"),
+        &sig,
+        &sig,
+        "human change",
+        &tree,
+        &[&head],
+    )
+    .expect("commit");
+}
+
 /// The content of `path` in the tree of `rev`, `None` when absent.
 pub fn file_at(repo: &Repository, rev: &str, path: &str) -> Option<String> {
     let tree = repo

@@ -447,7 +447,7 @@ async fn five_issues_through_github() {
 
     // A human commits on the server; a new issue needs that commit: the
     // implement stage must start from the refreshed base.
-    commit_on_main(&gh.fake.bare, "NOTES.md", "notes\n");
+    crate::git_fixture::commit_on_bare_main(&gh.fake.bare, "NOTES.md", "notes\n");
     assert_eq!(
         gh.fake
             .add_issue("Extend file 1", "alice", &["hydraflow-find"]),
@@ -501,31 +501,6 @@ async fn five_issues_through_github() {
         idle.len(),
         idle.len() / 6
     );
-}
-
-/// Commit `content` to `file` on `main` of the bare repository directly.
-fn commit_on_main(bare: &Path, file: &str, content: &str) {
-    let repo = git2::Repository::open_bare(bare).expect("bare");
-    let head = repo
-        .find_reference("refs/heads/main")
-        .and_then(|r| r.peel_to_commit())
-        .expect("main");
-    let mut tb = repo
-        .treebuilder(Some(&head.tree().expect("tree")))
-        .expect("tb");
-    tb.insert(file, repo.blob(content.as_bytes()).expect("blob"), 0o100644)
-        .expect("insert");
-    let tree = repo.find_tree(tb.write().expect("write")).expect("tree");
-    let sig = git2::Signature::now("human", "human@example.com").expect("sig");
-    repo.commit(
-        Some("refs/heads/main"),
-        &sig,
-        &sig,
-        "human change",
-        &tree,
-        &[&head],
-    )
-    .expect("commit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,32 +72,6 @@ fn checkout_with_branch(
     repo
 }
 
-/// Commit `content` to `file` on `main` of the bare repository directly.
-fn commit_on_main(fake: &FakeGithub, file: &str, content: &str) {
-    let repo = git2::Repository::open_bare(&fake.bare).expect("bare");
-    let head = repo
-        .find_reference("refs/heads/main")
-        .expect("main")
-        .peel_to_commit()
-        .expect("commit");
-    let mut tb = repo
-        .treebuilder(Some(&head.tree().expect("tree")))
-        .expect("tb");
-    tb.insert(file, repo.blob(content.as_bytes()).expect("blob"), 0o100644)
-        .expect("insert");
-    let tree = repo.find_tree(tb.write().expect("write")).expect("tree");
-    let sig = git2::Signature::now("human", "human@example.com").expect("sig");
-    repo.commit(
-        Some("refs/heads/main"),
-        &sig,
-        &sig,
-        "human change",
-        &tree,
-        &[&head],
-    )
-    .expect("commit");
-}
-
 fn pr_request(n: u64) -> NewPullRequest {
     NewPullRequest {
         head: format!("agent/issue-{n}"),
@@ -484,7 +458,7 @@ async fn merge_conflict_is_reported() {
         .find_or_create_pull_request(&pr_request(n))
         .await
         .expect("PR");
-    commit_on_main(&fake, "README", "human's\n");
+    crate::git_fixture::commit_on_bare_main(&fake.bare, "README", "human's\n");
     assert_eq!(
         gh.get_pull_request(pr.number).await.expect("get").mergeable,
         Some(false)
@@ -690,7 +664,7 @@ async fn clone_and_refresh_the_base_with_the_token_kept_out_of_git() {
     assert_eq!(tip(&dest), before);
 
     // A merge on the server: the local main fast-forwards, files included.
-    commit_on_main(&fake, "NOTES.md", "notes\n");
+    crate::git_fixture::commit_on_bare_main(&fake.bare, "NOTES.md", "notes\n");
     gh.refresh_base(&dest, "main").await.expect("refresh");
     let bare_tip = git2::Repository::open_bare(&fake.bare)
         .expect("bare")
