@@ -65,13 +65,18 @@ stop() {
     pid=
 }
 
+# Print the supervisor's VmRSS and threads, then its anonymous and file-backed parts.
+rss() {
+    echo "$1: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status"), threads: $(awk '/Threads/ {print $2}' "/proc/$pid/status")"
+    echo "  $(grep -E '^(RssAnon|RssFile)' "/proc/$pid/status" | tr -s ' \t\n' ' ')"
+}
+
 lg() { "$work/lg" -p "$(cat "$port_file")" -d "$secs" -q "$@"; }
 
 start
 echo "exec -> first ping answered (no repos): ${started_ms} ms"
 sleep 1
-echo "supervisor RSS, no repos: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status"), threads: $(awk '/Threads/ {print $2}' "/proc/$pid/status")"
-echo "  $(grep -E '^(RssAnon|RssFile)' "/proc/$pid/status" | tr -s ' \t\n' ' ')"
+rss "supervisor RSS, no repos"
 echo "ping, 1 client:    $(lg -c 1 '{"action":"ping"}\n')"
 echo "list_repos, 0 repos, 1 client: $(lg -c 1 '{"action":"list_repos"}\n')"
 
@@ -89,8 +94,7 @@ echo "exec -> first ping answered ($repos registered repos): ${started_ms} ms"
 t0=$(now_ms)
 until [ "$("$bin" repo list | grep -c 'active (running)')" -eq "$repos" ]; do sleep 0.1; done
 echo "all $repos instances active (READY=1) after: $(($(now_ms) - t0)) ms more"
-echo "supervisor RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status"), threads: $(awk '/Threads/ {print $2}' "/proc/$pid/status")"
-echo "  $(grep -E '^(RssAnon|RssFile)' "/proc/$pid/status" | tr -s ' \t\n' ' ')"
+rss "supervisor RSS"
 echo "  resident by mapping (kB):"
 awk '/^[0-9a-f]+-[0-9a-f]+ /{m=$2" "($6 == "" ? "[anon]" : $6)} /^Rss:/{if ($2 > 0) print "   ", $2, m}' \
     "/proc/$pid/smaps" | sort -k1,1nr | head -12
