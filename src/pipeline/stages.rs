@@ -13,7 +13,7 @@ use crate::agent::contract::{self, PlanResult, Verdict};
 use crate::agent::parse::DisplayLine;
 use crate::agent::prompts::{self, PromptContext, PromptKind};
 use crate::agent::runner::{CallRequest, build_call};
-use crate::agent::{AgentBlock, AgentOutcome, Stage};
+use crate::agent::{AgentOutcome, Stage};
 use crate::forge::{
     ChecksState, ForgeError, Issue, IssueState, NewPullRequest, PullRequest, PullRequestState,
     ReviewEvent,
@@ -205,8 +205,17 @@ async fn run_agent(
         timeout: Duration::from_secs(ctx.config.agent_timeout),
         extra_env: ctx.extra_agent_env.clone(),
     };
-    let call = build_call(&ctx.config.agent, request)
-        .map_err(|e| StageError::Escalate(format!("agent configuration: {e}")))?;
+    let call =
+        build_call(&ctx.config.agent, request).map_err(|e| agent_stage_error(ctx, e.failure()))?;
+    let budget = crate::store::sessions::over_budget(
+        &ctx.layout.agent_calls_file(),
+        ctx.config.agent.daily_budget_usd,
+        chrono::Utc::now(),
+    );
+    if let Some(f) = crate::agent::failure::budget_pause(budget, ctx.config.agent.daily_budget_usd)
+    {
+        return Err(agent_stage_error(ctx, f));
+    }
     ctx.publish(
         EventType::AgentActivity,
         json!({"issue": n, "stage": stage, "status": "started", "prompt": kind.name(), "program": call.argv.first()}),
@@ -222,52 +231,48 @@ async fn run_agent(
         .runner
         .run(&call, &on_line)
         .await
-        .map_err(|e| StageError::Retry(format!("agent could not run: {e}")))?;
+        .map_err(|e| agent_stage_error(ctx, e.failure()))?;
+    let failure = outcome.failure();
     ctx.publish(
         EventType::AgentActivity,
-        json!({"issue": n, "stage": stage, "status": "finished", "exit_code": outcome.exit_code, "timed_out": outcome.timed_out}),
+        json!({"issue": n, "stage": stage, "status": "finished", "exit_code": outcome.exit_code, "timed_out": outcome.timed_out,
+               "outcome": failure.as_ref().map_or("success", |f| f.class()), "cause": failure.as_ref().map(|f| f.cause()),
+               "resources": outcome.resources, "usage": outcome.usage, "cost_usd": outcome.cost_usd, "model": outcome.model}),
     );
-    if let Some(block) = &outcome.block {
-        return Err(match block {
-            AgentBlock::UsageLimit { message, resets_at } => {
-                let now = chrono::Utc::now().timestamp().max(0) as u64;
-                let secs = resets_at
-                    .filter(|t| *t > now)
-                    .map_or(3600, |t| t - now)
-                    .clamp(60, 24 * 3600);
-                StageError::Pause {
-                    reason: format!("agent usage limit reached: {message}"),
-                    duration: Duration::from_secs(secs),
-                    auth: false,
-                }
+    match failure {
+        None => Ok(outcome),
+        Some(f) => Err(agent_stage_error(ctx, f)),
+    }
+}
+
+/// The stage error of an agent failure ([`crate::agent::failure`]).
+fn agent_stage_error(ctx: &Pipeline, f: crate::agent::AgentFailure) -> StageError {
+    use crate::agent::{AgentFailure, PauseKind};
+    match f {
+        AgentFailure::Attempt { cause } => StageError::Retry(cause),
+        AgentFailure::Later { cause, retry_after } => StageError::Later {
+            cause,
+            after: retry_after.unwrap_or(Duration::from_secs(60)),
+        },
+        AgentFailure::Pause {
+            reason,
+            kind,
+            until,
+        } => {
+            let now = chrono::Utc::now().timestamp().max(0) as u64;
+            let duration = match (kind, until) {
+                (_, Some(t)) => Duration::from_secs(t.saturating_sub(now).clamp(1, 24 * 3600)),
+                (PauseKind::UsageLimit, None) => Duration::from_secs(3600),
+                // The next call after the pause probes; repeats back off.
+                _ => ctx.poll_interval(),
+            };
+            StageError::Pause {
+                reason,
+                duration,
+                auth: !matches!(kind, PauseKind::UsageLimit | PauseKind::Budget),
             }
-            AgentBlock::Auth { message } => StageError::Pause {
-                reason: format!("agent authentication failed: {message}"),
-                duration: Duration::from_secs(300),
-                auth: true,
-            },
-        });
+        }
     }
-    if outcome.timed_out {
-        return Err(StageError::Retry(format!(
-            "agent timed out after {} s and was killed",
-            ctx.config.agent_timeout
-        )));
-    }
-    if outcome.exit_code != Some(0) {
-        let tail = last_line(&outcome.stderr_tail);
-        return Err(StageError::Retry(match outcome.exit_code {
-            Some(code) => format!("agent exited with code {code}: {tail}"),
-            None => format!("agent was killed by a signal: {tail}"),
-        }));
-    }
-    if outcome.is_error {
-        return Err(StageError::Retry(format!(
-            "agent reported an error: {}",
-            last_line(&outcome.transcript)
-        )));
-    }
-    Ok(outcome)
 }
 
 fn last_line(s: &str) -> String {
