@@ -250,9 +250,10 @@ fn agent_stage_error(ctx: &Pipeline, f: crate::agent::AgentFailure) -> StageErro
     use crate::agent::{AgentFailure, PauseKind};
     match f {
         AgentFailure::Attempt { cause } => StageError::Retry(cause),
+        // The CLIs retry the model API themselves first; then the poll interval.
         AgentFailure::Later { cause, retry_after } => StageError::Later {
             cause,
-            after: retry_after.unwrap_or(Duration::from_secs(60)),
+            after: retry_after.unwrap_or_else(|| ctx.poll_interval()),
         },
         AgentFailure::Pause {
             reason,

@@ -1,4 +1,5 @@
 mod agent;
+mod agent_clis;
 mod dashboard_api;
 mod dashboard_supervisor;
 mod fake_github;
@@ -7,6 +8,7 @@ mod git_worktrees;
 mod github_e2e;
 mod github_forge;
 mod local_forge;
+mod model_server;
 mod supervisor;
 mod system_deb;
 mod systemd_container;
