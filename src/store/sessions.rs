@@ -549,4 +549,136 @@ mod tests {
         assert!(matches!(err, StoreError::Io { path: p, .. } if p == path));
         assert!(SessionLog::start(&path, "o-r").is_err());
     }
+
+    fn call(issue: u64, at: &str, usd: f64) -> CallRecord {
+        let at = DateTime::parse_from_rfc3339(at)
+            .expect("time")
+            .with_timezone(&Utc);
+        CallRecord {
+            at: at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            day: at.format("%Y-%m-%d").to_string(),
+            issue,
+            stage: Stage::Implement,
+            program: "claude".into(),
+            model: Some("claude-opus".into()),
+            exit_code: Some(0),
+            signal: None,
+            timed_out: false,
+            outcome: "success".into(),
+            resources: Resources {
+                wall_ms: 2000,
+                cpu_ms: Some(500),
+                ..Resources::default()
+            },
+            usage: Usage {
+                input_tokens: 100,
+                output_tokens: 10,
+                cache_read_input_tokens: 5,
+                cache_creation_input_tokens: 0,
+            },
+            cost_usd: Some(usd),
+        }
+    }
+
+    #[test]
+    fn ledger_sums_per_issue_and_day_and_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sessions = dir.path().join("sessions.jsonl");
+        let calls = dir.path().join("agent-calls.jsonl");
+        let (log, mut record) = SessionLog::start(&sessions, "o-r").expect("start");
+        let ledger = CallLedger::open(&calls, &sessions).expect("open");
+        let now = Utc::now();
+        let today = now.to_rfc3339();
+        ledger.record(&call(1, &today, 0.5)).expect("record");
+        ledger.record(&call(2, &today, 0.25)).expect("record");
+        ledger.record(&call(1, &today, 1.0)).expect("record");
+        let c = costs(&calls).expect("costs");
+        assert_eq!(c.per_issue.get(&1), Some(&1.5));
+        assert_eq!(c.per_issue.get(&2), Some(&0.25));
+        assert_eq!(c.calls_per_issue.get(&1), Some(&2));
+        assert_eq!(
+            c.per_day.get(&now.format("%Y-%m-%d").to_string()),
+            Some(&1.75)
+        );
+        let stored = SessionLog::read_all(&sessions).expect("read");
+        let agents = stored[0].agents;
+        assert_eq!(agents.calls, 3);
+        assert!((agents.cost_usd - 1.75).abs() < 1e-9);
+        assert_eq!(agents.input_tokens, 315);
+        assert_eq!(agents.output_tokens, 30);
+        assert!((agents.wall_seconds - 6.0).abs() < 1e-9);
+        assert!((agents.cpu_seconds - 1.5).abs() < 1e-9);
+        // The runtime's end-of-session update keeps the ledger's totals.
+        record.status = SessionStatus::Completed;
+        log.update(&record).expect("update");
+        assert_eq!(
+            SessionLog::read_all(&sessions).expect("read")[0]
+                .agents
+                .calls,
+            3
+        );
+    }
+
+    #[test]
+    fn old_calls_are_dropped_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let calls = dir.path().join("agent-calls.jsonl");
+        let sessions = dir.path().join("sessions.jsonl");
+        let old = (Utc::now() - chrono::Duration::days(KEEP_CALL_DAYS + 2)).to_rfc3339();
+        let recent = Utc::now().to_rfc3339();
+        let ledger = CallLedger::open(&calls, &sessions).expect("open");
+        ledger.record(&call(1, &old, 1.0)).expect("record");
+        ledger.record(&call(2, &recent, 2.0)).expect("record");
+        CallLedger::open(&calls, &sessions).expect("reopen");
+        let kept: Vec<u64> = read_calls(&calls)
+            .expect("read")
+            .iter()
+            .map(|c| c.issue)
+            .collect();
+        assert_eq!(kept, [2]);
+    }
+
+    /// The daily budget with an injected clock: spent on one UTC day, the
+    /// pause lasts until the next UTC midnight; the next day is free again.
+    #[test]
+    fn daily_budget_pauses_until_the_next_day() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let calls = dir.path().join("agent-calls.jsonl");
+        let ledger = CallLedger::open(&calls, &dir.path().join("sessions.jsonl")).expect("open");
+        ledger
+            .record(&call(1, "2026-03-01T09:00:00Z", 3.0))
+            .expect("record");
+        ledger
+            .record(&call(2, "2026-03-01T17:30:00Z", 2.5))
+            .expect("record");
+        let at = |t: &str| {
+            DateTime::parse_from_rfc3339(t)
+                .expect("time")
+                .with_timezone(&Utc)
+        };
+        let midnight = at("2026-03-02T00:00:00Z").timestamp() as u64;
+        let check = |budget: Option<f64>, now: &str, want: Option<u64>| {
+            assert_eq!(
+                over_budget(&calls, budget, at(now)).expect("check"),
+                want,
+                "{budget:?} at {now}"
+            );
+        };
+        check(Some(5.0), "2026-03-01T18:00:00Z", Some(midnight));
+        check(Some(5.5), "2026-03-01T23:59:59Z", Some(midnight));
+        check(Some(6.0), "2026-03-01T18:00:00Z", None);
+        check(None, "2026-03-01T18:00:00Z", None);
+        // The next day resumes.
+        check(Some(5.0), "2026-03-02T00:00:00Z", None);
+        // A missing ledger is no cost at all.
+        assert_eq!(
+            over_budget(
+                &dir.path().join("none.jsonl"),
+                Some(0.01),
+                at("2026-03-01T18:00:00Z")
+            )
+            .expect("check"),
+            None
+        );
+    }
 }

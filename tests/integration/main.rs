@@ -1,5 +1,6 @@
 mod agent;
 mod agent_clis;
+mod agent_containment;
 mod dashboard_api;
 mod dashboard_supervisor;
 mod fake_github;
