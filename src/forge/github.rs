@@ -37,7 +37,7 @@ use super::git_http;
 use super::{
     ChecksState, ChecksSummary, Comment, Forge, ForgeError, ForgeResult, Issue, IssueDetail,
     IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest, PullRequestState, RateBudget,
-    ReviewEvent,
+    Review, ReviewEvent,
 };
 use crate::config::Config;
 
@@ -329,6 +329,32 @@ struct RefJson {
     #[serde(rename = "ref")]
     name: String,
     sha: String,
+}
+
+/// One entry of "List reviews for a pull request"
+/// (<https://docs.github.com/en/rest/pulls/reviews#list-reviews-for-a-pull-request>):
+/// `state` is `APPROVED`, `CHANGES_REQUESTED`, `COMMENTED`, `DISMISSED` or
+/// `PENDING`; the last two are not verdicts and are left out.
+#[derive(Debug, Deserialize)]
+struct ReviewJson {
+    #[serde(default)]
+    body: Option<String>,
+    state: String,
+}
+
+impl ReviewJson {
+    fn into_review(self) -> Option<Review> {
+        let event = match self.state.as_str() {
+            "APPROVED" => ReviewEvent::Approve,
+            "CHANGES_REQUESTED" => ReviewEvent::RequestChanges,
+            "COMMENTED" => ReviewEvent::Comment,
+            _ => return None,
+        };
+        Some(Review {
+            event,
+            body: self.body.unwrap_or_default(),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -1212,6 +1238,23 @@ impl Forge for GithubForge {
         .await?
         .ok(&format!("reviewing pull request #{number}"))?;
         Ok(())
+    }
+
+    async fn list_reviews(&self, number: u64) -> ForgeResult<Vec<Review>> {
+        let what = format!("reviews of pull request #{number}");
+        let reply = self
+            .send(
+                Method::GET,
+                &self.repo_url(&format!("/pulls/{number}/reviews?per_page=100")),
+                None,
+            )
+            .await?
+            .ok(&what)?;
+        Ok(reply
+            .json::<Vec<ReviewJson>>(&what)?
+            .into_iter()
+            .filter_map(ReviewJson::into_review)
+            .collect())
     }
 
     async fn merge_pull_request(&self, number: u64, title: &str) -> ForgeResult<MergeOutcome> {

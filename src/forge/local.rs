@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     ChecksState, ChecksSummary, Comment, Forge, ForgeError, ForgeResult, Issue, IssueDetail,
-    IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest, PullRequestState,
+    IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest, PullRequestState, Review,
     ReviewEvent,
 };
 use crate::layout::Layout;
@@ -811,6 +811,24 @@ impl Forge for LocalForge {
             write_json(&f.pull_file(number), &record)
         })
         .await
+    }
+
+    async fn list_reviews(&self, number: u64) -> ForgeResult<Vec<Review>> {
+        self.blocking(move |f| {
+            Ok(f.read_pull(number)?
+                .reviews
+                .into_iter()
+                .map(|r| Review {
+                    event: r.event,
+                    body: r.body,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    fn watch_dir(&self) -> Option<PathBuf> {
+        Some(self.dir.join("issues"))
     }
 
     async fn merge_pull_request(&self, number: u64, title: &str) -> ForgeResult<MergeOutcome> {

@@ -159,6 +159,15 @@ pub enum ReviewEvent {
     Comment,
 }
 
+/// A review posted on a pull request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Review {
+    /// The verdict.
+    pub event: ReviewEvent,
+    /// Its text.
+    pub body: String,
+}
+
 /// What a successful merge produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergeOutcome {
@@ -263,6 +272,10 @@ pub trait Forge: Send + Sync {
     /// Post a review on the pull request.
     async fn post_review(&self, number: u64, event: ReviewEvent, body: &str) -> ForgeResult<()>;
 
+    /// The reviews posted on the pull request, oldest first (GitHub: "List
+    /// reviews for a pull request", first 100).
+    async fn list_reviews(&self, number: u64) -> ForgeResult<Vec<Review>>;
+
     /// Squash-merge the pull request with `title` as the commit subject and
     /// delete its head branch.
     async fn merge_pull_request(&self, number: u64, title: &str) -> ForgeResult<MergeOutcome>;
@@ -274,6 +287,13 @@ pub trait Forge: Send + Sync {
     async fn refresh_base(&self, repo: &Path, base: &str) -> ForgeResult<()> {
         let _ = (repo, base);
         Ok(())
+    }
+
+    /// A directory whose files change whenever an issue is filed, labelled
+    /// or commented (the local forge's `issues/`): the worker watches it and
+    /// polls at once. `None` for forges that are only polled.
+    fn watch_dir(&self) -> Option<std::path::PathBuf> {
+        None
     }
 
     /// The API budget left, when the forge has one.

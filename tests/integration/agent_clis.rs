@@ -24,8 +24,9 @@ use crate::util::{Project, labels};
 pub const CLIS_ENV: &str = "HYDRAFLOW_AGENT_CLIS";
 /// The unprivileged user the worker runs as when the tests run as root.
 pub const TEST_USER: &str = "hydraflow-agent-test";
-/// Longest a pipeline run with real CLIs may take (a hang guard).
-const GUARD: Duration = Duration::from_secs(300);
+/// Longest a pipeline run with real CLIs may take (a hang guard; the agent
+/// authentication pause probes after five minutes).
+const GUARD: Duration = Duration::from_secs(420);
 
 /// The installed CLIs.
 pub struct Clis {

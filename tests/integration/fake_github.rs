@@ -218,7 +218,10 @@ impl FakeGithub {
             .route(&format!("{r}/pulls"), get(list_pulls).post(create_pull))
             .route(&format!("{r}/pulls/{{number}}"), get(get_pull))
             .route(&format!("{r}/pulls/{{number}}/merge"), put(merge_pull))
-            .route(&format!("{r}/pulls/{{number}}/reviews"), post(post_review))
+            .route(
+                &format!("{r}/pulls/{{number}}/reviews"),
+                get(list_reviews).post(post_review),
+            )
             .route(&format!("{r}/commits/{{sha}}/check-runs"), get(check_runs))
             .route(&format!("{r}/commits/{{sha}}/status"), get(combined_status))
             .route(
@@ -997,6 +1000,32 @@ async fn merge_pull(
     }
 }
 
+/// The review's `state` as GitHub reports it for a posted `event`.
+fn review_state(event: &str) -> &'static str {
+    match event {
+        "APPROVE" => "APPROVED",
+        "REQUEST_CHANGES" => "CHANGES_REQUESTED",
+        _ => "COMMENTED",
+    }
+}
+
+async fn list_reviews(State(st): State<Shared>, UrlPath((_, _, n)): RepoPath<u64>) -> Response {
+    let s = lock(&st);
+    if !s.pulls.contains_key(&n) {
+        return error(StatusCode::NOT_FOUND, "Not Found");
+    }
+    let reviews: Vec<Value> = s
+        .reviews
+        .iter()
+        .enumerate()
+        .filter(|(_, (pr, _, _))| *pr == n)
+        .map(|(i, (_, event, body))| {
+            json!({ "id": i + 1, "user": user_json("hydraflow-bot"), "body": body, "state": review_state(event) })
+        })
+        .collect();
+    axum::Json(reviews).into_response()
+}
+
 async fn post_review(
     State(st): State<Shared>,
     UrlPath((_, _, n)): RepoPath<u64>,
@@ -1014,11 +1043,7 @@ async fn post_review(
     };
     let (event, text) = (field("event"), field("body"));
     s.reviews.push((n, event.clone(), text.clone()));
-    let state = match event.as_str() {
-        "APPROVE" => "APPROVED",
-        "REQUEST_CHANGES" => "CHANGES_REQUESTED",
-        _ => "COMMENTED",
-    };
+    let state = review_state(&event);
     axum::Json(json!({ "id": s.reviews.len(), "user": user_json("hydraflow-bot"), "body": text, "state": state }))
         .into_response()
 }

@@ -328,7 +328,7 @@ async fn five_issues_through_github() {
         "the escalation cause is on the issue: {:?}",
         gh.comments(5)
     );
-    let hitl = gh.state().issues[&5].hitl.clone().expect("hitl record");
+    let hitl = gh.state().issues[&5].hitl().cloned().expect("hitl record");
     assert!(hitl.cause.contains("no diff"), "{}", hitl.cause);
 
     // One pull request per merged issue, merged by a squash commit, its branch deleted.
@@ -534,7 +534,7 @@ async fn pull_request_closed_by_a_human_mid_review_is_escalated() {
         "{:?}",
         gh.comments(1)
     );
-    let hitl = gh.state().issues[&1].hitl.clone().expect("hitl record");
+    let hitl = gh.state().issues[&1].hitl().cloned().expect("hitl record");
     assert_eq!(hitl.cause, cause);
     assert_eq!(hitl.origin, "hydraflow-review");
     let events = gh.events();
@@ -621,7 +621,10 @@ async fn server_errors_rate_limits_and_a_deleted_issue_do_not_stop_the_pipeline(
         "nothing needed a human"
     );
     let state = gh.state();
-    assert!(!state.issues[&2].claimed, "the deleted issue was let go");
+    assert!(
+        !state.issues[&2].is_claimed(),
+        "the deleted issue was let go"
+    );
 }
 
 /// Receive `STATUS=` lines on `socket` until one contains every word of `wanted`.

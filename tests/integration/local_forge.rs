@@ -182,7 +182,7 @@ async fn pull_requests_share_numbers_and_are_not_duplicated() {
     let f = forge(&fx);
     let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
     let issue = f.create_issue("Feature", "", &[]).unwrap();
-    let wt = wts.create_or_resume(issue.number).await.unwrap();
+    let wt = wts.create_or_resume(issue.number, false).await.unwrap();
     let sha = commit_files(&wt.path, &[("feature.txt", Some("f\n"))], "feature");
     f.push_branch(&wt.path, &wt.branch).await.unwrap();
     assert!(matches!(
@@ -243,7 +243,7 @@ async fn squash_merge_makes_one_commit_and_updates_the_main_checkout() {
     let f = forge(&fx);
     let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
     f.create_issue("Add a feature", "", &[]).unwrap();
-    let wt = wts.create_or_resume(1).await.unwrap();
+    let wt = wts.create_or_resume(1, false).await.unwrap();
     commit_files(&wt.path, &[("feature.txt", Some("feature\n"))], "one");
     commit_files(
         &wt.path,
@@ -318,7 +318,7 @@ async fn merge_deletes_a_head_branch_nobody_has_checked_out() {
     let head = repo.head().unwrap().peel_to_commit().unwrap();
     repo.branch("agent/issue-4", &head, false).unwrap();
     let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
-    let wt = wts.create_or_resume(4).await.unwrap();
+    let wt = wts.create_or_resume(4, false).await.unwrap();
     commit_files(&wt.path, &[("four.txt", Some("4\n"))], "four");
     wts.destroy(4, false).await.unwrap();
 
@@ -344,7 +344,7 @@ async fn conflicting_pull_request_is_refused_with_the_paths() {
     let fx = fixture();
     let f = forge(&fx);
     let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
-    let wt = wts.create_or_resume(2).await.unwrap();
+    let wt = wts.create_or_resume(2, false).await.unwrap();
     commit_files(
         &wt.path,
         &[
@@ -389,7 +389,7 @@ async fn merge_never_overwrites_uncommitted_edits_in_the_main_checkout() {
     let fx = fixture();
     let f = forge(&fx);
     let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
-    let wt = wts.create_or_resume(3).await.unwrap();
+    let wt = wts.create_or_resume(3, false).await.unwrap();
     commit_files(&wt.path, &[("README.md", Some("merged\n"))], "agent");
     std::fs::write(fx.repo_path.join("README.md"), "my local edit\n").unwrap();
     let main_before = tip(&fx.repo(), "main").unwrap().id();
