@@ -11,6 +11,7 @@ mod github_forge;
 mod local_forge;
 mod model_server;
 mod supervisor;
+mod system_agents;
 mod system_deb;
 mod systemd_container;
 mod systemd_fake;

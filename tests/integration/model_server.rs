@@ -52,8 +52,8 @@ pub enum Action {
 /// One scripted exchange: tool calls, then the answer.
 #[derive(Debug, Clone)]
 pub struct Turn {
-    /// Text that must appear in the request's user text.
-    pub when: String,
+    /// Texts that must all appear in the request's user text.
+    pub when: Vec<String>,
     /// Tool calls the model makes, one per request.
     pub actions: Vec<Action>,
     /// The final answer.
@@ -63,8 +63,13 @@ pub struct Turn {
 impl Turn {
     /// A turn matching `when`.
     pub fn new(when: &str, actions: Vec<Action>, answer: &str) -> Turn {
+        Turn::all(&[when], actions, answer)
+    }
+
+    /// A turn matching requests that contain every text of `when`.
+    pub fn all(when: &[&str], actions: Vec<Action>, answer: &str) -> Turn {
         Turn {
-            when: when.into(),
+            when: when.iter().map(|w| (*w).to_string()).collect(),
             actions,
             answer: answer.into(),
         }
@@ -119,6 +124,13 @@ pub struct ModelServer {
 impl ModelServer {
     /// Start answering with `script`.
     pub fn start(script: Script) -> ModelServer {
+        ModelServer::start_in(script, None)
+    }
+
+    /// Start answering with `script` on the loopback of the network
+    /// namespace `netns` (e.g. `/proc/<pid>/ns/net` of a container's init;
+    /// needs root): the server's thread joins it before binding.
+    pub fn start_in(script: Script, netns: Option<std::path::PathBuf>) -> ModelServer {
         let inner: Shared = Arc::new(Mutex::new(Inner {
             script,
             ..Inner::default()
@@ -127,6 +139,11 @@ impl ModelServer {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
         let state = Arc::clone(&inner);
         let thread = std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                let fd = std::fs::File::open(&ns).expect("open the network namespace");
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("join the network namespace");
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -275,7 +292,10 @@ fn decide(
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    let turn = inner.script.iter().position(|t| text.contains(&t.when));
+    let turn = inner
+        .script
+        .iter()
+        .position(|t| t.when.iter().all(|w| text.contains(w.as_str())));
     let wrong_key = inner.key.as_ref().is_some_and(|k| *k != key);
     let fault = if wrong_key {
         Some(Fault::Status(401))
