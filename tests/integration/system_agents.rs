@@ -176,6 +176,10 @@ fn claude_code_under_the_packaged_unit() {
             || journal.contains("memory.max 1073741824"),
         "{journal}"
     );
+    // Delegate=yes and ProtectControlGroups=no keep the unit within the package test's bound.
+    let score = crate::system_deb::security_score(&c, "hydraflow@agents.service");
+    step(&format!("systemd-analyze security: {score}"));
+    assert!(score <= 2.5, "hydraflow@agents.service scores {score}");
     let requests = server.requests();
     assert!(
         requests.iter().any(|r| r.fault.is_none()),
