@@ -331,3 +331,69 @@ fn a_spent_daily_budget_pauses_the_pipeline() {
         "an agent ran although the budget was spent"
     );
 }
+
+/// Where the memory controller is delegated, an agent that allocates past
+/// `agent.memory_max` is killed by the kernel and the attempt's recorded
+/// cause says so. On a host without it (this project's CI mounts its
+/// controllers on cgroup v1, the "hybrid" layout) the test says why it skips;
+/// what the worker writes is unit-tested in `agent::contain`.
+#[test]
+fn an_agent_past_memory_max_is_killed_by_the_kernel() {
+    let test = "an_agent_past_memory_max_is_killed_by_the_kernel";
+    let Some(cg) = ScratchCgroup::make(test) else {
+        return;
+    };
+    let parent = cg.0.parent().expect("parent").to_path_buf();
+    let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
+    let controllers = std::fs::read_to_string(cg.0.join("cgroup.controllers")).unwrap_or_default();
+    if !controllers.split_whitespace().any(|c| c == "memory") {
+        println!(
+            "{test}: skipped: the memory controller is not available in {} (cgroup.controllers: {:?})",
+            cg.0.display(),
+            controllers.trim()
+        );
+        return;
+    }
+    let agent = r#"#!/bin/sh
+cat > /dev/null
+case "$1" in
+  triage) echo '{"ready": true, "reasons": []}' ;;
+  plan) printf 'PLAN_START\nx\nSUMMARY: x\nPLAN_END\n' ;;
+  implement) x=$(head -c 400000000 /dev/zero | tr '\0' a); echo "${#x}" ;;
+esac
+"#;
+    let p = Project::new(agent, "max_issue_attempts = 1");
+    let config = std::fs::read_to_string(&p.config).expect("config");
+    std::fs::write(
+        &p.config,
+        config.replace("[agent]\n", "[agent]\nmemory_max = 67108864\n"),
+    )
+    .expect("config");
+    p.add_issue("Allocate", "Too much memory.");
+    let cmd = p.hydraflow(&["run"]);
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(format!(
+            "echo $$ > '{}/cgroup.procs' && exec \"$0\" \"$@\"",
+            cg.0.display()
+        ))
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .current_dir(p.fx.tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    let mut worker = sh.spawn().expect("spawn the worker in the cgroup");
+    wait_for("the OOM kill recorded as the cause", || {
+        std::fs::read_to_string(p.data().join("events.jsonl"))
+            .unwrap_or_default()
+            .contains("the agent was killed by the kernel: its cgroup went past agent.memory_max (67108864 bytes)")
+    });
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
