@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod check;
 pub mod config_cmd;
 pub mod dashboard;
 pub mod generate;
@@ -65,6 +66,9 @@ pub enum Command {
     /// List and answer issues waiting for a human.
     #[command(subcommand)]
     Hitl(hitl::HitlCommandArgs),
+    /// Report and list check runs of the local forge (from your own CI).
+    #[command(subcommand)]
+    Check(check::CheckCommand),
     /// Serve the multi-repository dashboard for given worker sockets.
     Dashboard(dashboard::DashboardArgs),
     /// Run the supervisor: the control protocol on 127.0.0.1:8765 and one worker instance
@@ -114,6 +118,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config_cmd::run(&cli.config, cmd),
         Command::Issue(cmd) => issue::run(&cli.config, cmd),
         Command::Hitl(cmd) => hitl::run(&cli.config, cmd),
+        Command::Check(cmd) => check::run(&cli.config, cmd),
         Command::Dashboard(args) => dashboard::run(args),
         Command::Supervisor(args) => supervisor_cmd::run_supervisor(&cli.config, args),
         Command::Repo(cmd) => supervisor_cmd::run_repo(&cli.config, cmd),

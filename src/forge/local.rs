@@ -1011,6 +1011,17 @@ impl LocalForge {
         Ok(read_json(&self.checks_file(sha)?)?.unwrap_or_default())
     }
 
+    /// The check runs of commit `sha` (a full SHA) summarised as for GitHub
+    /// ([`summarise_checks`]); what [`Forge::checks`] answers.
+    ///
+    /// # Errors
+    /// As [`LocalForge::check_runs`].
+    pub fn check_summary(&self, sha: &str) -> ForgeResult<ChecksSummary> {
+        let runs = self.check_runs(sha)?;
+        let views: Vec<CheckRunView<'_>> = runs.iter().map(CheckRun::view).collect();
+        Ok(summarise_checks(&views, &[]))
+    }
+
     /// Report check run `run` for commit `sha` (a full SHA): it replaces the
     /// run of the same name, else is added. A conclusion makes the run
     /// `completed`, as on GitHub. Blocking; under the forge lock, written
@@ -1240,12 +1251,7 @@ impl Forge for LocalForge {
 
     async fn checks(&self, sha: &str) -> ForgeResult<ChecksSummary> {
         let sha = sha.to_owned();
-        self.blocking(move |f| {
-            let runs = f.check_runs(&sha)?;
-            let views: Vec<CheckRunView<'_>> = runs.iter().map(CheckRun::view).collect();
-            Ok(summarise_checks(&views, &[]))
-        })
-        .await
+        self.blocking(move |f| f.check_summary(&sha)).await
     }
 
     async fn post_review(&self, number: u64, event: ReviewEvent, body: &str) -> ForgeResult<()> {
