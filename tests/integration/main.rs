@@ -18,4 +18,5 @@ mod worker_activation;
 mod worker_bad_input;
 mod worker_e2e;
 mod worker_local_ci;
+mod worker_lock;
 mod worker_notify;
