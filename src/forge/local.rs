@@ -798,8 +798,6 @@ impl LocalForge {
         mut base_tip: impl FnMut(&Repository, u32, &str) -> ForgeResult<git2::Oid>,
     ) -> ForgeResult<MergeOutcome> {
         let _lock = self.lock()?;
-        let repo = self.open_repo()?;
-        self.finish_checkout_sync(&repo);
         let mut record = self.read_pull(number)?;
         match (record.state, &record.merged_sha) {
             (PullRequestState::Merged, Some(sha)) => {
@@ -812,6 +810,8 @@ impl LocalForge {
                 )));
             }
         }
+        let repo = self.open_repo()?;
+        self.finish_checkout_sync(&repo);
         let what = format!(
             "pull request #{number} ({} into {})",
             record.head, record.base
