@@ -17,4 +17,6 @@ mod util_dashboard;
 mod worker_activation;
 mod worker_bad_input;
 mod worker_e2e;
+mod worker_local_ci;
+mod worker_lock;
 mod worker_notify;
