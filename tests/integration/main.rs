@@ -1,4 +1,5 @@
 mod agent;
+mod crash_campaign;
 mod dashboard_api;
 mod dashboard_supervisor;
 mod fake_github;
