@@ -9,6 +9,8 @@ use std::fs::File;
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 
+use backon::BlockingRetryable as _;
+
 /// Why the worker lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerLockError {
@@ -22,6 +24,17 @@ pub enum WorkerLockError {
         /// `PID <n>` as the holder wrote it, or `PID unknown`.
         holder: String,
     },
+    /// The worker that wrote its PID has exited, but something it started
+    /// still holds the lock (after waiting about 5 s for it to let go).
+    #[error(
+        "the worker with PID {pid} has exited, but a process it started still holds {path}: find it with `fuser -v {path}` and stop it"
+    )]
+    Leftover {
+        /// The lock file.
+        path: PathBuf,
+        /// The PID the exited worker wrote.
+        pid: i32,
+    },
     /// The lock file could not be opened, locked or written.
     #[error("cannot take the worker lock {path}: {source}")]
     Io {
@@ -30,6 +43,35 @@ pub enum WorkerLockError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// How often, and how many times, the lock is tried again while the PID
+/// in it belongs to no running process (about 5 s in all).
+const DEAD_HOLDER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+const DEAD_HOLDER_POLLS: usize = 100;
+
+/// Why one try at the lock failed.
+enum Taken {
+    /// Someone holds it; the PID written in the file, if it parses.
+    Held(Option<i32>),
+    /// The lock call failed.
+    Io(std::io::Error),
+}
+
+/// The PID written in the lock file.
+fn holder_pid(mut file: &File) -> Option<i32> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// Whether a process with this PID exists (signal 0, as `kill -0` does).
+fn alive(pid: i32) -> bool {
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
 }
 
 /// The held lock; dropping it (or exiting) releases it. The file stays.
@@ -59,21 +101,37 @@ impl WorkerLock {
             .truncate(false)
             .open(path)
             .map_err(io)?;
-        match fs4::FileExt::try_lock(&file) {
+        // A worker killed a moment ago may still be "holding" the lock
+        // through a child it forked and that has not exec'd yet (the
+        // descriptor is close-on-exec): when the PID in the file is gone,
+        // wait a little for that child instead of refusing at once.
+        let take = || match fs4::FileExt::try_lock(&file) {
+            Ok(()) => Ok(()),
+            Err(fs4::TryLockError::WouldBlock) => Err(Taken::Held(holder_pid(&file))),
+            Err(fs4::TryLockError::Error(e)) => Err(Taken::Io(e)),
+        };
+        let taken = take
+            .retry(
+                backon::ConstantBuilder::default()
+                    .with_delay(DEAD_HOLDER_POLL)
+                    .with_max_times(DEAD_HOLDER_POLLS),
+            )
+            .when(|e| matches!(e, Taken::Held(Some(pid)) if !alive(*pid)))
+            .call();
+        match taken {
             Ok(()) => {}
-            Err(fs4::TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                let holder = match text.trim().parse::<u32>() {
-                    Ok(pid) => format!("PID {pid}"),
-                    Err(_) => "PID unknown".to_owned(),
+            Err(Taken::Held(pid)) => {
+                let holder = match pid {
+                    Some(pid) if alive(pid) => format!("PID {pid}"),
+                    Some(pid) => format!("PID {pid}, which has exited, but a process it started"),
+                    None => "PID unknown".to_owned(),
                 };
                 return Err(WorkerLockError::Held {
                     path: path.to_path_buf(),
                     holder,
                 });
             }
-            Err(fs4::TryLockError::Error(e)) => return Err(io(e)),
+            Err(Taken::Io(e)) => return Err(io(e)),
         }
         file.set_len(0).map_err(io)?;
         file.rewind().map_err(io)?;
@@ -118,6 +176,26 @@ mod tests {
         drop(first);
         let again = WorkerLock::acquire(&path).unwrap();
         assert_eq!(again.path(), path);
+    }
+
+    /// The PID in the file is gone but something still holds the lock (a
+    /// child the killed worker forked): the taker waits for it.
+    #[test]
+    fn a_dead_holders_leftover_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.lock");
+        let first = WorkerLock::acquire(&path).unwrap();
+        // A PID no process has (the kernel's default pid_max is far lower).
+        std::fs::write(&path, "2147483646\n").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        let started = std::time::Instant::now();
+        let again = WorkerLock::acquire(&path).expect("taken once the leftover lets go");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+        assert_eq!(again.path(), path);
+        release.join().unwrap();
     }
 
     #[test]

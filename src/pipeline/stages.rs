@@ -99,14 +99,6 @@ fn prompt_context(ctx: &Pipeline, issue: &Issue, record: &IssueRecord) -> Prompt
     }
 }
 
-/// An attempt failure, unless HydraFlow's own disk is at fault.
-fn attempt(ctx: &Pipeline, cause: String) -> Failure {
-    match ctx.storage_fault() {
-        Some(fault) => Failure::Storage(format!("{fault} (while: {cause})")),
-        None => Failure::Attempt(cause),
-    }
-}
-
 /// Render `kind`, run the stage's agent in `cwd`, and classify a failed run.
 async fn run_agent(
     ctx: &Pipeline,
@@ -189,13 +181,10 @@ async fn run_agent(
         }));
     }
     if outcome.timed_out {
-        return Err(attempt(
-            ctx,
-            format!(
-                "agent timed out after {} s and was killed",
-                ctx.config.agent_timeout
-            ),
-        ));
+        return Err(Failure::Attempt(format!(
+            "agent timed out after {} s and was killed",
+            ctx.config.agent_timeout
+        )));
     }
     if outcome.exit_code != Some(0) {
         let text = if outcome.stderr_tail.trim().is_empty() {
@@ -204,22 +193,16 @@ async fn run_agent(
             &outcome.stderr_tail
         };
         let tail = last_line(text);
-        return Err(attempt(
-            ctx,
-            match outcome.exit_code {
-                Some(code) => format!("agent exited with code {code}: {tail}"),
-                None => format!("agent was killed by a signal: {tail}"),
-            },
-        ));
+        return Err(Failure::Attempt(match outcome.exit_code {
+            Some(code) => format!("agent exited with code {code}: {tail}"),
+            None => format!("agent was killed by a signal: {tail}"),
+        }));
     }
     if outcome.is_error {
-        return Err(attempt(
-            ctx,
-            format!(
-                "agent reported an error: {}",
-                last_line(&outcome.transcript)
-            ),
-        ));
+        return Err(Failure::Attempt(format!(
+            "agent reported an error: {}",
+            last_line(&outcome.transcript)
+        )));
     }
     Ok(outcome)
 }
@@ -445,21 +428,18 @@ async fn quality_check(ctx: &Pipeline, cwd: &std::path::Path) -> Result<(), Fail
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(ctx.config.agent_timeout), cmd.output())
         .await
-        .map_err(|_| attempt(ctx, format!("quality command {command:?} timed out")))?
-        .map_err(|e| attempt(ctx, format!("cannot run quality command {command:?}: {e}")))?;
+        .map_err(|_| Failure::Attempt(format!("quality command {command:?} timed out")))?
+        .map_err(|e| Failure::Attempt(format!("cannot run quality command {command:?}: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
         let text = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
-        Err(attempt(
-            ctx,
-            format!(
-                "quality command {command:?} failed ({}): {}",
-                out.status,
-                last_line(&text)
-            ),
-        ))
+        Err(Failure::Attempt(format!(
+            "quality command {command:?} failed ({}): {}",
+            out.status,
+            last_line(&text)
+        )))
     }
 }
 

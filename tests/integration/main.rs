@@ -18,6 +18,7 @@ mod util_dashboard;
 mod worker_activation;
 mod worker_bad_input;
 mod worker_e2e;
+mod worker_faults;
 mod worker_local_ci;
 mod worker_lock;
 mod worker_notify;

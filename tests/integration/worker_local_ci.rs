@@ -3,7 +3,9 @@
 //! CI script would, the review stage waits for it, and once the test reports
 //! success the pull request is merged.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use hydraflow::forge::IssueState;
 use hydraflow::store::events::{Event, EventType};
@@ -87,4 +89,81 @@ fn review_waits_for_a_check_reported_from_the_command_line() {
         states.iter().all(|s| s == "pending" || s == "success"),
         "{states:?}"
     );
+}
+
+/// Waiting for CI is a state, not a sleeping task: with one review permit,
+/// two pull requests whose CI takes 60 s each both wait at once, and both
+/// are merged about 60 s after the first CI started, not 120 s.
+#[test]
+fn two_slow_ci_runs_wait_side_by_side_with_one_reviewer() {
+    const CI: Duration = Duration::from_secs(60);
+    let p = Project::new(
+        AGENT,
+        "ci_poll_interval = 1\nci_check_timeout = 600\n[limits]\nmax_reviewers = 1\n",
+    );
+    let mut config = std::fs::read_to_string(&p.config).unwrap();
+    config.push_str(&format!(
+        "[agent.env]\nHF_BIN = {:?}\nHF_CONFIG = {:?}\nMAIN_CHECKOUT = {:?}\n",
+        env!("CARGO_BIN_EXE_hydraflow"),
+        p.config.display().to_string(),
+        p.repo().display().to_string()
+    ));
+    std::fs::write(&p.config, config).unwrap();
+    p.add_issue("Add file 1", "body");
+    p.add_issue("Add file 2", "body");
+    let worker = p
+        .hydraflow(&["run", "--exit-when-idle"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the worker");
+
+    // The CI system: each head's check finishes 60 s after review first saw it running.
+    let mut first_seen: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut finished: BTreeSet<String> = BTreeSet::new();
+    let mut both_waiting = false;
+    wait_for("both checks to finish", || {
+        for e in ci_checks(&p) {
+            if e.data["state"] == "pending" {
+                let sha = e.data["sha"].as_str().unwrap().to_owned();
+                first_seen.entry(sha).or_insert_with(Instant::now);
+            }
+        }
+        let waiting = first_seen
+            .keys()
+            .filter(|sha| !finished.contains(*sha))
+            .count();
+        both_waiting |= waiting == 2;
+        for (sha, seen) in &first_seen {
+            if seen.elapsed() >= CI && finished.insert(sha.clone()) {
+                let out = p.run(&["check", "set", sha, "ci", "success"]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        finished.len() == 2
+    });
+    let out = wait_bounded(worker);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first_ci = *first_seen.values().min().unwrap();
+    let took = first_ci.elapsed();
+    println!(
+        "two pull requests with 60 s of CI each, one reviewer: both merged {took:?} after the first CI started"
+    );
+    assert!(
+        both_waiting,
+        "the second pull request was reviewed while the first one's CI ran"
+    );
+    for n in 1..=2 {
+        assert_eq!(p.issue(n).state, IssueState::Closed, "#{n} merged");
+    }
+    // Serial waiting would take at least 2 × 60 s.
+    assert!(took < 2 * CI - Duration::from_secs(15), "{took:?}");
 }
