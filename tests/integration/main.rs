@@ -22,3 +22,4 @@ mod worker_faults;
 mod worker_local_ci;
 mod worker_lock;
 mod worker_notify;
+mod worker_wake;
