@@ -376,10 +376,12 @@ async fn run_process(
         None => None,
     };
     let report_fd = report.as_ref().map(|(_, w)| w.as_raw_fd());
+    let worker = nix::unistd::getpid();
     let procs_fd = scope.procs_fd();
     // SAFETY: the closure runs in the forked child before exec and makes
-    // only async-signal-safe system calls (write, fcntl, dup2, prctl) on
-    // descriptors opened before the fork; it allocates nothing.
+    // only async-signal-safe system calls (write, fcntl, dup2, prctl,
+    // getppid) on descriptors opened before the fork; it allocates nothing
+    // but the error of a worker that died meanwhile.
     unsafe {
         command.pre_exec(move || {
             if let Some(fd) = procs_fd {
@@ -402,7 +404,15 @@ async fn run_process(
             // If the worker dies (even by SIGKILL), the agent (or its shim)
             // gets SIGTERM instead of running on as an orphan.
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+            // A worker that died between fork and prctl sent nothing: the
+            // child then has another parent already, and must not run.
+            if nix::unistd::getppid() != worker {
+                return Err(std::io::Error::other(
+                    "the worker exited while starting the agent",
+                ));
+            }
+            Ok(())
         });
     }
     let mut child = command.spawn().map_err(|source| AgentError::Spawn {

@@ -35,9 +35,9 @@ use tokio::sync::Semaphore;
 
 use super::git_http;
 use super::{
-    ChecksState, ChecksSummary, Comment, Forge, ForgeError, ForgeResult, Issue, IssueDetail,
-    IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest, PullRequestState, RateBudget,
-    Review, ReviewEvent,
+    CheckRunView, ChecksSummary, Comment, CommitStatusView, Forge, ForgeError, ForgeResult, Issue,
+    IssueDetail, IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest,
+    PullRequestState, RateBudget, Review, ReviewEvent, summarise_checks,
 };
 use crate::config::Config;
 
@@ -1180,47 +1180,25 @@ impl Forge for GithubForge {
             .await?
             .ok(&what)?
             .json(&what)?;
-        let mut failures = Vec::new();
-        let mut pending = false;
-        for run in &runs {
-            if run.status != "completed" {
-                pending = true;
-                continue;
-            }
-            match run.conclusion.as_deref() {
-                Some("success" | "neutral" | "skipped") => {}
-                other => failures.push(format!(
-                    "{} ({}): {}",
-                    run.name,
-                    other.unwrap_or("no conclusion"),
-                    run.output
-                        .as_ref()
-                        .and_then(|o| o.summary.clone())
-                        .unwrap_or_default()
-                )),
-            }
-        }
-        for s in &status.statuses {
-            match s.state.as_str() {
-                "success" => {}
-                "pending" => pending = true,
-                other => failures.push(format!(
-                    "{} ({other}): {}",
-                    s.context,
-                    s.description.clone().unwrap_or_default()
-                )),
-            }
-        }
-        let state = if runs.is_empty() && status.statuses.is_empty() {
-            ChecksState::None
-        } else if !failures.is_empty() {
-            ChecksState::Failure
-        } else if pending {
-            ChecksState::Pending
-        } else {
-            ChecksState::Success
-        };
-        Ok(ChecksSummary { state, failures })
+        let runs: Vec<CheckRunView<'_>> = runs
+            .iter()
+            .map(|run| CheckRunView {
+                name: &run.name,
+                status: &run.status,
+                conclusion: run.conclusion.as_deref(),
+                summary: run.output.as_ref().and_then(|o| o.summary.as_deref()),
+            })
+            .collect();
+        let statuses: Vec<CommitStatusView<'_>> = status
+            .statuses
+            .iter()
+            .map(|s| CommitStatusView {
+                context: &s.context,
+                state: &s.state,
+                description: s.description.as_deref(),
+            })
+            .collect();
+        Ok(summarise_checks(&runs, &statuses))
     }
 
     async fn post_review(&self, number: u64, event: ReviewEvent, body: &str) -> ForgeResult<()> {

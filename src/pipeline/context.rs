@@ -265,9 +265,7 @@ impl Pipeline {
                 f.write_all(&[0u8; 4096])?;
                 f.sync_all()
             });
-            if let Err(e) = probe
-                && super::decide::is_storage_io(&e)
-            {
+            if let Err(e) = probe {
                 return Some(format!("cannot write in {}: {e}", dir.display()));
             }
         }

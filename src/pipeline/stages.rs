@@ -99,14 +99,6 @@ fn prompt_context(ctx: &Pipeline, issue: &Issue, record: &IssueRecord) -> Prompt
     }
 }
 
-/// An attempt failure, unless HydraFlow's own disk is at fault.
-fn attempt(ctx: &Pipeline, cause: String) -> Failure {
-    match ctx.storage_fault() {
-        Some(fault) => Failure::Storage(format!("{fault} (while: {cause})")),
-        None => Failure::Attempt(cause),
-    }
-}
-
 /// Render `kind`, run the stage's agent in `cwd`, and classify a failed run.
 async fn run_agent(
     ctx: &Pipeline,
@@ -189,7 +181,7 @@ async fn run_agent(
 fn agent_failure(ctx: &Pipeline, f: AgentFailure) -> Failure {
     use crate::agent::PauseKind as Agent;
     match f {
-        AgentFailure::Attempt { cause } => attempt(ctx, cause),
+        AgentFailure::Attempt { cause } => Failure::Attempt(cause),
         // The CLIs retry the model API themselves first; then the poll interval.
         AgentFailure::Later { cause, retry_after } => Failure::Later {
             cause,
@@ -423,21 +415,18 @@ async fn quality_check(ctx: &Pipeline, cwd: &std::path::Path) -> Result<(), Fail
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(ctx.config.agent_timeout), cmd.output())
         .await
-        .map_err(|_| attempt(ctx, format!("quality command {command:?} timed out")))?
-        .map_err(|e| attempt(ctx, format!("cannot run quality command {command:?}: {e}")))?;
+        .map_err(|_| Failure::Attempt(format!("quality command {command:?} timed out")))?
+        .map_err(|e| Failure::Attempt(format!("cannot run quality command {command:?}: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
         let text = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
-        Err(attempt(
-            ctx,
-            format!(
-                "quality command {command:?} failed ({}): {}",
-                out.status,
-                last_line(&text)
-            ),
-        ))
+        Err(Failure::Attempt(format!(
+            "quality command {command:?} failed ({}): {}",
+            out.status,
+            last_line(&text)
+        )))
     }
 }
 

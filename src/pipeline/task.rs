@@ -211,6 +211,16 @@ pub(crate) async fn handle_failure(
     failure: Failure,
 ) {
     let n = issue.number;
+    // An attempt counts only when HydraFlow's own disk is sound: a failure
+    // to write a transcript, a worktree or the local forge's files is never
+    // the agent's fault.
+    let failure = match failure {
+        Failure::Attempt(cause) => match ctx.storage_fault() {
+            Some(fault) => Failure::Storage(format!("{fault} (while: {cause})")),
+            None => Failure::Attempt(cause),
+        },
+        other => other,
+    };
     let record = ctx.state.issue(n);
     let decision = decide(&failure, &record, &ctx.policy());
     let mut event = ErrorEvent {

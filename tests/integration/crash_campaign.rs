@@ -153,10 +153,7 @@ fn problems(run: &Run) -> Vec<String> {
             format!("#{n} has a duplicate comment"),
         );
         check(
-            !detail
-                .comments
-                .iter()
-                .any(|c| c.body.contains("escalated")),
+            !detail.comments.iter().any(|c| c.body.contains("escalated")),
             format!("#{n} was escalated"),
         );
         let prs: Vec<_> = pulls
@@ -164,7 +161,10 @@ fn problems(run: &Run) -> Vec<String> {
             .filter(|p| p.head == format!("agent/issue-{n}"))
             .collect();
         if n == 4 {
-            check(prs.is_empty(), format!("#{n} (satisfied) got a pull request"));
+            check(
+                prs.is_empty(),
+                format!("#{n} (satisfied) got a pull request"),
+            );
         } else {
             check(
                 prs.len() == 1 && prs[0].state == PullRequestState::Merged,
@@ -182,10 +182,16 @@ fn problems(run: &Run) -> Vec<String> {
         .iter()
         .filter_map(|e| e.name().ok().map(str::to_owned))
         .collect();
-    let expected: BTreeSet<String> = [".gitignore", "README.md", "USAGE.md", "farewell.sh", "greet.sh"]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+    let expected: BTreeSet<String> = [
+        ".gitignore",
+        "README.md",
+        "USAGE.md",
+        "farewell.sh",
+        "greet.sh",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
     check(files == expected, format!("main holds {files:?}"));
     let subjects = crate::git_fixture::subjects(&repo, "refs/heads/main");
     for n in 1..=3 {
@@ -250,7 +256,10 @@ fn problems(run: &Run) -> Vec<String> {
             .lines()
             .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_err())
             .count();
-        check(bad_lines == 0, format!("{bad_lines} corrupt lines in events.jsonl"));
+        check(
+            bad_lines == 0,
+            format!("{bad_lines} corrupt lines in events.jsonl"),
+        );
     }
     // No process of the run is left.
     let left = processes_mentioning(run.tmp.path());
@@ -303,8 +312,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn sigkill_at_random_instants_always_resumes_cleanly() {
     let runs: usize = env_or("HYDRAFLOW_CAMPAIGN_RUNS", 20);
     let seed: u64 = env_or("HYDRAFLOW_CAMPAIGN_SEED", fastrand::u64(..));
-    let bin = std::env::var_os("HYDRAFLOW_CAMPAIGN_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hydraflow")), PathBuf::from);
+    let bin = std::env::var_os("HYDRAFLOW_CAMPAIGN_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_hydraflow")),
+        PathBuf::from,
+    );
 
     // A clean run: how long the pipeline takes, and that it ends clean.
     let clean = Run::new(&bin);

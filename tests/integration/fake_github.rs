@@ -143,6 +143,8 @@ pub struct FakeState {
     pub max_per_page: usize,
     /// `mergeable: null` answers a new pull request gets before the real value.
     pub unknown_polls: u32,
+    /// Until then every API and git request is answered 502 (an outage).
+    pub outage_until: Option<std::time::Instant>,
     /// Base URL of the API (`http://127.0.0.1:PORT/api/v3`).
     pub api: String,
     /// The bare repository.
@@ -285,6 +287,12 @@ impl FakeGithub {
         n
     }
 
+    /// Answer every request with 502 Bad Gateway for `length`, as GitHub's
+    /// front end does while the service behind it is down.
+    pub fn outage(&self, length: std::time::Duration) {
+        self.state().outage_until = Some(std::time::Instant::now() + length);
+    }
+
     /// Queue a fault for the next request to `route` (`METHOD template`).
     pub fn fault(&self, route: &str, fault: Fault) {
         self.state().faults.push_back((route.to_string(), fault));
@@ -327,6 +335,11 @@ fn set_rate_headers(headers: &mut HeaderMap, remaining: u64) {
     put("x-ratelimit-resource", "core".into());
 }
 
+fn in_outage(s: &FakeState) -> bool {
+    s.outage_until
+        .is_some_and(|until| std::time::Instant::now() < until)
+}
+
 /// Counting, authentication, faults, ETag/304, budget and rate headers.
 async fn api_layer(
     State(state): State<Shared>,
@@ -357,13 +370,15 @@ async fn api_layer(
         .unwrap_or_default();
     let body_json = serde_json::from_slice::<Value>(&req_bytes).ok();
     let req = Request::from_parts(req_parts, Body::from(req_bytes));
-    let fault = {
+    let (fault, down) = {
         let mut s = lock(&state);
         *s.counts.entry(route.clone()).or_default() += 1;
         let pos = s.faults.iter().position(|(r, _)| *r == route);
-        pos.and_then(|i| s.faults.remove(i)).map(|(_, f)| f)
+        let fault = pos.and_then(|i| s.faults.remove(i)).map(|(_, f)| f);
+        (fault, in_outage(&s))
     };
     let mut response = match (authorized, fault) {
+        _ if down => error(StatusCode::BAD_GATEWAY, "Server Error"),
         (false, _) | (_, Some(Fault::BadCredentials)) => {
             error(StatusCode::UNAUTHORIZED, "Bad credentials")
         }
@@ -1145,6 +1160,9 @@ async fn git_http(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if in_outage(&lock(&st)) {
+        return error(StatusCode::BAD_GATEWAY, "Server Error");
+    }
     *lock(&st)
         .counts
         .entry(format!("{method} /git"))

@@ -1,6 +1,7 @@
 mod agent;
 mod agent_clis;
 mod agent_containment;
+mod crash_campaign;
 mod dashboard_api;
 mod dashboard_supervisor;
 mod fake_github;
@@ -21,4 +22,8 @@ mod util_dashboard;
 mod worker_activation;
 mod worker_bad_input;
 mod worker_e2e;
+mod worker_faults;
+mod worker_local_ci;
+mod worker_lock;
 mod worker_notify;
+mod worker_wake;
