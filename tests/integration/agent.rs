@@ -342,3 +342,28 @@ async fn agent_environment_is_clean() -> TestResult {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn agent_secrets_are_redacted_from_everything_it_prints() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let secret = "sk-ant-api03-very-secret-value";
+    let script = format!(
+        "echo '{{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"key {secret}\"}}'\necho 'stderr {secret}' >&2\n"
+    );
+    let c = call(dir.path(), &script, OutputFormat::ClaudeStreamJson, MINUTE);
+    let lines = Mutex::new(Vec::new());
+    let sink = |l: &DisplayLine| lines.lock().expect("lock").push(l.text.clone());
+    let runner = ProcessRunner::default().with_secrets(vec![secret.to_string(), "short".into()]);
+    let outcome = runner.run(&c, &sink).await?;
+    assert_eq!(outcome.transcript, "key [redacted]");
+    assert_eq!(outcome.stderr_tail, "stderr [redacted]\n");
+    let raw = std::fs::read_to_string(dir.path().join("logs/issue-5.jsonl"))?;
+    let saved = std::fs::read_to_string(&c.transcript_path)?;
+    for text in [raw, saved]
+        .iter()
+        .chain(lines.lock().expect("lock").iter())
+    {
+        assert!(!text.contains(secret), "{text}");
+    }
+    Ok(())
+}
