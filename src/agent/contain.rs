@@ -198,7 +198,11 @@ fn single(dir: &Path, file: &str) -> Option<u64> {
 /// Kill everything in the cgroup `dir` and remove it: `cgroup.kill`
 /// (Linux 5.14+), else SIGKILL to each process of `cgroup.procs`, until
 /// `cgroup.events` says it is empty (at most about two seconds), then rmdir.
-fn kill_and_remove(dir: &Path) -> io::Result<()> {
+/// What a call's end, timeout or drop does to the call's cgroup.
+///
+/// # Errors
+/// The cgroup cannot be removed (still populated, or no permission), naming it.
+pub fn kill_and_remove(dir: &Path) -> io::Result<()> {
     if !dir.exists() {
         return Ok(());
     }

@@ -397,3 +397,37 @@ esac
     let _ = worker.kill();
     let _ = worker.wait();
 }
+
+/// `cgroup.kill` ends a whole call's cgroup at once — a process and the
+/// `setsid` grandchild it started — and the cgroup is removed (what a call's
+/// end, timeout or drop does in cgroup mode; `cgroup.kill` works in any
+/// cgroup v2 hierarchy, the controller-less hybrid one included).
+#[test]
+fn cgroup_kill_ends_a_call_whole() {
+    let test = "cgroup_kill_ends_a_call_whole";
+    let Some(cg) = ScratchCgroup::make(test) else {
+        return;
+    };
+    let call = cg.0.join("agent-9-implement");
+    std::fs::create_dir(&call).expect("the call's cgroup");
+    let dir = tempfile::tempdir().expect("dir");
+    let script = format!(
+        "echo $$ > '{}/cgroup.procs' || exit 1; setsid sh -c 'echo $$ > {gc}; exec sleep 600' & echo $$ > {me}; exec sleep 600",
+        call.display(),
+        gc = dir.path().join("gc.pid").display(),
+        me = dir.path().join("me.pid").display(),
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .spawn()
+        .expect("spawn");
+    let me = read_pid(&dir.path().join("me.pid"));
+    let gc = read_pid(&dir.path().join("gc.pid"));
+    let procs = std::fs::read_to_string(call.join("cgroup.procs")).expect("procs");
+    assert!(procs.contains(&gc.to_string()), "{procs}");
+    hydraflow::agent::contain::kill_and_remove(&call).expect("kill and remove");
+    let _ = child.wait();
+    wait_for("both processes gone", || gone(me) && gone(gc));
+    assert!(!call.exists(), "{} is left", call.display());
+}
