@@ -335,8 +335,9 @@ fn a_spent_daily_budget_pauses_the_pipeline() {
 /// Where the memory controller is delegated, an agent that allocates past
 /// `agent.memory_max` is killed by the kernel and the attempt's recorded
 /// cause says so. On a host without it (this project's CI mounts its
-/// controllers on cgroup v1, the "hybrid" layout) the test says why it skips;
-/// what the worker writes is unit-tested in `agent::contain`.
+/// controllers on cgroup v1, the "hybrid" layout) it checks instead that the
+/// worker says at start it cannot apply the limit, and why; what the worker
+/// writes to the files is unit-tested in `agent::contain`.
 #[test]
 fn an_agent_past_memory_max_is_killed_by_the_kernel() {
     let test = "an_agent_past_memory_max_is_killed_by_the_kernel";
@@ -346,13 +347,13 @@ fn an_agent_past_memory_max_is_killed_by_the_kernel() {
     let parent = cg.0.parent().expect("parent").to_path_buf();
     let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory");
     let controllers = std::fs::read_to_string(cg.0.join("cgroup.controllers")).unwrap_or_default();
-    if !controllers.split_whitespace().any(|c| c == "memory") {
+    let memory = controllers.split_whitespace().any(|c| c == "memory");
+    if !memory {
         println!(
-            "{test}: skipped: the memory controller is not available in {} (cgroup.controllers: {:?})",
+            "{test}: the memory controller is not available in {} (cgroup.controllers: {:?}): checking that the worker says it cannot apply agent.memory_max, and why",
             cg.0.display(),
             controllers.trim()
         );
-        return;
     }
     let agent = r#"#!/bin/sh
 cat > /dev/null
@@ -389,6 +390,16 @@ esac
         };
     }
     let mut worker = sh.spawn().expect("spawn the worker in the cgroup");
+    if !memory {
+        wait_for("the worker to say it cannot apply the memory limit", || {
+            std::fs::read_to_string(p.data().join("logs/hydraflow.log"))
+                .unwrap_or_default()
+                .contains("agent.memory_max = 67108864 is not applied: the memory controller is not available")
+        });
+        let _ = worker.kill();
+        let _ = worker.wait();
+        return;
+    }
     wait_for("the OOM kill recorded as the cause", || {
         std::fs::read_to_string(p.data().join("events.jsonl"))
             .unwrap_or_default()
