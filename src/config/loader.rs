@@ -1,6 +1,6 @@
 //! Loading the configuration in layers with provenance: built-in defaults,
 //! the global file, the instance file, then `HYDRAFLOW_<KEY>` environment
-//! variables (spec §7). Every file is parsed strictly on its own first, so an
+//! variables (docs/design/configuration.md). Every file is parsed strictly on its own first, so an
 //! unknown key or a wrong type is reported with the file, line and key.
 
 use std::collections::BTreeMap;
@@ -490,7 +490,7 @@ pub struct Target {
 /// The global file is optional only when it is the default path. The slug is
 /// the instance name, else `slug` from the configuration, else the GitHub
 /// `owner/name` with `/` → `-`, else the checkout's directory name. The data
-/// root is `$HYDRAFLOW_HOME`, else `<checkout>/.hydraflow` (ADR-0010).
+/// root is `$HYDRAFLOW_HOME`, else `<checkout>/.hydraflow` (docs/design/data-layout.md).
 ///
 /// # Errors
 /// [`ConfigError`] for invalid files, slugs or paths.
