@@ -1,0 +1,324 @@
+//! The GitHub forge: [`Forge`](crate::forge::Forge) over GitHub's REST API
+//! (api.github.com or GitHub Enterprise Server) with octocrab as the HTTP
+//! client, and clones, fetches and branch pushes with git2 over git's smart
+//! HTTP protocol ([`crate::forge::git_http`]: ureq and rustls, no OpenSSL).
+//!
+//! One job per submodule: `rest` (the REST client: conditional requests,
+//! rate-limit accounting, retries, the mapping of statuses to
+//! [`ForgeError`]), `json` (the response bodies it reads), `git` (clone,
+//! fetch and push with the token), `forge` (the [`Forge`](crate::forge::Forge)
+//! operations as REST calls and git transfers). This file holds the options,
+//! the token and the forge value they share.
+//!
+//! **Invariant:** only this module imports octocrab.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::{ForgeError, ForgeResult, git_http};
+use crate::config::Config;
+
+mod forge;
+mod git;
+mod json;
+mod rest;
+
+pub use rest::next_link;
+
+/// GitHub's limit on the body of one comment, in characters
+/// (the API answers 422 "body is too long (maximum is 65536 characters)").
+pub const COMMENT_LIMIT: usize = 65_536;
+
+/// Environment variables consulted for the token, in order (docs/design/configuration.md).
+pub const TOKEN_ENV_VARS: [&str; 3] = ["HYDRAFLOW_GH_TOKEN", "GH_TOKEN", "GITHUB_TOKEN"];
+
+/// Name of the systemd credential holding the token.
+pub const TOKEN_CREDENTIAL: &str = "github-token";
+
+/// Pick the token: the systemd credential `github-token` when present and
+/// non-empty, else the first non-empty of [`TOKEN_ENV_VARS`] as `env` returns
+/// them. Surrounding whitespace (a trailing newline in a credential file) is
+/// trimmed.
+pub fn resolve_token(
+    credential: Option<String>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<String> {
+    let nonempty = |v: String| {
+        let t = v.trim();
+        (!t.is_empty()).then(|| t.to_string())
+    };
+    credential.and_then(nonempty).or_else(|| {
+        TOKEN_ENV_VARS
+            .iter()
+            .find_map(|k| env(k).and_then(nonempty))
+    })
+}
+
+/// The token of this process: [`resolve_token`] over the systemd credential
+/// and the real environment.
+///
+/// # Errors
+/// [`ForgeError::Auth`] naming where a token was looked for when there is none.
+pub fn token_from_environment() -> ForgeResult<String> {
+    resolve_token(crate::systemd::read_credential(TOKEN_CREDENTIAL), |k| {
+        std::env::var(k).ok()
+    })
+    .ok_or_else(|| {
+        ForgeError::Auth(format!(
+            "no GitHub token: set the systemd credential {TOKEN_CREDENTIAL:?} or one of {}",
+            TOKEN_ENV_VARS.join(", ")
+        ))
+    })
+}
+
+/// Split a comment body into pieces of at most `limit` characters, cutting
+/// after the last newline of a piece when there is one so lines stay whole.
+/// An empty body gives one empty piece.
+pub fn split_comment(body: &str, limit: usize) -> Vec<String> {
+    let limit = limit.max(1);
+    let mut pieces = Vec::new();
+    let mut rest = body;
+    while rest.chars().count() > limit {
+        // Byte offset just past the `limit`-th character.
+        let hard = rest
+            .char_indices()
+            .nth(limit)
+            .map_or(rest.len(), |(i, _)| i);
+        let cut = match rest[..hard].rfind('\n') {
+            Some(i) if i > 0 => i + 1,
+            _ => hard,
+        };
+        pieces.push(rest[..cut].to_string());
+        rest = &rest[cut..];
+    }
+    pieces.push(rest.to_string());
+    pieces
+}
+
+/// Everything [`GithubForge::new`] needs.
+#[derive(Clone)]
+pub struct GithubOptions {
+    /// REST API base URL, e.g. `https://api.github.com` or `https://HOST/api/v3`.
+    pub api_url: String,
+    /// Web base URL; clone URLs are `<web_url>/<owner>/<repo>.git`.
+    pub web_url: String,
+    /// Repository owner.
+    pub owner: String,
+    /// Repository name.
+    pub repo: String,
+    /// The token (see [`resolve_token`]).
+    pub token: String,
+    /// Most concurrent API requests of this forge.
+    pub max_concurrent_requests: usize,
+    /// Only list issues whose author is a collaborator.
+    pub collaborators_only: bool,
+    /// Retries after a transient failure or a rate limit.
+    pub max_retries: usize,
+    /// Longest rate-limit wait slept inside a call; longer waits return
+    /// [`ForgeError::RateLimited`] to the caller.
+    pub max_retry_wait: Duration,
+    /// First backoff delay after a transient failure.
+    pub min_backoff: Duration,
+    /// Times `get_pull_request` asks again while mergeability is unknown.
+    pub mergeable_polls: u32,
+    /// Delay between those polls.
+    pub mergeable_poll_delay: Duration,
+}
+
+impl std::fmt::Debug for GithubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GithubOptions")
+            .field("api_url", &self.api_url)
+            .field("web_url", &self.web_url)
+            .field("owner", &self.owner)
+            .field("repo", &self.repo)
+            .field("token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl GithubOptions {
+    /// Options from the configuration (`repo` as `owner/name`, `[github]`,
+    /// `collaborators_only`) and a token.
+    ///
+    /// # Errors
+    /// [`ForgeError::Local`] when `repo` is missing or not `owner/name`.
+    pub fn from_config(config: &Config, token: String) -> ForgeResult<GithubOptions> {
+        let repo = config.repo.as_deref().unwrap_or_default();
+        let (owner, name) = repo
+            .split_once('/')
+            .filter(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'))
+            .ok_or_else(|| {
+                ForgeError::Local(format!(
+                    "repo {repo:?} is not valid for the GitHub forge: expected \"owner/name\""
+                ))
+            })?;
+        let gh = &config.github;
+        Ok(GithubOptions {
+            api_url: gh.api_url.clone(),
+            web_url: gh.web_url.clone(),
+            owner: owner.to_string(),
+            repo: name.to_string(),
+            token,
+            max_concurrent_requests: gh.max_concurrent_requests.max(1),
+            collaborators_only: config.collaborators_only,
+            max_retries: gh.max_retries,
+            max_retry_wait: Duration::from_secs(gh.max_retry_wait),
+            min_backoff: Duration::from_millis(500),
+            mergeable_polls: 5,
+            mergeable_poll_delay: Duration::from_secs(2),
+        })
+    }
+}
+
+/// The GitHub forge of one repository.
+pub struct GithubForge {
+    rest: rest::Rest,
+    opts: GithubOptions,
+    /// Whether a login is a collaborator, per login, for this process's life.
+    collaborators: Mutex<HashMap<String, bool>>,
+    /// Serialises fetches into the checkout (two refreshes at once would race on its refs).
+    git_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for GithubForge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GithubForge")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GithubForge {
+    /// Build the forge; no request is sent.
+    ///
+    /// # Errors
+    /// [`ForgeError::Local`] when the API URL is not a valid URI or the HTTP
+    /// client cannot be built.
+    pub fn new(opts: GithubOptions) -> ForgeResult<GithubForge> {
+        // Before any git2 network operation of the process (see git_http::register).
+        git_http::register().map_err(|e| ForgeError::Local(e.message().to_string()))?;
+        let rest = rest::Rest::new(
+            &opts.api_url,
+            &opts.token,
+            opts.max_concurrent_requests,
+            rest::RetryPolicy {
+                max_retries: opts.max_retries,
+                max_retry_wait: opts.max_retry_wait,
+                min_backoff: opts.min_backoff,
+            },
+        )?;
+        Ok(GithubForge {
+            rest,
+            opts,
+            collaborators: Mutex::new(HashMap::new()),
+            git_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The forge from the configuration, with the token from
+    /// [`token_from_environment`].
+    ///
+    /// # Errors
+    /// As [`GithubOptions::from_config`], [`token_from_environment`] and [`GithubForge::new`].
+    pub fn from_config(config: &Config) -> ForgeResult<GithubForge> {
+        GithubForge::new(GithubOptions::from_config(
+            config,
+            token_from_environment()?,
+        )?)
+    }
+
+    /// The HTTPS clone URL (no credentials in it).
+    pub fn clone_url(&self) -> String {
+        format!(
+            "{}/{}/{}.git",
+            self.opts.web_url.trim_end_matches('/'),
+            self.opts.owner,
+            self.opts.repo
+        )
+    }
+
+    fn repo_url(&self, rest: &str) -> String {
+        format!(
+            "{}/repos/{}/{}{rest}",
+            self.rest.api,
+            rest::enc(&self.opts.owner),
+            rest::enc(&self.opts.repo)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_token(cred: Option<&str>, env: &[(&str, &str)], expected: Option<&str>) {
+        let got = resolve_token(cred.map(str::to_string), |k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        });
+        assert_eq!(got.as_deref(), expected, "cred {cred:?} env {env:?}");
+    }
+
+    #[test]
+    fn token_resolution_order() {
+        check_token(Some("cred\n"), &[("GH_TOKEN", "g")], Some("cred"));
+        check_token(Some("  "), &[("GH_TOKEN", "g")], Some("g"));
+        check_token(None, &[("GITHUB_TOKEN", "x"), ("GH_TOKEN", "g")], Some("g"));
+        check_token(
+            None,
+            &[("GITHUB_TOKEN", "x"), ("HYDRAFLOW_GH_TOKEN", "h")],
+            Some("h"),
+        );
+        check_token(None, &[("GITHUB_TOKEN", "x")], Some("x"));
+        check_token(
+            None,
+            &[("HYDRAFLOW_GH_TOKEN", ""), ("GITHUB_TOKEN", "x")],
+            Some("x"),
+        );
+        check_token(None, &[], None);
+    }
+
+    fn check_split(body: &str, limit: usize, expected: &[&str]) {
+        let got = split_comment(body, limit);
+        assert_eq!(got, expected, "body {body:?} limit {limit}");
+        assert_eq!(got.concat(), body);
+    }
+
+    #[test]
+    fn comment_splitting() {
+        check_split("", 5, &[""]);
+        check_split("abc", 5, &["abc"]);
+        check_split("abcde", 5, &["abcde"]);
+        check_split("abcdef", 5, &["abcde", "f"]);
+        check_split("ab\ncdef", 5, &["ab\n", "cdef"]);
+        check_split("\nabcdef", 5, &["\nabcd", "ef"]);
+        check_split("ééééé€", 5, &["ééééé", "€"]);
+        let big = "x".repeat(COMMENT_LIMIT * 2 + 1);
+        let pieces = split_comment(&big, COMMENT_LIMIT);
+        assert_eq!(
+            pieces.iter().map(|p| p.chars().count()).collect::<Vec<_>>(),
+            [COMMENT_LIMIT, COMMENT_LIMIT, 1]
+        );
+    }
+
+    fn check_link(header: &str, expected: Option<&str>) {
+        assert_eq!(next_link(header).as_deref(), expected, "{header}");
+    }
+
+    #[test]
+    fn link_header() {
+        check_link(
+            r#"<https://api.github.com/repositories/1000/issues?per_page=3&page=2>; rel="next", <https://api.github.com/repositories/1000/issues?per_page=3&page=5>; rel="last""#,
+            Some("https://api.github.com/repositories/1000/issues?per_page=3&page=2"),
+        );
+        check_link(
+            r#"<https://x/a?page=1>; rel="prev", <https://x/a?page=1>; rel="first""#,
+            None,
+        );
+        check_link("", None);
+        check_link("garbage", None);
+    }
+}
