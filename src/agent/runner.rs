@@ -139,12 +139,21 @@ pub struct CallRequest {
     pub extra_env: Vec<(String, String)>,
 }
 
+/// The token agents get as `GH_TOKEN` (`agent.allow_token`), asked for as
+/// each call starts: a GitHub App's installation token changes hourly.
+#[async_trait]
+pub trait TokenSource: Send + Sync + std::fmt::Debug {
+    /// The token, or why there is none now.
+    async fn token(&self) -> Result<String, String>;
+}
+
 /// Runs agents as child processes.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessRunner {
     containment: Arc<Containment>,
     ledger: Option<Arc<CallLedger>>,
     secrets: Arc<Vec<String>>,
+    token: Option<Arc<dyn TokenSource>>,
 }
 
 impl ProcessRunner {
@@ -170,6 +179,13 @@ impl ProcessRunner {
         self
     }
 
+    /// Give each call `GH_TOKEN` from `source` (also redacted from what the agent prints).
+    #[must_use]
+    pub fn with_token_source(mut self, source: Arc<dyn TokenSource>) -> Self {
+        self.token = Some(source);
+        self
+    }
+
     /// How calls are contained.
     pub fn containment(&self) -> &Containment {
         &self.containment
@@ -183,7 +199,25 @@ impl AgentRunner for ProcessRunner {
         call: &AgentCall,
         on_line: LineSink<'_>,
     ) -> Result<AgentOutcome, AgentError> {
-        let outcome = run_process(self, call, on_line).await?;
+        let outcome = match &self.token {
+            None => run_process(self, call, on_line).await?,
+            Some(source) => {
+                let (mut call, mut runner) = (call.clone(), self.clone());
+                match source.token().await {
+                    Ok(token) => {
+                        call.env.retain(|(k, _)| k != "GH_TOKEN");
+                        call.env.push(("GH_TOKEN".to_owned(), token.clone()));
+                        let mut secrets = self.secrets.to_vec();
+                        secrets.push(token);
+                        runner.secrets = Arc::new(secrets);
+                    }
+                    Err(why) => {
+                        tracing::warn!(issue = call.issue, stage = %call.stage, "the agent runs without GH_TOKEN: {why}");
+                    }
+                }
+                run_process(&runner, &call, on_line).await?
+            }
+        };
         if let Some(ledger) = &self.ledger {
             let record = CallRecord::of(call, &outcome, chrono::Utc::now());
             if let Err(e) = ledger.record(&record) {

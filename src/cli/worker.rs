@@ -13,10 +13,10 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::TargetArgs;
 use crate::agent::contain::{Containment, Limits};
-use crate::agent::runner::ProcessRunner;
+use crate::agent::runner::{ProcessRunner, TokenSource};
 use crate::config::ForgeKind;
 use crate::config::loader::Resolved;
-use crate::forge::github::{self, GithubForge, GithubOptions};
+use crate::forge::github::{Credentials, GithubForge, GithubOptions};
 use crate::forge::local::LocalForge;
 use crate::forge::{Forge, ForgeError};
 use crate::runtime::{RepoRuntime, RepoRuntimeRegistry};
@@ -139,15 +139,27 @@ pub fn run_foreground(config_file: &Path, args: RunArgs) -> anyhow::Result<ExitC
     )
 }
 
-/// The forge of the configuration, and the environment its agents get.
+/// The forge of the configuration, and what its agents get.
 struct ForgeSetup {
     forge: Arc<dyn Forge>,
     /// The GitHub forge again (typed), to clone the checkout.
     github: Option<Arc<GithubForge>>,
-    /// `GH_TOKEN` when `agent.allow_token` is set.
-    agent_env: Vec<(String, String)>,
-    /// The GitHub token (redacted from agent output).
+    /// `GH_TOKEN` for each agent call when `agent.allow_token` is set.
+    agent_token: Option<Arc<dyn TokenSource>>,
+    /// The GitHub token, when one is configured (redacted from agent output).
     token: Option<String>,
+}
+
+/// An agent's `GH_TOKEN`: the GitHub forge's token, or an installation token
+/// valid long enough for a call ([`GithubForge::agent_token`]).
+#[derive(Debug)]
+struct ForgeToken(Arc<GithubForge>);
+
+#[async_trait::async_trait]
+impl TokenSource for ForgeToken {
+    async fn token(&self) -> Result<String, String> {
+        self.0.agent_token().await.map_err(|e| e.to_string())
+    }
 }
 
 fn build_forge(resolved: &Resolved) -> anyhow::Result<ForgeSetup> {
@@ -158,26 +170,31 @@ fn build_forge(resolved: &Resolved) -> anyhow::Result<ForgeSetup> {
                     .context("cannot open the local forge")?,
             ),
             github: None,
-            agent_env: Vec::new(),
+            agent_token: None,
             token: None,
         }),
         ForgeKind::Github => {
-            let token =
-                github::token_from_environment().context("cannot set up the GitHub forge")?;
-            let agent_env = if resolved.config.agent.allow_token {
-                vec![("GH_TOKEN".to_owned(), token.clone())]
-            } else {
-                Vec::new()
+            let credentials = Credentials::from_environment(&resolved.config.github)
+                .context("cannot set up the GitHub forge")?;
+            let token = match &credentials {
+                Credentials::Token(token) => Some(token.clone()),
+                Credentials::App(_) => None,
             };
-            let options = GithubOptions::from_config(&resolved.config, token.clone())
+            let options = GithubOptions::from_config(&resolved.config, credentials)
                 .context("cannot set up the GitHub forge")?;
             let forge =
                 Arc::new(GithubForge::new(options).context("cannot set up the GitHub forge")?);
+            tracing::info!(repo_slug = %resolved.layout.slug, identity = %forge.identity(), "GitHub forge");
+            let agent_token = resolved
+                .config
+                .agent
+                .allow_token
+                .then(|| Arc::new(ForgeToken(Arc::clone(&forge))) as Arc<dyn TokenSource>);
             Ok(ForgeSetup {
                 forge: Arc::clone(&forge) as Arc<dyn Forge>,
                 github: Some(forge),
-                agent_env,
-                token: Some(token),
+                agent_token,
+                token,
             })
         }
     }
@@ -312,11 +329,13 @@ async fn daemon(
         tracing::info!(repo_slug = %slug, "stopped before the checkout was cloned");
         return Ok(ExitCode::SUCCESS);
     }
-    let mut agent_env = setup.agent_env;
-    agent_env.extend(crate::agent::runner::credential_env());
+    let agent_env = crate::agent::runner::credential_env();
     let mut secrets: Vec<String> = agent_env.iter().map(|(_, v)| v.clone()).collect();
     secrets.extend(setup.token);
-    let runner = agent_runner(&resolved, secrets)?;
+    let mut runner = agent_runner(&resolved, secrets)?;
+    if let Some(source) = setup.agent_token {
+        runner = runner.with_token_source(source);
+    }
     let runtime = RepoRuntime::create(resolved, setup.forge, Arc::new(runner), agent_env)
         .with_context(|| format!("cannot start the worker for {slug}"))?;
     let registry = Arc::new(RepoRuntimeRegistry::new());

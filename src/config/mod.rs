@@ -328,6 +328,18 @@ pub struct GithubConfig {
     /// Longest wait, in seconds, for a rate limit (`Retry-After`, `x-ratelimit-reset`)
     /// slept inside a request; a longer one is reported to the pipeline instead.
     pub max_retry_wait: u64,
+    /// The GitHub App's id: set, the worker authenticates as the App's
+    /// installation (its private key from the systemd credential
+    /// `github-app-key` or `app_key_file`) instead of with a token.
+    pub app_id: Option<u64>,
+    /// The App's installation on the repository's owner; looked up from the
+    /// repository when unset.
+    pub installation_id: Option<u64>,
+    /// The App's private key (PEM), when not passed as the systemd credential `github-app-key`.
+    pub app_key_file: Option<PathBuf>,
+    /// Seconds between polls of the forge while webhook deliveries arrive
+    /// (`data_poll_interval` otherwise): polling is then only the fallback.
+    pub fallback_poll_interval: u64,
 }
 
 impl Default for GithubConfig {
@@ -338,6 +350,10 @@ impl Default for GithubConfig {
             max_concurrent_requests: 4,
             max_retries: 3,
             max_retry_wait: 120,
+            app_id: None,
+            installation_id: None,
+            app_key_file: None,
+            fallback_poll_interval: 1800,
         }
     }
 }

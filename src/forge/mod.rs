@@ -379,4 +379,11 @@ pub trait Forge: Send + Sync {
     fn rate_budget(&self) -> Option<RateBudget> {
         None
     }
+
+    /// Who the forge acts as, for people (`token`, `GitHub App 7,
+    /// installation 42`); `None` where there is no such thing (the local
+    /// forge).
+    fn identity(&self) -> Option<String> {
+        None
+    }
 }

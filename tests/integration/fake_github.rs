@@ -7,6 +7,18 @@
 //! no budget, `x-ratelimit-*` headers, `Link` pagination, and injectable
 //! faults. Every JSON body it emits is recorded so tests can check it against
 //! the recorded real responses (`check_shapes`).
+//!
+//! GitHub App authentication ([`FakeGithub::enable_app`]): `GET
+//! /repos/{owner}/{repo}/installation` and `POST
+//! /app/installations/{id}/access_tokens` take the App's JWT, verified as
+//! GitHub does (RS256 with the App's public key, `iss` the App's id, `exp`
+//! in the future and at most ten minutes after `iat`, answered 401 "A JSON
+//! web token could not be decoded" otherwise); the installation tokens they
+//! mint (`ghs_…`, with `expires_at`) are accepted by the API and by git
+//! until they expire or are revoked (`DELETE /installation/token`, or the
+//! test's [`FakeGithub::expire_tokens`]); the key can be revoked
+//! ([`FakeGithub::revoke_app_key`]). What an installation token posts is
+//! authored by the App's bot user ([`APP_BOT`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -35,6 +47,31 @@ pub const TOKEN: &str = "ghp_fakeTokenThatMustNeverLeak0123";
 pub const LIMIT: u64 = 5000;
 /// The rate-limit reset time the fake announces (Unix seconds).
 pub const RESET: u64 = 4_102_444_800;
+/// The fake GitHub App's id.
+pub const APP_ID: u64 = 424_242;
+/// Its installation on the fake repository's owner.
+pub const INSTALLATION_ID: u64 = 7_777_777;
+/// Its slug; its bot user is `<slug>[bot]`.
+pub const APP_SLUG: &str = "hydraflow-test-app";
+/// The login of the App's bot user: the author of what it posts.
+pub const APP_BOT: &str = "hydraflow-test-app[bot]";
+/// The author of what the token ([`TOKEN`]) posts.
+pub const TOKEN_USER: &str = "hydraflow-bot";
+/// The App's private key (a test key made for this suite, used nowhere else).
+pub const APP_KEY_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/github-app/app-key.pem"
+);
+/// Its public key, as GitHub keeps it.
+const APP_PUBLIC_KEY_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/github-app/app-key.pub.pem"
+);
+/// Another RSA key: a JWT it signs is refused.
+pub const OTHER_KEY_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/github-app/other-key.pem"
+);
 
 /// A fault the next matching request gets instead of its answer.
 #[derive(Debug, Clone)]
@@ -110,9 +147,49 @@ impl Logged {
     }
 }
 
+/// An installation token the fake minted.
+#[derive(Debug, Clone)]
+pub struct MintedToken {
+    /// The token.
+    pub token: String,
+    /// When it stops being accepted.
+    pub expires_at: std::time::SystemTime,
+    /// Revoked (`DELETE /installation/token`).
+    pub revoked: bool,
+}
+
+/// The fake's GitHub App.
+#[derive(Debug, Clone)]
+pub struct FakeApp {
+    /// Its public key (PEM): JWTs are verified with it.
+    pub public_key: String,
+    /// The key was deleted from the App: every JWT is refused.
+    pub key_revoked: bool,
+    /// Installed on the fake repository (else 404 for its installation).
+    pub installed: bool,
+    /// How long a minted token lasts.
+    pub token_ttl: std::time::Duration,
+    /// Every token minted, oldest first.
+    pub tokens: Vec<MintedToken>,
+}
+
+impl FakeApp {
+    /// Whether `token` is one of its tokens and still accepted.
+    pub fn accepts(&self, token: &str) -> bool {
+        self.tokens
+            .iter()
+            .any(|t| t.token == token && !t.revoked && std::time::SystemTime::now() < t.expires_at)
+    }
+}
+
 /// The fake's whole state.
 #[derive(Debug, Default)]
 pub struct FakeState {
+    /// The GitHub App, once [`FakeGithub::enable_app`] made one.
+    pub app: Option<FakeApp>,
+    /// The kind of credential of every git request that was let in, in
+    /// arrival order: `token` or `installation`.
+    pub git_credentials: Vec<&'static str>,
     /// Issues by number.
     pub issues: BTreeMap<u64, FakeIssue>,
     /// Pull requests by number (sharing the numbering with issues).
@@ -230,6 +307,12 @@ impl FakeGithub {
                 &format!("{r}/git/refs/heads/{{*branch}}"),
                 delete(delete_ref),
             )
+            .route(&format!("{r}/installation"), get(get_installation))
+            .route(
+                "/api/v3/app/installations/{installation_id}/access_tokens",
+                post(mint_token),
+            )
+            .route("/api/v3/installation/token", delete(revoke_token))
             .layer(middleware::from_fn_with_state(state.clone(), api_layer));
         let app = Router::new()
             .route("/git/{*path}", any(git_http))
@@ -302,6 +385,251 @@ impl FakeGithub {
     pub fn count(&self, route: &str) -> u64 {
         self.state().counts.get(route).copied().unwrap_or(0)
     }
+
+    /// Make the GitHub App ([`APP_ID`], key [`APP_KEY_FILE`]), installed on
+    /// the repository as [`INSTALLATION_ID`], its tokens lasting an hour.
+    pub fn enable_app(&self) {
+        let public_key = std::fs::read_to_string(APP_PUBLIC_KEY_FILE).expect("app public key");
+        self.state().app = Some(FakeApp {
+            public_key,
+            key_revoked: false,
+            installed: true,
+            token_ttl: std::time::Duration::from_secs(3600),
+            tokens: Vec::new(),
+        });
+    }
+
+    /// Change the App.
+    fn with_app(&self, change: impl FnOnce(&mut FakeApp)) {
+        change(self.state().app.as_mut().expect("enable_app first"));
+    }
+
+    /// Tokens minted from now on last `ttl` (and say so in `expires_at`).
+    pub fn set_token_ttl(&self, ttl: std::time::Duration) {
+        self.with_app(|app| app.token_ttl = ttl);
+    }
+
+    /// Every token minted so far expires now, whatever its `expires_at` said.
+    pub fn expire_tokens(&self) {
+        let now = std::time::SystemTime::now();
+        self.with_app(|app| {
+            for t in &mut app.tokens {
+                t.expires_at = t.expires_at.min(now);
+            }
+        });
+    }
+
+    /// Delete the App's key: every JWT is refused from now on.
+    pub fn revoke_app_key(&self) {
+        self.with_app(|app| app.key_revoked = true);
+    }
+
+    /// Uninstall the App from the repository.
+    pub fn uninstall_app(&self) {
+        self.with_app(|app| app.installed = false);
+    }
+
+    /// The tokens minted so far.
+    pub fn minted(&self) -> Vec<MintedToken> {
+        self.state()
+            .app
+            .as_ref()
+            .map(|a| a.tokens.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Who a request authenticated as: the login that authors what it posts.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor(pub &'static str);
+
+/// The login a request's `Authorization` header stands for: [`TOKEN_USER`]
+/// for [`TOKEN`], [`APP_BOT`] for an installation token still accepted.
+fn actor_of(s: &FakeState, authorization: Option<&str>) -> Option<Actor> {
+    let token = authorization?
+        .strip_prefix("Bearer ")
+        .or_else(|| authorization?.strip_prefix("token "))?;
+    if token == TOKEN {
+        return Some(Actor(TOKEN_USER));
+    }
+    s.app
+        .as_ref()
+        .filter(|app| app.accepts(token))
+        .map(|_| Actor(APP_BOT))
+}
+
+/// The routes authenticated with the App's JWT instead of a token.
+fn is_jwt_route(route: &str) -> bool {
+    route.contains(" /api/v3/app/") || route.ends_with("/{repo}/installation")
+}
+
+/// Claims of the App's JWT as GitHub reads them.
+#[derive(Debug, serde::Deserialize)]
+struct AppClaims {
+    iss: Value,
+    iat: i64,
+    exp: i64,
+}
+
+/// Check the App's JWT in `headers` as GitHub does; else the status and message GitHub answers.
+fn verify_jwt(s: &FakeState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    let undecodable = || {
+        (
+            StatusCode::UNAUTHORIZED,
+            "A JSON web token could not be decoded",
+        )
+    };
+    let Some(app) = s.app.as_ref() else {
+        return Err((StatusCode::NOT_FOUND, "Not Found"));
+    };
+    let jwt = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(undecodable)?;
+    let key =
+        jsonwebtoken::DecodingKey::from_rsa_pem(app.public_key.as_bytes()).expect("public key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    // GitHub's own checks of the claims follow, with its messages (`iss`
+    // is the App's id, a number: jsonwebtoken's own check takes strings).
+    validation.validate_exp = false;
+    validation.required_spec_claims = ["exp", "iat"].iter().map(|c| c.to_string()).collect();
+    let claims = jsonwebtoken::decode::<AppClaims>(jwt, &key, &validation)
+        .map_err(|_| undecodable())?
+        .claims;
+    if app.key_revoked {
+        return Err(undecodable());
+    }
+    let iss = claims
+        .iss
+        .as_u64()
+        .or_else(|| claims.iss.as_str().and_then(|s| s.parse().ok()));
+    if iss != Some(APP_ID) {
+        return Err(undecodable());
+    }
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs(),
+    )
+    .expect("seconds");
+    if claims.iat > now + 60 {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "'Issued at' claim ('iat') must be an Integer representing the time that the assertion was issued",
+        ));
+    }
+    if claims.exp <= now {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "'Expiration time' claim ('exp') must be a numeric value representing the future time at which the assertion expires",
+        ));
+    }
+    if claims.exp - claims.iat > 600 + 60 {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "'Expiration time' claim ('exp') is too far in the future",
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /repos/{owner}/{repo}/installation` ("Get a repository installation
+/// for the authenticated app"), with the App's JWT.
+async fn get_installation(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    let s = lock(&st);
+    if let Err((status, message)) = verify_jwt(&s, &headers) {
+        return error(status, message);
+    }
+    if !s.app.as_ref().is_some_and(|a| a.installed) {
+        return error(StatusCode::NOT_FOUND, "Not Found");
+    }
+    axum::Json(json!({
+        "id": INSTALLATION_ID,
+        "account": user_json(OWNER),
+        "repository_selection": "all",
+        "access_tokens_url": format!("{}/app/installations/{INSTALLATION_ID}/access_tokens", s.api),
+        "repositories_url": format!("{}/installation/repositories", s.api),
+        "html_url": format!("https://github.com/organizations/{OWNER}/settings/installations/{INSTALLATION_ID}"),
+        "app_id": APP_ID,
+        "app_slug": APP_SLUG,
+        "target_id": 1000,
+        "target_type": "Organization",
+        "permissions": { "issues": "write", "contents": "write", "pull_requests": "write", "checks": "read", "metadata": "read" },
+        "events": ["issues", "issue_comment", "pull_request", "pull_request_review", "check_suite", "check_run", "label"],
+        "created_at": "2024-01-01T00:00:00Z",
+        "updated_at": "2024-01-01T00:00:00Z",
+        "single_file_name": Value::Null,
+        "suspended_at": Value::Null,
+        "suspended_by": Value::Null,
+    }))
+    .into_response()
+}
+
+/// `POST /app/installations/{installation_id}/access_tokens` ("Create an
+/// installation access token for an app"), with the App's JWT: 201 with
+/// the token and its `expires_at`.
+async fn mint_token(
+    State(st): State<Shared>,
+    UrlPath(installation): UrlPath<u64>,
+    headers: HeaderMap,
+) -> Response {
+    let mut s = lock(&st);
+    if let Err((status, message)) = verify_jwt(&s, &headers) {
+        return error(status, message);
+    }
+    let Some(app) = s
+        .app
+        .as_mut()
+        .filter(|a| a.installed && installation == INSTALLATION_ID)
+    else {
+        return error(StatusCode::NOT_FOUND, "Not Found");
+    };
+    let token = format!(
+        "ghs_{}",
+        std::iter::repeat_with(fastrand::alphanumeric)
+            .take(36)
+            .collect::<String>()
+    );
+    let expires_at = std::time::SystemTime::now() + app.token_ttl;
+    app.tokens.push(MintedToken {
+        token: token.clone(),
+        expires_at,
+        revoked: false,
+    });
+    let expires = chrono::DateTime::<chrono::Utc>::from(expires_at)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "token": token,
+            "expires_at": expires,
+            "permissions": { "issues": "write", "contents": "write", "pull_requests": "write", "checks": "read", "metadata": "read" },
+            "repository_selection": "all",
+        })),
+    )
+        .into_response()
+}
+
+/// `DELETE /installation/token` ("Revoke an installation access token"),
+/// with the token itself: 204.
+async fn revoke_token(State(st): State<Shared>, headers: HeaderMap) -> Response {
+    let mut s = lock(&st);
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_string();
+    if let Some(t) = s
+        .app
+        .as_mut()
+        .and_then(|a| a.tokens.iter_mut().find(|t| t.token == presented))
+    {
+        t.revoked = true;
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Route key of an API template, e.g. `key("GET", "/issues")`.
@@ -349,11 +677,15 @@ async fn api_layer(
 ) -> Response {
     let route = format!("{} {}", req.method(), matched.as_str());
     let is_get = req.method() == Method::GET;
-    let authorized = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == format!("Bearer {TOKEN}") || v == format!("token {TOKEN}"));
+    let jwt = is_jwt_route(&route);
+    let actor = actor_of(
+        &lock(&state),
+        req.headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+    );
+    // The App's routes check its JWT themselves.
+    let authorized = jwt || actor.is_some();
     let if_none_match = req
         .headers()
         .get("if-none-match")
@@ -369,7 +701,9 @@ async fn api_layer(
         .await
         .unwrap_or_default();
     let body_json = serde_json::from_slice::<Value>(&req_bytes).ok();
-    let req = Request::from_parts(req_parts, Body::from(req_bytes));
+    let mut req = Request::from_parts(req_parts, Body::from(req_bytes));
+    req.extensions_mut()
+        .insert(actor.unwrap_or(Actor(TOKEN_USER)));
     let (fault, down) = {
         let mut s = lock(&state);
         *s.counts.entry(route.clone()).or_default() += 1;
@@ -433,7 +767,10 @@ async fn api_layer(
         status: parts.status.as_u16(),
         body: body_json,
     });
-    s.remaining = s.remaining.saturating_sub(1);
+    // Requests with the App's JWT count against the App's own limit.
+    if !jwt {
+        s.remaining = s.remaining.saturating_sub(1);
+    }
     set_rate_headers(&mut parts.headers, s.remaining);
     if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
         s.emitted.push((route, parts.status.as_u16(), v));
@@ -720,6 +1057,7 @@ async fn list_comments(
 async fn post_comment(
     State(st): State<Shared>,
     UrlPath((_, _, n)): RepoPath<u64>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
     let mut s = lock(&st);
@@ -734,11 +1072,11 @@ async fn post_comment(
     let Some(i) = s.issues.get_mut(&n) else {
         return error(StatusCode::NOT_FOUND, "Not Found");
     };
-    i.comments.push(("hydraflow-bot".into(), text.clone()));
+    i.comments.push((actor.into(), text.clone()));
     let idx = i.comments.len() - 1;
     (
         StatusCode::CREATED,
-        axum::Json(comment_json(&s, n, idx, "hydraflow-bot", &text)),
+        axum::Json(comment_json(&s, n, idx, actor, &text)),
     )
         .into_response()
 }
@@ -1044,6 +1382,7 @@ async fn list_reviews(State(st): State<Shared>, UrlPath((_, _, n)): RepoPath<u64
 async fn post_review(
     State(st): State<Shared>,
     UrlPath((_, _, n)): RepoPath<u64>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
     let mut s = lock(&st);
@@ -1059,8 +1398,10 @@ async fn post_review(
     let (event, text) = (field("event"), field("body"));
     s.reviews.push((n, event.clone(), text.clone()));
     let state = review_state(&event);
-    axum::Json(json!({ "id": s.reviews.len(), "user": user_json("hydraflow-bot"), "body": text, "state": state }))
-        .into_response()
+    axum::Json(
+        json!({ "id": s.reviews.len(), "user": user_json(actor), "body": text, "state": state }),
+    )
+    .into_response()
 }
 
 async fn check_runs(State(st): State<Shared>, UrlPath((_, _, sha)): RepoPath<String>) -> Response {
@@ -1167,15 +1508,26 @@ async fn git_http(
         .counts
         .entry(format!("{method} /git"))
         .or_default() += 1;
-    let expected = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{TOKEN}"))
-    );
-    let auth_ok = headers
+    // HTTP Basic with the user `x-access-token` and the token or an
+    // installation token as the password, as GitHub takes it.
+    let password = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == expected);
-    if !auth_ok {
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|pair| pair.strip_prefix("x-access-token:").map(str::to_string));
+    let credential = {
+        let s = lock(&st);
+        match password.as_deref() {
+            Some(TOKEN) => Some("token"),
+            Some(p) if s.app.as_ref().is_some_and(|a| a.accepts(p)) => Some("installation"),
+            _ => None,
+        }
+    };
+    if let Some(kind) = credential {
+        lock(&st).git_credentials.push(kind);
+    } else {
         return (
             StatusCode::UNAUTHORIZED,
             [("www-authenticate", "Basic realm=\"fake GitHub\"")],

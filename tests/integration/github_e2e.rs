@@ -4,7 +4,11 @@
 //! issues; the API requests per issue are counted from the fake's log; an
 //! idle poll is answered 304 and costs no budget. Then the bad cases at the
 //! pipeline level: a pull request closed by a human mid-review, a bad token
-//! at start (clone and poll).
+//! at start (clone and poll), a GitHub App key GitHub stops accepting.
+//!
+//! Every test runs twice: with a token, and as a GitHub App's installation
+//! (`github.app_id`, the key in `github.app_key_file`, the installation
+//! looked up from the repository).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt as _;
@@ -12,10 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use hydraflow::forge::github::REFRESH_BEFORE;
 use hydraflow::store::events::{Event, EventType};
 use hydraflow::store::state::State;
 
-use super::fake_github::{FakeGithub, Fault, Logged, OWNER, REPO, TOKEN, key};
+use super::fake_github::{
+    APP_BOT, APP_ID, APP_KEY_FILE, FakeGithub, Fault, Logged, OWNER, REPO, TOKEN, TOKEN_USER, key,
+};
 use super::util::{HANG_GUARD, wait_bounded};
 
 /// The slug `octo-org/demo` resolves to.
@@ -65,17 +72,50 @@ case "$stage" in
 esac
 "#;
 
+/// How the worker authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// A token in `HYDRAFLOW_GH_TOKEN`.
+    Token,
+    /// The fake's GitHub App (`github.app_id`, `github.app_key_file`).
+    App,
+}
+
+/// Define `#[tokio::test]`s `$name` (with a token) and `$name _app` (as the
+/// GitHub App) running `$body(Auth)`.
+macro_rules! both_auths {
+    ($name:ident, $app:ident, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            $body(Auth::Token).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $app() {
+            $body(Auth::App).await;
+        }
+    };
+}
+
 /// A temp dir with the configuration, the agent and `HYDRAFLOW_HOME`, and the fake.
 struct Gh {
     tmp: tempfile::TempDir,
     config: PathBuf,
     fake: FakeGithub,
+    auth: Auth,
 }
 
 impl Gh {
-    async fn new(allow_token: bool) -> Gh {
+    async fn new(allow_token: bool, auth: Auth) -> Gh {
         let fake = FakeGithub::start().await;
         fake.state().collaborators.insert("alice".into());
+        let app = match auth {
+            Auth::Token => String::new(),
+            Auth::App => {
+                fake.enable_app();
+                format!("app_id = {APP_ID}\napp_key_file = {APP_KEY_FILE:?}\n")
+            }
+        };
         let tmp = tempfile::tempdir().expect("tempdir");
         let agent = tmp.path().join("agent.sh");
         std::fs::write(&agent, AGENT).expect("write agent");
@@ -83,7 +123,7 @@ impl Gh {
         let config = tmp.path().join("hydraflow.toml");
         let text = format!(
             "poll_interval = 1\ndata_poll_interval = 1\nci_poll_interval = 1\n\
-             [github]\napi_url = {api:?}\nweb_url = {web:?}\nmax_retry_wait = 5\n\
+             [github]\napi_url = {api:?}\nweb_url = {web:?}\nmax_retry_wait = 5\n{app}\
              [agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{stage}}\", \"{{issue}}\"]\n\
              output = \"plain\"\nallow_token = {allow_token}\n\
              [agent.env]\nHYDRAFLOW_TEST_DIR = {dir:?}\n",
@@ -93,7 +133,28 @@ impl Gh {
             dir = tmp.path().display().to_string(),
         );
         std::fs::write(&config, text).expect("write config");
-        Gh { tmp, config, fake }
+        Gh {
+            tmp,
+            config,
+            fake,
+            auth,
+        }
+    }
+
+    /// Who what the worker posts is authored by.
+    fn actor(&self) -> &'static str {
+        match self.auth {
+            Auth::Token => TOKEN_USER,
+            Auth::App => APP_BOT,
+        }
+    }
+
+    /// Every token the worker may have used: the token, or the ones minted.
+    fn tokens(&self) -> Vec<String> {
+        match self.auth {
+            Auth::Token => vec![TOKEN.to_owned()],
+            Auth::App => self.fake.minted().into_iter().map(|t| t.token).collect(),
+        }
     }
 
     fn dir(&self) -> &Path {
@@ -111,7 +172,8 @@ impl Gh {
     }
 
     /// `hydraflow <args> --config … --forge github --repo octo-org/demo`
-    /// with `token` in `HYDRAFLOW_GH_TOKEN` and no other token or systemd variable.
+    /// with `token` in `HYDRAFLOW_GH_TOKEN` (as the App: none) and no other
+    /// token or systemd variable.
     fn command(&self, token: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hydraflow"));
         cmd.args(args)
@@ -135,8 +197,10 @@ impl Gh {
             }
         }
         cmd.env("HYDRAFLOW_HOME", self.dir().join("home"))
-            .env("HYDRAFLOW_GH_TOKEN", token)
             .env("HYDRAFLOW_LOG", "info");
+        if self.auth == Auth::Token {
+            cmd.env("HYDRAFLOW_GH_TOKEN", token);
+        }
         cmd
     }
 
@@ -288,9 +352,14 @@ fn requests_per_issue(
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_issues_through_github() {
-    let gh = Gh::new(true).await;
+both_auths!(
+    five_issues_through_github,
+    five_issues_through_github_app,
+    five_issues
+);
+
+async fn five_issues(auth: Auth) {
+    let gh = Gh::new(true, auth).await;
     for n in 1..=5u64 {
         let title = if n == 4 {
             "Say hello in the README".to_owned()
@@ -299,8 +368,25 @@ async fn five_issues_through_github() {
         };
         assert_eq!(gh.fake.add_issue(&title, "alice", &["hydraflow-find"]), n);
     }
+    if auth == Auth::App {
+        // Tokens that need renewing every few seconds: renewed mid-run, never used expired.
+        gh.fake
+            .set_token_ttl(REFRESH_BEFORE + Duration::from_secs(3));
+    }
 
     let out = gh.run_until_idle().await;
+    if auth == Auth::App {
+        let minted = gh.fake.minted().len();
+        assert!(
+            minted >= 2,
+            "the token was renewed mid-run: {minted} minted"
+        );
+        assert!(
+            gh.fake.state().log.iter().all(|l| l.status != 401),
+            "no expired token was sent"
+        );
+        gh.fake.set_token_ttl(Duration::from_secs(3600));
+    }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cloning http://"), "{stderr}");
 
@@ -368,12 +454,13 @@ async fn five_issues_through_github() {
         .collect();
     assert_eq!(branches, ["main"], "merged branches are deleted");
 
-    // The agents got the token (allow_token); it is nowhere on disk.
+    // The agents got a token (allow_token): the token, or an installation
+    // token the fake minted; none is anywhere on disk.
+    let tokens = gh.tokens();
     for n in [1, 2, 3, 5] {
-        assert_eq!(
-            std::fs::read_to_string(gh.dir().join(format!("token-{n}"))).expect("token file"),
-            TOKEN
-        );
+        let given =
+            std::fs::read_to_string(gh.dir().join(format!("token-{n}"))).expect("token file");
+        assert!(tokens.contains(&given), "#{n} got {given:?}");
     }
     for file in [
         gh.checkout().join(".git").join("config"),
@@ -382,12 +469,28 @@ async fn five_issues_through_github() {
         gh.data().join("logs").join("hydraflow.log"),
     ] {
         let text = std::fs::read_to_string(&file).expect("readable");
+        for token in &tokens {
+            assert!(
+                !text.contains(token.as_str()),
+                "a token leaked into {}",
+                file.display()
+            );
+        }
+    }
+    // Comments are the token's user's or the App's bot's; git used the same credential.
+    for n in 1..=5 {
+        let s = gh.fake.state();
         assert!(
-            !text.contains(TOKEN),
-            "the token leaked into {}",
-            file.display()
+            s.issues[&n].comments.iter().all(|(a, _)| a == gh.actor()),
+            "#{n}: {:?}",
+            s.issues[&n].comments
         );
     }
+    let kind = match auth {
+        Auth::Token => "token",
+        Auth::App => "installation",
+    };
+    assert!(gh.fake.state().git_credentials.iter().all(|c| *c == kind));
 
     // The budget after each poll is published.
     let events = gh.events();
@@ -503,9 +606,14 @@ async fn five_issues_through_github() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pull_request_closed_by_a_human_mid_review_is_escalated() {
-    let gh = Gh::new(false).await;
+both_auths!(
+    pull_request_closed_by_a_human_mid_review_is_escalated,
+    pull_request_closed_by_a_human_mid_review_is_escalated_app,
+    closed_mid_review
+);
+
+async fn closed_mid_review(auth: Auth) {
+    let gh = Gh::new(false, auth).await;
     std::fs::write(gh.dir().join("hold-review"), "").expect("hold");
     assert_eq!(
         gh.fake
@@ -551,9 +659,14 @@ async fn pull_request_closed_by_a_human_mid_review_is_escalated() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_errors_rate_limits_and_a_deleted_issue_do_not_stop_the_pipeline() {
-    let gh = Gh::new(false).await;
+both_auths!(
+    server_errors_rate_limits_and_a_deleted_issue_do_not_stop_the_pipeline,
+    server_errors_rate_limits_and_a_deleted_issue_do_not_stop_the_pipeline_app,
+    faults_do_not_stop
+);
+
+async fn faults_do_not_stop(auth: Auth) {
+    let gh = Gh::new(false, auth).await;
     std::fs::write(gh.dir().join("hold-triage"), "").expect("hold");
     assert_eq!(
         gh.fake
@@ -648,7 +761,7 @@ async fn status_containing(socket: &tokio::net::UnixDatagram, wanted: &[&str]) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_token_waits_with_a_clear_status_and_never_spins() {
-    let gh = Gh::new(false).await;
+    let gh = Gh::new(false, Auth::Token).await;
     assert_eq!(
         gh.fake
             .add_issue("Add file 1", "alice", &["hydraflow-find"]),
@@ -719,12 +832,80 @@ async fn bad_token_waits_with_a_clear_status_and_never_spins() {
     assert_eq!(gh.issue(1), (labels(&["hydraflow-find"]), "open".into()));
 }
 
-/// GitHub answers 502 to everything for 30 s while two issues are in the
-/// pipeline: waiting out an outage counts no attempt and escalates nothing,
-/// and both issues are merged once it is over.
+/// The App's key is refused (deleted from the App): before the checkout
+/// exists the clone waits, saying why; a running worker pauses with the
+/// reason at its next poll and then sends nothing until its probe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_30_second_forge_outage_counts_no_attempt() {
-    let gh = Gh::new(false).await;
+async fn a_refused_app_key_waits_and_pauses_with_the_reason() {
+    let gh = Gh::new(false, Auth::App).await;
+    let socket_path = gh.dir().join("notify");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("bind");
+    let jwt_refused = "A JSON web token could not be decoded";
+
+    // No checkout yet and the key is refused: the clone waits.
+    gh.fake.revoke_app_key();
+    let child = gh.spawn("", &["run"], Some(&socket_path));
+    let status = status_containing(&socket, &["cannot clone", jwt_refused]).await;
+    assert!(status.starts_with("waiting 60s to retry"), "{status}");
+    assert!(status.contains("github.app_id"), "{status}");
+    sigterm(&child);
+    assert!(finish(child).await.status.success());
+    assert!(!gh.checkout().exists(), "a refused clone leaves nothing");
+    assert!(gh.fake.minted().is_empty());
+
+    // The key works again: the worker clones and polls; then the key is
+    // deleted and the installation token revoked under it.
+    gh.fake.state().app.as_mut().expect("app").key_revoked = false;
+    let child = gh.spawn("", &["run"], Some(&socket_path));
+    let polled = || {
+        gh.fake
+            .state()
+            .log
+            .iter()
+            .any(|l| l.status == 200 && l.path.contains("/issues?"))
+    };
+    wait_until("the first poll", polled).await;
+    gh.fake.revoke_app_key();
+    gh.fake.expire_tokens();
+    let status = status_containing(&socket, &["paused", "forge authentication failed"]).await;
+    assert!(status.contains(jwt_refused), "{status}");
+    let seen = gh.fake.state().log.len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        gh.fake.state().log.len(),
+        seen,
+        "a paused worker does not spin"
+    );
+    sigterm(&child);
+    assert!(finish(child).await.status.success());
+    let pause = gh
+        .events()
+        .into_iter()
+        .find(|e| e.kind == EventType::OrchestratorStatus && e.data["status"] == "paused")
+        .expect("a pause event");
+    assert!(
+        pause.data["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(jwt_refused) && r.contains("github-app-key")),
+        "{pause:?}"
+    );
+    let log = std::fs::read_to_string(gh.data().join("logs").join("hydraflow.log")).expect("log");
+    for token in gh.tokens() {
+        assert!(!log.contains(&token), "an installation token was logged");
+    }
+}
+
+// GitHub answers 502 to everything for 30 s while two issues are in the
+// pipeline: waiting out an outage counts no attempt and escalates nothing,
+// and both issues are merged once it is over.
+both_auths!(
+    a_30_second_forge_outage_counts_no_attempt,
+    a_30_second_forge_outage_counts_no_attempt_app,
+    outage
+);
+
+async fn outage(auth: Auth) {
+    let gh = Gh::new(false, auth).await;
     for n in 1..=2 {
         assert_eq!(
             gh.fake

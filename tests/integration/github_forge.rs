@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hydraflow::forge::github::{COMMENT_LIMIT, GithubForge, GithubOptions};
+use hydraflow::forge::github::{COMMENT_LIMIT, Credentials, GithubForge, GithubOptions};
 use hydraflow::forge::{
     ChecksState, Forge, ForgeError, LabelSpec, NewPullRequest, PullRequestState, ReviewEvent,
 };
@@ -13,13 +13,13 @@ use serde_json::Value;
 
 use super::fake_github::{FakeGithub, Fault, LIMIT, OWNER, REPO, TOKEN, key};
 
-fn options(fake: &FakeGithub, token: &str) -> GithubOptions {
+pub(crate) fn options(fake: &FakeGithub, token: &str) -> GithubOptions {
     GithubOptions {
         api_url: fake.api_url(),
         web_url: fake.web_url(),
         owner: OWNER.into(),
         repo: REPO.into(),
-        token: token.into(),
+        credentials: Credentials::Token(token.into()),
         max_concurrent_requests: 2,
         collaborators_only: true,
         max_retries: 3,
@@ -40,7 +40,7 @@ fn labels(names: &[&str]) -> Vec<String> {
 
 /// A clone of the fake's bare repository with `branch` holding one new commit
 /// that writes `content` to `file`.
-fn checkout_with_branch(
+pub(crate) fn checkout_with_branch(
     fake: &FakeGithub,
     dir: &Path,
     branch: &str,
@@ -545,7 +545,7 @@ fn pygithub(file: &str, verb: &str, path_contains: &str) -> Value {
 /// recursively; a `null` on either side passes (a recording shows a nullable
 /// field in one state only: `completed_at` of a finished run, `body: null`)
 /// and array elements are compared with the reference's first element.
-fn conforms(actual: &Value, reference: &Value, at: &str) -> Result<(), String> {
+pub(crate) fn conforms(actual: &Value, reference: &Value, at: &str) -> Result<(), String> {
     match (actual, reference) {
         (_, Value::Null) | (Value::Null, _) => Ok(()),
         (Value::Object(a), Value::Object(r)) => a.iter().try_for_each(|(k, v)| match r.get(k) {

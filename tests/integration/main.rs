@@ -8,6 +8,7 @@ mod docs;
 mod fake_github;
 mod git_fixture;
 mod git_worktrees;
+mod github_app;
 mod github_e2e;
 mod github_forge;
 mod local_forge;

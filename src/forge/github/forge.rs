@@ -206,17 +206,16 @@ impl Forge for GithubForge {
 
     async fn push_branch(&self, repo: &Path, branch: &str) -> ForgeResult<()> {
         let repo = repo.to_path_buf();
-        let branch_owned = branch.to_string();
+        let branch = branch.to_string();
         let url = self.clone_url();
-        let (web_url, token) = (self.opts.web_url.clone(), self.opts.token.clone());
-        tokio::task::spawn_blocking(move || {
+        self.run_git("push", move |web_url, token| {
             GithubForge::with_token(
-                &web_url,
-                &token,
-                || GithubForge::push_blocking(&repo, &branch_owned, &url),
+                web_url,
+                token,
+                || GithubForge::push_blocking(&repo, &branch, &url),
                 |e| {
                     format!(
-                        "cannot push {branch_owned} from {}: {}",
+                        "cannot push {branch} from {}: {}",
                         repo.display(),
                         e.message()
                     )
@@ -224,7 +223,6 @@ impl Forge for GithubForge {
             )
         })
         .await
-        .map_err(|e| ForgeError::Local(format!("push task failed: {e}")))?
     }
 
     async fn find_or_create_pull_request(&self, req: &NewPullRequest) -> ForgeResult<PullRequest> {
@@ -408,15 +406,17 @@ impl Forge for GithubForge {
         let _guard = self.git_lock.lock().await;
         let (repo, base) = (repo.to_path_buf(), base.to_string());
         let url = self.clone_url();
-        let (web_url, token) = (self.opts.web_url.clone(), self.opts.token.clone());
-        tokio::task::spawn_blocking(move || {
-            GithubForge::refresh_blocking(&repo, &base, &url, &web_url, &token)
+        self.run_git("fetch", move |web_url, token| {
+            GithubForge::refresh_blocking(&repo, &base, &url, web_url, token)
         })
         .await
-        .map_err(|e| ForgeError::Local(format!("fetch task failed: {e}")))?
     }
 
     fn rate_budget(&self) -> Option<RateBudget> {
         self.rest.budget()
+    }
+
+    fn identity(&self) -> Option<String> {
+        Some(GithubForge::identity(self).to_string())
     }
 }

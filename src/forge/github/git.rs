@@ -6,11 +6,39 @@
 //! user name GitHub expects with an installation or personal token).
 
 use std::path::Path;
+use std::sync::Arc;
 
-use super::GithubForge;
+use super::{GithubForge, REFRESH_BEFORE};
 use crate::forge::{ForgeError, ForgeResult, git_http};
 
 impl GithubForge {
+    /// Run the blocking git operation `op(web_url, token)` on tokio's
+    /// blocking pool with a token valid for at least [`REFRESH_BEFORE`];
+    /// when GitHub refuses an App's installation token (revoked), once more
+    /// with a new one. `what` names the operation for a failed task.
+    pub(super) async fn run_git<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        op: impl Fn(&str, &str) -> ForgeResult<T> + Send + Sync + 'static,
+    ) -> ForgeResult<T> {
+        let op = Arc::new(op);
+        let once = |token: String| {
+            let (op, web_url) = (Arc::clone(&op), self.opts.web_url.clone());
+            async move {
+                tokio::task::spawn_blocking(move || op(&web_url, &token))
+                    .await
+                    .map_err(|e| ForgeError::Local(format!("{what} task failed: {e}")))?
+            }
+        };
+        let token = self.rest.auth.token(REFRESH_BEFORE).await?;
+        match once(token.clone()).await {
+            Err(ForgeError::Auth(_)) if self.rest.auth.refused(&token) => {
+                once(self.rest.auth.token(REFRESH_BEFORE).await?).await
+            }
+            done => done,
+        }
+    }
+
     /// Map a git2 failure of a network operation to a [`ForgeError`]: a refused
     /// token is [`ForgeError::Auth`], other network failures are transient,
     /// the rest local.
@@ -61,12 +89,10 @@ impl GithubForge {
         let dest = dest.to_path_buf();
         let base = base.to_string();
         let url = self.clone_url();
-        let (web_url, token) = (self.opts.web_url.clone(), self.opts.token.clone());
-        tokio::task::spawn_blocking(move || {
-            GithubForge::clone_blocking(&url, &web_url, &token, &dest, &base)
+        self.run_git("clone", move |web_url, token| {
+            GithubForge::clone_blocking(&url, web_url, token, &dest, &base)
         })
         .await
-        .map_err(|e| ForgeError::Local(format!("clone task failed: {e}")))?
     }
 
     fn clone_blocking(

@@ -7,8 +7,11 @@
 //! rate-limit accounting, retries, the mapping of statuses to
 //! [`ForgeError`]), `json` (the response bodies it reads), `git` (clone,
 //! fetch and push with the token), `forge` (the [`Forge`](crate::forge::Forge)
-//! operations as REST calls and git transfers). This file holds the options,
-//! the token and the forge value they share.
+//! operations as REST calls and git transfers), `auth` (who the forge acts
+//! as: a token or a GitHub App's installation, and where each comes from),
+//! `app` (GitHub App authentication: installation tokens minted with the
+//! App's JWT, cached and renewed before they expire). This file holds the
+//! options and the forge value they share.
 //!
 //! **Invariant:** only this module imports octocrab.
 
@@ -19,58 +22,28 @@ use std::time::Duration;
 use super::{ForgeError, ForgeResult, git_http};
 use crate::config::Config;
 
+mod app;
+mod auth;
 mod forge;
 mod git;
 mod json;
 mod rest;
 
+pub use app::{APP_KEY_CREDENTIAL, AppCredentials, REFRESH_BEFORE};
+pub use auth::{
+    Credentials, Identity, TOKEN_CREDENTIAL, TOKEN_ENV_VARS, resolve_app_key, resolve_token,
+    token_from_environment,
+};
 pub use rest::next_link;
+
+/// Least validity of the installation token an agent gets (`GH_TOKEN` with
+/// `agent.allow_token`): installation tokens last an hour, so an agent call
+/// longer than this may see its token expire.
+pub const AGENT_TOKEN_LEFT: Duration = Duration::from_secs(50 * 60);
 
 /// GitHub's limit on the body of one comment, in characters
 /// (the API answers 422 "body is too long (maximum is 65536 characters)").
 pub const COMMENT_LIMIT: usize = 65_536;
-
-/// Environment variables consulted for the token, in order (docs/design/configuration.md).
-pub const TOKEN_ENV_VARS: [&str; 3] = ["HYDRAFLOW_GH_TOKEN", "GH_TOKEN", "GITHUB_TOKEN"];
-
-/// Name of the systemd credential holding the token.
-pub const TOKEN_CREDENTIAL: &str = "github-token";
-
-/// Pick the token: the systemd credential `github-token` when present and
-/// non-empty, else the first non-empty of [`TOKEN_ENV_VARS`] as `env` returns
-/// them. Surrounding whitespace (a trailing newline in a credential file) is
-/// trimmed.
-pub fn resolve_token(
-    credential: Option<String>,
-    env: impl Fn(&str) -> Option<String>,
-) -> Option<String> {
-    let nonempty = |v: String| {
-        let t = v.trim();
-        (!t.is_empty()).then(|| t.to_string())
-    };
-    credential.and_then(nonempty).or_else(|| {
-        TOKEN_ENV_VARS
-            .iter()
-            .find_map(|k| env(k).and_then(nonempty))
-    })
-}
-
-/// The token of this process: [`resolve_token`] over the systemd credential
-/// and the real environment.
-///
-/// # Errors
-/// [`ForgeError::Auth`] naming where a token was looked for when there is none.
-pub fn token_from_environment() -> ForgeResult<String> {
-    resolve_token(crate::systemd::read_credential(TOKEN_CREDENTIAL), |k| {
-        std::env::var(k).ok()
-    })
-    .ok_or_else(|| {
-        ForgeError::Auth(format!(
-            "no GitHub token: set the systemd credential {TOKEN_CREDENTIAL:?} or one of {}",
-            TOKEN_ENV_VARS.join(", ")
-        ))
-    })
-}
 
 /// Split a comment body into pieces of at most `limit` characters, cutting
 /// after the last newline of a piece when there is one so lines stay whole.
@@ -107,8 +80,8 @@ pub struct GithubOptions {
     pub owner: String,
     /// Repository name.
     pub repo: String,
-    /// The token (see [`resolve_token`]).
-    pub token: String,
+    /// A token or a GitHub App (see [`Credentials::from_environment`]).
+    pub credentials: Credentials,
     /// Most concurrent API requests of this forge.
     pub max_concurrent_requests: usize,
     /// Only list issues whose author is a collaborator.
@@ -133,18 +106,18 @@ impl std::fmt::Debug for GithubOptions {
             .field("web_url", &self.web_url)
             .field("owner", &self.owner)
             .field("repo", &self.repo)
-            .field("token", &"<redacted>")
+            .field("credentials", &self.credentials)
             .finish_non_exhaustive()
     }
 }
 
 impl GithubOptions {
     /// Options from the configuration (`repo` as `owner/name`, `[github]`,
-    /// `collaborators_only`) and a token.
+    /// `collaborators_only`) and the credentials.
     ///
     /// # Errors
     /// [`ForgeError::Local`] when `repo` is missing or not `owner/name`.
-    pub fn from_config(config: &Config, token: String) -> ForgeResult<GithubOptions> {
+    pub fn from_config(config: &Config, credentials: Credentials) -> ForgeResult<GithubOptions> {
         let repo = config.repo.as_deref().unwrap_or_default();
         let (owner, name) = repo
             .split_once('/')
@@ -160,7 +133,7 @@ impl GithubOptions {
             web_url: gh.web_url.clone(),
             owner: owner.to_string(),
             repo: name.to_string(),
-            token,
+            credentials,
             max_concurrent_requests: gh.max_concurrent_requests.max(1),
             collaborators_only: config.collaborators_only,
             max_retries: gh.max_retries,
@@ -195,13 +168,24 @@ impl GithubForge {
     ///
     /// # Errors
     /// [`ForgeError::Local`] when the API URL is not a valid URI or the HTTP
-    /// client cannot be built.
+    /// client cannot be built; [`ForgeError::Auth`] when an App's private key
+    /// is not an RSA key in PEM.
     pub fn new(opts: GithubOptions) -> ForgeResult<GithubForge> {
         // Before any git2 network operation of the process (see git_http::register).
         git_http::register().map_err(|e| ForgeError::Local(e.message().to_string()))?;
+        let api = opts.api_url.trim_end_matches('/');
+        let auth = match &opts.credentials {
+            Credentials::Token(token) => auth::Auth::Token(token.clone()),
+            Credentials::App(app) => auth::Auth::App(Box::new(app::Installation::new(
+                api,
+                app,
+                &opts.owner,
+                &opts.repo,
+            )?)),
+        };
         let rest = rest::Rest::new(
-            &opts.api_url,
-            &opts.token,
+            api,
+            auth,
             opts.max_concurrent_requests,
             rest::RetryPolicy {
                 max_retries: opts.max_retries,
@@ -217,16 +201,41 @@ impl GithubForge {
         })
     }
 
-    /// The forge from the configuration, with the token from
-    /// [`token_from_environment`].
+    /// The forge from the configuration, with the credentials from
+    /// [`Credentials::from_environment`].
     ///
     /// # Errors
-    /// As [`GithubOptions::from_config`], [`token_from_environment`] and [`GithubForge::new`].
+    /// As [`GithubOptions::from_config`], [`Credentials::from_environment`]
+    /// and [`GithubForge::new`].
     pub fn from_config(config: &Config) -> ForgeResult<GithubForge> {
         GithubForge::new(GithubOptions::from_config(
             config,
-            token_from_environment()?,
+            Credentials::from_environment(&config.github)?,
         )?)
+    }
+
+    /// Who the forge acts as.
+    pub fn identity(&self) -> Identity {
+        self.rest.auth.identity()
+    }
+
+    /// A token for an agent (`GH_TOKEN` with `agent.allow_token`): the token,
+    /// or an installation token with at least [`AGENT_TOKEN_LEFT`] left.
+    ///
+    /// # Errors
+    /// As minting an installation token ([`ForgeError::Auth`] when GitHub
+    /// refuses the App).
+    pub async fn agent_token(&self) -> ForgeResult<String> {
+        self.rest.auth.token(AGENT_TOKEN_LEFT).await
+    }
+
+    /// When the current installation token expires (App authentication,
+    /// once one was minted).
+    pub fn token_expires_at(&self) -> Option<std::time::SystemTime> {
+        match &self.rest.auth {
+            auth::Auth::App(installation) => installation.expires_at(),
+            auth::Auth::Token(_) => None,
+        }
     }
 
     /// The HTTPS clone URL (no credentials in it).
@@ -252,34 +261,6 @@ impl GithubForge {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn check_token(cred: Option<&str>, env: &[(&str, &str)], expected: Option<&str>) {
-        let got = resolve_token(cred.map(str::to_string), |k| {
-            env.iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.to_string())
-        });
-        assert_eq!(got.as_deref(), expected, "cred {cred:?} env {env:?}");
-    }
-
-    #[test]
-    fn token_resolution_order() {
-        check_token(Some("cred\n"), &[("GH_TOKEN", "g")], Some("cred"));
-        check_token(Some("  "), &[("GH_TOKEN", "g")], Some("g"));
-        check_token(None, &[("GITHUB_TOKEN", "x"), ("GH_TOKEN", "g")], Some("g"));
-        check_token(
-            None,
-            &[("GITHUB_TOKEN", "x"), ("HYDRAFLOW_GH_TOKEN", "h")],
-            Some("h"),
-        );
-        check_token(None, &[("GITHUB_TOKEN", "x")], Some("x"));
-        check_token(
-            None,
-            &[("HYDRAFLOW_GH_TOKEN", ""), ("GITHUB_TOKEN", "x")],
-            Some("x"),
-        );
-        check_token(None, &[], None);
-    }
 
     fn check_split(body: &str, limit: usize, expected: &[&str]) {
         let got = split_comment(body, limit);

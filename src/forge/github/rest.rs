@@ -13,13 +13,16 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{ExponentialBuilder, Retryable};
-use http::header::{ACCEPT, ETAG, HeaderMap, IF_NONE_MATCH, RETRY_AFTER};
+use http::header::{
+    ACCEPT, AUTHORIZATION, ETAG, HeaderMap, HeaderValue, IF_NONE_MATCH, RETRY_AFTER,
+};
 use http::{Method, StatusCode};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+use super::auth::Auth;
 use crate::forge::{ForgeError, ForgeResult, RateBudget};
 
 /// Characters escaped in a path segment or query value.
@@ -102,6 +105,7 @@ impl Reply {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -110,7 +114,7 @@ fn now_secs() -> u64 {
 
 /// Classify a 403/429: bad credentials, a rate limit (with its wait), or a
 /// refusal (missing permission).
-fn classify_forbidden(reply: &Reply, what: &str) -> ForgeError {
+pub(super) fn classify_forbidden(reply: &Reply, what: &str) -> ForgeError {
     let message = reply.message();
     let lower = message.to_lowercase();
     if lower.contains("bad credentials") {
@@ -151,7 +155,11 @@ fn classify_forbidden(reply: &Reply, what: &str) -> ForgeError {
 
 /// The REST client of one forge.
 pub(super) struct Rest {
+    /// Without credentials of its own: each request carries the token of
+    /// [`Rest::auth`] (so an App's installation token can change).
     client: octocrab::Octocrab,
+    /// Who requests are made as.
+    pub(super) auth: Auth,
     /// The API base URL without a trailing slash.
     pub(super) api: String,
     semaphore: Semaphore,
@@ -162,14 +170,15 @@ pub(super) struct Rest {
 }
 
 impl Rest {
-    /// A client of the API at `api_url` sending `token`; no request is sent.
+    /// A client of the API at `api_url` authenticated by `auth`; no request
+    /// is sent.
     ///
     /// # Errors
     /// [`ForgeError::Local`] when the API URL is not a valid URI or the HTTP
     /// client cannot be built.
     pub(super) fn new(
         api_url: &str,
-        token: &str,
+        auth: Auth,
         max_concurrent_requests: usize,
         retry: RetryPolicy,
     ) -> ForgeResult<Rest> {
@@ -177,13 +186,13 @@ impl Rest {
         let client = octocrab::Octocrab::builder()
             .base_uri(api.as_str())
             .map_err(|e| ForgeError::Local(format!("github.api_url {api:?} is not a URI: {e}")))?
-            .personal_token(token.to_string())
             .set_connect_timeout(Some(Duration::from_secs(10)))
             .set_read_timeout(Some(Duration::from_secs(60)))
             .build()
             .map_err(|e| ForgeError::Local(format!("cannot build the GitHub client: {e}")))?;
         Ok(Rest {
             client,
+            auth,
             api,
             semaphore: Semaphore::new(max_concurrent_requests.max(1)),
             etags: Mutex::new(HashMap::new()),
@@ -218,32 +227,28 @@ impl Rest {
         }
     }
 
-    /// One request, no retry. GETs are conditional: a 304 is answered with the
-    /// cached body. 401/403/429/5xx and network failures become errors; other
-    /// statuses are returned for the caller to judge.
-    async fn send_once(
+    /// One request as it goes out: the token, conditional when `cached`.
+    async fn exchange(
         &self,
         method: &Method,
         url: &str,
         body: Option<&Value>,
+        token: &str,
+        cached: Option<&(String, String)>,
+        what: &str,
     ) -> ForgeResult<Reply> {
-        let what = format!("{method} {}", url.strip_prefix(&self.api).unwrap_or(url));
-        let _permit = self
-            .semaphore
-            .acquire()
-            .await
-            .map_err(|_| ForgeError::Local("request semaphore closed".into()))?;
-        let cached = if *method == Method::GET {
-            self.etags.lock().ok().and_then(|m| m.get(url).cloned())
-        } else {
-            None
-        };
+        let mut authorization =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                ForgeError::Auth(format!("{what}: the token is not a valid header value"))
+            })?;
+        authorization.set_sensitive(true);
         let mut builder = http::Request::builder()
             .method(method.clone())
             .uri(url)
             .header(ACCEPT, "application/vnd.github+json")
+            .header(AUTHORIZATION, authorization)
             .header("x-github-api-version", "2022-11-28");
-        if let Some((etag, _)) = &cached {
+        if let Some((etag, _)) = cached {
             builder = builder.header(IF_NONE_MATCH, etag.as_str());
         }
         let request = self
@@ -261,11 +266,52 @@ impl Rest {
             .body_to_string(http::Response::new(raw))
             .await
             .map_err(|e| ForgeError::Transient(format!("{what}: cannot read the body: {e}")))?;
-        let mut reply = Reply {
+        Ok(Reply {
             status: parts.status,
             headers: parts.headers,
             body: text,
+        })
+    }
+
+    /// One request, no retry. GETs are conditional: a 304 is answered with the
+    /// cached body. A 401 to an App's installation token drops the token and
+    /// sends the request once more with a new one (GitHub revoked it). 401,
+    /// 403, 429, 5xx and network failures become errors; other statuses are
+    /// returned for the caller to judge.
+    async fn send_once(
+        &self,
+        method: &Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> ForgeResult<Reply> {
+        let what = format!("{method} {}", url.strip_prefix(&self.api).unwrap_or(url));
+        if !url.starts_with(&format!("{}/", self.api)) {
+            // Never send the token elsewhere (a `Link` to another host).
+            return Err(ForgeError::Transient(format!(
+                "{what}: the URL is outside github.api_url {}",
+                self.api
+            )));
+        }
+        let _permit = self
+            .semaphore
+            .acquire()
+            .await
+            .map_err(|_| ForgeError::Local("request semaphore closed".into()))?;
+        let cached = if *method == Method::GET {
+            self.etags.lock().ok().and_then(|m| m.get(url).cloned())
+        } else {
+            None
         };
+        let token = self.auth.token(super::REFRESH_BEFORE).await?;
+        let mut reply = self
+            .exchange(method, url, body, &token, cached.as_ref(), &what)
+            .await?;
+        if reply.status == StatusCode::UNAUTHORIZED && self.auth.refused(&token) {
+            let token = self.auth.token(super::REFRESH_BEFORE).await?;
+            reply = self
+                .exchange(method, url, body, &token, cached.as_ref(), &what)
+                .await?;
+        }
         self.record_budget(&reply.headers);
         match reply.status.as_u16() {
             304 => match cached {
@@ -282,8 +328,9 @@ impl Rest {
             },
             401 => {
                 return Err(ForgeError::Auth(format!(
-                    "{what}: GitHub rejected the token (401 {}): check the token's value and expiry",
-                    reply.message()
+                    "{what}: GitHub rejected the token (401 {}): {}",
+                    reply.message(),
+                    self.auth.advice()
                 )));
             }
             403 | 429 => return Err(classify_forbidden(&reply, &what)),
