@@ -38,6 +38,13 @@ fn parse_worker(s: &str) -> Result<(String, PathBuf), String> {
 /// # Errors
 /// A bad address, a missing token for a non-loopback address, a failed bind.
 pub fn run(args: DashboardArgs) -> anyhow::Result<ExitCode> {
+    if args.workers.is_empty() {
+        anyhow::bail!(
+            "no worker to show: give --worker SLUG=SOCKET for each one (a worker started with \
+             `hydraflow run` listens on <checkout>/.hydraflow/<slug>/dashboard.sock), or open the \
+             dashboard the supervisor serves for its repositories"
+        );
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
