@@ -138,6 +138,7 @@ const NON_KEY_ENV: &[&str] = &[
     "HYDRAFLOW_SYSTEMD_TEST_CHILD",
     "HYDRAFLOW_BENCH_BIN",
     "HYDRAFLOW_BENCH_QUICK",
+    "HYDRAFLOW_NO_LINK_ORDER",
 ];
 
 /// What [`load`] made of the layers.

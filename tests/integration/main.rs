@@ -2,6 +2,7 @@ mod agent;
 mod dashboard_api;
 mod dashboard_supervisor;
 mod fake_github;
+mod first_hour;
 mod git_fixture;
 mod git_worktrees;
 mod github_e2e;
