@@ -27,7 +27,7 @@ pub mod worker;
     max_term_width = 100
 )]
 pub struct Cli {
-    /// Global configuration file.
+    /// Global configuration file (relative paths in it are relative to its directory).
     #[arg(
         long,
         global = true,

@@ -401,8 +401,9 @@ pub struct SupervisorConfig {
     pub backend: SupervisorBackend,
     /// Seconds `add_repo` waits for an instance to become active (READY=1) or fail.
     pub start_timeout: u64,
-    /// The supervisor's state directory (registry, port file, process-backend instance homes);
-    /// default `$HYDRAFLOW_HOME`, else `~/.hydraflow`.
+    /// The supervisor's state directory: the registry, the port file, and `<slug>/`, the data
+    /// of each instance (a configured instance's data root, with either backend); default
+    /// `$HYDRAFLOW_HOME`, else `~/.hydraflow` (see [`loader::state_dir`]).
     pub state_dir: Option<PathBuf>,
     /// argv the process backend runs for an instance, before `--instance <slug>`;
     /// default: this executable and `worker`.
