@@ -130,29 +130,36 @@ pub fn print_summary(resolved: &Resolved, forge: &LocalForge) -> anyhow::Result<
     Ok(())
 }
 
-fn commit_all(message: &str) -> anyhow::Result<()> {
-    for args in [
-        vec!["add", "-A"],
-        vec![
-            "-c",
-            "user.name=HydraFlow demo agent",
-            "-c",
-            "user.email=demo-agent@hydraflow.invalid",
-            "commit",
-            "-q",
-            "-m",
-            message,
-        ],
-    ] {
-        let status = std::process::Command::new("git")
-            .args(&args)
+/// Stage everything and commit it; `false` when there was nothing to commit.
+fn commit_all(message: &str) -> anyhow::Result<bool> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
             .status()
-            .context("cannot run git (the demo agent commits with the git command)")?;
-        if !status.success() {
-            bail!("git {} failed with {status}", args.join(" "));
-        }
+            .context("cannot run git (the demo agent commits with the git command)")
+    };
+    let status = git(&["add", "-A"])?;
+    if !status.success() {
+        bail!("git add -A failed with {status}");
     }
-    Ok(())
+    if git(&["diff", "--cached", "--quiet"])?.success() {
+        return Ok(false);
+    }
+    let args = [
+        "-c",
+        "user.name=HydraFlow demo agent",
+        "-c",
+        "user.email=demo-agent@hydraflow.invalid",
+        "commit",
+        "-q",
+        "-m",
+        message,
+    ];
+    let status = git(&args)?;
+    if !status.success() {
+        bail!("git {} failed with {status}", args.join(" "));
+    }
+    Ok(true)
 }
 
 /// The scripted demo agent: reads the prompt on stdin and answers as the
@@ -210,8 +217,13 @@ pub fn agent(stage: &str, issue: u64) -> anyhow::Result<ExitCode> {
             };
             std::fs::write(file, content)?;
             println!("wrote {file}");
-            commit_all(&format!("Add {file} (issue #{issue})"))?;
-            println!("committed {file}");
+            // Run again on its own finished work (a restart), it finds nothing
+            // to change, as a real agent would, and says so.
+            if commit_all(&format!("Add {file} (issue #{issue})"))? {
+                println!("committed {file}");
+            } else {
+                println!("{file} is already as the issue asks: nothing to commit");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -178,6 +178,11 @@ impl Layout {
     pub fn forge_dir(&self) -> PathBuf {
         self.repo_dir().join("forge")
     }
+    /// `data_root/<slug>/worker.lock`: locked by the one worker of this data
+    /// directory for its life, holding its PID ([`crate::worker_lock`]).
+    pub fn worker_lock_file(&self) -> PathBuf {
+        self.repo_dir().join("worker.lock")
+    }
     /// `data_root/<slug>/spool/`: HITL commands handed to a running worker by the CLI.
     pub fn spool_dir(&self) -> PathBuf {
         self.repo_dir().join("spool")
@@ -271,6 +276,10 @@ mod tests {
             Path::new("/var/lib/hydraflow/org-repo/org-repo/state.json")
         );
         assert_eq!(layout.worktree_path(7), Path::new("/wt/org-repo/issue-7"));
+        assert_eq!(
+            layout.worker_lock_file(),
+            Path::new("/var/lib/hydraflow/org-repo/org-repo/worker.lock")
+        );
         assert_eq!(Layout::branch_name(7), "agent/issue-7");
     }
 }

@@ -15,3 +15,4 @@ pub mod runtime;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod worker_lock;

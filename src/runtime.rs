@@ -42,6 +42,9 @@ pub enum RuntimeError {
     /// The agent configuration is invalid.
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
+    /// Another worker runs on this data directory, or its lock failed.
+    #[error(transparent)]
+    Locked(#[from] crate::worker_lock::WorkerLockError),
 }
 
 /// One repository's runtime.
@@ -57,6 +60,8 @@ pub struct RepoRuntime {
     session: Mutex<SessionRecord>,
     orchestrator: tokio::sync::Mutex<Option<OrchestratorHandle>>,
     extra_agent_env: Vec<(String, String)>,
+    /// Held for the runtime's life: one worker per data directory.
+    _worker_lock: crate::worker_lock::WorkerLock,
 }
 
 impl std::fmt::Debug for RepoRuntime {
@@ -68,12 +73,15 @@ impl std::fmt::Debug for RepoRuntime {
 }
 
 impl RepoRuntime {
-    /// Create the data directories, load `state.json` (recovering from a
+    /// Create the data directories, take the worker lock (one worker per
+    /// data directory, held until the runtime is dropped), load `state.json` (recovering from a
     /// backup if needed, which is logged and published), open the event bus
     /// and start a session record. Nothing runs until [`RepoRuntime::start`].
     ///
     /// # Errors
-    /// [`RuntimeError`] for unusable directories, state, checkout or agent settings.
+    /// [`RuntimeError`] for unusable directories, state, checkout or agent
+    /// settings, and [`RuntimeError::Locked`] naming the PID of another
+    /// worker on the same data directory.
     pub fn create(
         resolved: Resolved,
         forge: Arc<dyn Forge>,
@@ -85,6 +93,7 @@ impl RepoRuntime {
             path: layout.repo_dir(),
             source,
         })?;
+        let worker_lock = crate::worker_lock::WorkerLock::acquire(&layout.worker_lock_file())?;
         crate::agent::runner::validate(&resolved.config.agent)?;
         let worktrees =
             Worktrees::open(&resolved.repo_path, &layout, &resolved.config.main_branch)?;
@@ -126,6 +135,7 @@ impl RepoRuntime {
             session: Mutex::new(session),
             orchestrator: tokio::sync::Mutex::new(None),
             extra_agent_env,
+            _worker_lock: worker_lock,
         }))
     }
 

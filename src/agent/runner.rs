@@ -216,14 +216,24 @@ async fn run_process(call: &AgentCall, on_line: LineSink<'_>) -> Result<AgentOut
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    let worker = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec and only
-    // makes the prctl(2) system call, which is async-signal-safe.
+    // makes the prctl(2) and getppid(2) system calls, which are
+    // async-signal-safe.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             // If the worker dies (even by SIGKILL), the agent gets SIGTERM
             // instead of running on as an orphan.
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+            // A worker that died between fork and prctl sent nothing: the
+            // child then has another parent already, and must not run.
+            if nix::unistd::getppid() != worker {
+                return Err(std::io::Error::other(
+                    "the worker exited while starting the agent",
+                ));
+            }
+            Ok(())
         });
     }
     let mut child = command.spawn().map_err(|source| AgentError::Spawn {

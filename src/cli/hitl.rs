@@ -103,7 +103,7 @@ fn list(config_file: &Path, target: &TargetArgs, json: bool) -> anyhow::Result<E
     let waiting: Vec<_> = state
         .issues
         .iter()
-        .filter_map(|(n, r)| r.hitl.as_ref().map(|h| (n, h, r.pending_hitl.as_ref())))
+        .filter_map(|(n, r)| r.hitl().map(|h| (n, h, r.pending_hitl())))
         .collect();
     if json {
         let rows: Vec<_> = waiting

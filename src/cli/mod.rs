@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod check;
 pub mod config_cmd;
 pub mod dashboard;
 pub mod generate;
@@ -46,8 +47,24 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a configured instance (what hydraflow@<slug>.service runs).
+    ///
+    /// One worker runs per data directory: a second one exits at once with
+    /// status 1, naming the PID of the worker that holds
+    /// data_root/<slug>/worker.lock.
     Worker(worker::WorkerArgs),
     /// Run the worker in the foreground on a checkout (try-out and development).
+    ///
+    /// One worker runs per data directory: a second `run` on the same checkout
+    /// (or the same HYDRAFLOW_HOME and slug) exits at once with status 1,
+    /// naming the PID of the worker that holds data_root/<slug>/worker.lock.
+    /// `issue`, `hitl`, `check` and `config` do not take that lock.
+    ///
+    /// On the local forge a merge never goes through your working tree: the
+    /// squash commit is made from trees and `main` moves by compare-and-swap.
+    /// Afterwards a checkout that has `main` checked out and no changes of
+    /// its own follows the merge (git's receive.denyCurrentBranch =
+    /// updateInstead rule); one with changes is left as it is and the log
+    /// says how to bring it along (`git read-tree -m -u OLD NEW`).
     #[command(after_long_help = RUN_EXAMPLES)]
     Run(worker::RunArgs),
     /// Make a demo repository with issues and take them through the pipeline
@@ -65,6 +82,9 @@ pub enum Command {
     /// List and answer issues waiting for a human.
     #[command(subcommand)]
     Hitl(hitl::HitlCommandArgs),
+    /// Report and list check runs of the local forge (from your own CI).
+    #[command(subcommand)]
+    Check(check::CheckCommand),
     /// Serve the multi-repository dashboard for given worker sockets.
     Dashboard(dashboard::DashboardArgs),
     /// Run the supervisor: the control protocol on 127.0.0.1:8765 and one worker instance
@@ -117,6 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => config_cmd::run(&cli.config, cmd),
         Command::Issue(cmd) => issue::run(&cli.config, cmd),
         Command::Hitl(cmd) => hitl::run(&cli.config, cmd),
+        Command::Check(cmd) => check::run(&cli.config, cmd),
         Command::Dashboard(args) => dashboard::run(args),
         Command::Supervisor(args) => supervisor_cmd::run_supervisor(&cli.config, args),
         Command::Repo(cmd) => supervisor_cmd::run_repo(&cli.config, cmd),

@@ -140,7 +140,7 @@ pub mod api {
             running: rt.running().await,
             status_line: rt.status_line().await,
             queues: rt.store().depths(),
-            hitl_waiting: state.issues.values().filter(|r| r.hitl.is_some()).count(),
+            hitl_waiting: state.issues.values().filter(|r| r.hitl().is_some()).count(),
             done: state.session.issues_succeeded,
         }
     }
@@ -239,7 +239,7 @@ pub mod api {
         let waiting: Vec<Value> = state
             .issues
             .iter()
-            .filter(|(_, r)| r.hitl.is_some())
+            .filter(|(_, r)| r.hitl().is_some())
             .map(|(n, _)| issue_row(rt, *n, "waiting"))
             .collect();
         json!({
@@ -294,10 +294,10 @@ pub mod api {
             .issues
             .iter()
             .filter_map(|(n, r)| {
-                r.hitl.as_ref().map(|h| {
+                r.hitl().map(|h| {
                     json!({"issue": n, "title": rt.store().get(*n).map(|i| i.title),
                         "stage": h.stage, "origin": h.origin, "cause": h.cause,
-                        "escalated_at": h.escalated_at, "pending": r.pending_hitl})
+                        "escalated_at": h.escalated_at, "pending": r.pending_hitl()})
                 })
             })
             .collect()

@@ -35,9 +35,9 @@ use tokio::sync::Semaphore;
 
 use super::git_http;
 use super::{
-    ChecksState, ChecksSummary, Comment, Forge, ForgeError, ForgeResult, Issue, IssueDetail,
-    IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest, PullRequestState, RateBudget,
-    ReviewEvent,
+    CheckRunView, ChecksSummary, Comment, CommitStatusView, Forge, ForgeError, ForgeResult, Issue,
+    IssueDetail, IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest,
+    PullRequestState, RateBudget, Review, ReviewEvent, summarise_checks,
 };
 use crate::config::Config;
 
@@ -329,6 +329,32 @@ struct RefJson {
     #[serde(rename = "ref")]
     name: String,
     sha: String,
+}
+
+/// One entry of "List reviews for a pull request"
+/// (<https://docs.github.com/en/rest/pulls/reviews#list-reviews-for-a-pull-request>):
+/// `state` is `APPROVED`, `CHANGES_REQUESTED`, `COMMENTED`, `DISMISSED` or
+/// `PENDING`; the last two are not verdicts and are left out.
+#[derive(Debug, Deserialize)]
+struct ReviewJson {
+    #[serde(default)]
+    body: Option<String>,
+    state: String,
+}
+
+impl ReviewJson {
+    fn into_review(self) -> Option<Review> {
+        let event = match self.state.as_str() {
+            "APPROVED" => ReviewEvent::Approve,
+            "CHANGES_REQUESTED" => ReviewEvent::RequestChanges,
+            "COMMENTED" => ReviewEvent::Comment,
+            _ => return None,
+        };
+        Some(Review {
+            event,
+            body: self.body.unwrap_or_default(),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -1154,47 +1180,25 @@ impl Forge for GithubForge {
             .await?
             .ok(&what)?
             .json(&what)?;
-        let mut failures = Vec::new();
-        let mut pending = false;
-        for run in &runs {
-            if run.status != "completed" {
-                pending = true;
-                continue;
-            }
-            match run.conclusion.as_deref() {
-                Some("success" | "neutral" | "skipped") => {}
-                other => failures.push(format!(
-                    "{} ({}): {}",
-                    run.name,
-                    other.unwrap_or("no conclusion"),
-                    run.output
-                        .as_ref()
-                        .and_then(|o| o.summary.clone())
-                        .unwrap_or_default()
-                )),
-            }
-        }
-        for s in &status.statuses {
-            match s.state.as_str() {
-                "success" => {}
-                "pending" => pending = true,
-                other => failures.push(format!(
-                    "{} ({other}): {}",
-                    s.context,
-                    s.description.clone().unwrap_or_default()
-                )),
-            }
-        }
-        let state = if runs.is_empty() && status.statuses.is_empty() {
-            ChecksState::None
-        } else if !failures.is_empty() {
-            ChecksState::Failure
-        } else if pending {
-            ChecksState::Pending
-        } else {
-            ChecksState::Success
-        };
-        Ok(ChecksSummary { state, failures })
+        let runs: Vec<CheckRunView<'_>> = runs
+            .iter()
+            .map(|run| CheckRunView {
+                name: &run.name,
+                status: &run.status,
+                conclusion: run.conclusion.as_deref(),
+                summary: run.output.as_ref().and_then(|o| o.summary.as_deref()),
+            })
+            .collect();
+        let statuses: Vec<CommitStatusView<'_>> = status
+            .statuses
+            .iter()
+            .map(|s| CommitStatusView {
+                context: &s.context,
+                state: &s.state,
+                description: s.description.as_deref(),
+            })
+            .collect();
+        Ok(summarise_checks(&runs, &statuses))
     }
 
     async fn post_review(&self, number: u64, event: ReviewEvent, body: &str) -> ForgeResult<()> {
@@ -1212,6 +1216,23 @@ impl Forge for GithubForge {
         .await?
         .ok(&format!("reviewing pull request #{number}"))?;
         Ok(())
+    }
+
+    async fn list_reviews(&self, number: u64) -> ForgeResult<Vec<Review>> {
+        let what = format!("reviews of pull request #{number}");
+        let reply = self
+            .send(
+                Method::GET,
+                &self.repo_url(&format!("/pulls/{number}/reviews?per_page=100")),
+                None,
+            )
+            .await?
+            .ok(&what)?;
+        Ok(reply
+            .json::<Vec<ReviewJson>>(&what)?
+            .into_iter()
+            .filter_map(ReviewJson::into_review)
+            .collect())
     }
 
     async fn merge_pull_request(&self, number: u64, title: &str) -> ForgeResult<MergeOutcome> {

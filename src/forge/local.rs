@@ -1,7 +1,8 @@
 //! The embedded local forge: issues and pull requests as one JSON file each
 //! under `data_root/<slug>/forge/`, safe to change from the CLI while a
-//! worker runs (atomic writes under a lock), and a real squash merge of
-//! `agent/issue-<N>` into the base branch with git2.
+//! worker runs (atomic writes under a lock), check runs reported by the
+//! operator's CI, and a real squash merge of `agent/issue-<N>` into the base
+//! branch with git2 that never puts the operator's checkout at risk.
 //!
 //! On disk (all written atomically: temp file in the same directory, fsync,
 //! rename, fsync of the directory):
@@ -10,8 +11,42 @@
 //! - `pulls/<N>.json`: number, head, base, head_sha, title, body, state,
 //!   merged_sha, reviews `[{event, body, created_at}]`, created_at;
 //! - `labels.json`: the label registry `[{name, color, description}]`;
-//! - `.lock`: every read-modify-write and number allocation holds an
+//! - `checks/<sha>.json`: the check runs of commit `<sha>` (full, lowercase),
+//!   a list of `{"name": "test", "status": "completed", "conclusion":
+//!   "failure", "summary": "2 tests failed"}` in the vocabulary of GitHub's
+//!   check runs (<https://docs.github.com/en/rest/checks/runs>): `status` is
+//!   `queued`, `in_progress` or `completed` (`waiting`, `requested`,
+//!   `pending` are read as running); `conclusion`, once completed, is
+//!   `success`, `failure`, `neutral`, `cancelled`, `skipped`, `timed_out`,
+//!   `action_required` or `stale`; `summary` is optional. No file means no
+//!   checks ([`ChecksState::None`](super::ChecksState::None)); the summary is
+//!   [`summarise_checks`]'s, as for GitHub. [`LocalForge::set_check_run`]
+//!   (and `hydraflow check set`) writes one run;
+//! - `checkout-sync.json`: `{base_ref, old, new, created_at}` while a merge
+//!   moves the base branch the main checkout has checked out (below);
+//! - `.lock`: every read-modify-write, number allocation and merge holds an
 //!   exclusive `flock` on it, so separate processes never lose an update.
+//!
+//! A merge builds the squash commit from trees alone (git2's merge of the
+//! base tip and the head into an in-memory index, its tree written to the
+//! object database, a commit made without moving any ref), then advances
+//! `refs/heads/<base>` with a compare-and-swap against the tip it merged
+//! onto. When the base moved meanwhile (someone committed), the merge is
+//! computed again on the new tip, up to [`MERGE_TRIES`] times. A merge run
+//! again after the base moved but before the pull request was recorded finds
+//! its squash commit on the base (same message, same merged tree) and does
+//! not merge twice.
+//!
+//! The operator's checkout is touched only afterwards and only as git's
+//! `receive.denyCurrentBranch = updateInstead` would (git-config(1)): when
+//! it has the base branch checked out and holds nothing of its own
+//! ([`crate::git::checkout`]), its index and working tree follow the merge;
+//! otherwise it is left as it is and the merge still succeeds. Before the
+//! ref moves, `checkout-sync.json` records the old and new commit; it goes
+//! once the checkout followed or was left alone. Opening the forge or
+//! merging finishes an update a crash interrupted: a checkout whose every
+//! path holds the old or the new version is brought to the new one, any
+//! other is left alone.
 //!
 //! Issues and pull requests share one number sequence, like GitHub. Times are
 //! RFC 3339 UTC. The async [`Forge`] methods run the blocking file and git
@@ -27,10 +62,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ChecksState, ChecksSummary, Comment, Forge, ForgeError, ForgeResult, Issue, IssueDetail,
-    IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest, PullRequestState,
-    ReviewEvent,
+    CheckRunView, ChecksSummary, Comment, Forge, ForgeError, ForgeResult, Issue, IssueDetail,
+    IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest, PullRequestState, Review,
+    ReviewEvent, summarise_checks,
 };
+use crate::git::checkout::CheckoutSync;
 use crate::layout::Layout;
 
 /// Colour given to labels that are added to an issue before being registered.
@@ -126,6 +162,116 @@ struct LabelRecord {
     color: String,
     #[serde(default)]
     description: String,
+}
+
+/// `checkout-sync.json`: a merge is moving `base_ref` from `old` to `new`
+/// (full SHAs) and the main checkout, which has it checked out, follows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckoutSyncRecord {
+    base_ref: String,
+    old: String,
+    new: String,
+    created_at: String,
+}
+
+/// Where a check run is in its life, in GitHub's check runs vocabulary
+/// (<https://docs.github.com/en/rest/checks/runs>).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    /// `queued`: not started.
+    Queued,
+    /// `in_progress`: running.
+    InProgress,
+    /// `completed`: finished, with a conclusion.
+    Completed,
+    /// `waiting` (GitHub Actions): waiting for a deployment protection rule.
+    Waiting,
+    /// `requested` (GitHub Actions).
+    Requested,
+    /// `pending` (GitHub Actions).
+    Pending,
+}
+
+impl CheckStatus {
+    /// The wire name (`in_progress`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckStatus::Queued => "queued",
+            CheckStatus::InProgress => "in_progress",
+            CheckStatus::Completed => "completed",
+            CheckStatus::Waiting => "waiting",
+            CheckStatus::Requested => "requested",
+            CheckStatus::Pending => "pending",
+        }
+    }
+}
+
+/// How a completed check run ended, in GitHub's check runs vocabulary
+/// (<https://docs.github.com/en/rest/checks/runs>): `success`, `neutral` and
+/// `skipped` pass, the others fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckConclusion {
+    /// `success`.
+    Success,
+    /// `failure`.
+    Failure,
+    /// `neutral`.
+    Neutral,
+    /// `cancelled`.
+    Cancelled,
+    /// `skipped`.
+    Skipped,
+    /// `timed_out`.
+    TimedOut,
+    /// `action_required`.
+    ActionRequired,
+    /// `stale` (set by GitHub only).
+    Stale,
+}
+
+impl CheckConclusion {
+    /// The wire name (`timed_out`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckConclusion::Success => "success",
+            CheckConclusion::Failure => "failure",
+            CheckConclusion::Neutral => "neutral",
+            CheckConclusion::Cancelled => "cancelled",
+            CheckConclusion::Skipped => "skipped",
+            CheckConclusion::TimedOut => "timed_out",
+            CheckConclusion::ActionRequired => "action_required",
+            CheckConclusion::Stale => "stale",
+        }
+    }
+}
+
+/// One check run of a commit, as `checks/<sha>.json` lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRun {
+    /// The check's name (`build`, `test`); one run per name and commit.
+    pub name: String,
+    /// Where it is.
+    pub status: CheckStatus,
+    /// How it ended, once `completed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conclusion: Option<CheckConclusion>,
+    /// A short text shown with a failure (the CI-fix prompt gets it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub summary: String,
+}
+
+impl CheckRun {
+    fn view(&self) -> CheckRunView<'_> {
+        CheckRunView {
+            name: &self.name,
+            status: self.status.as_str(),
+            conclusion: self.conclusion.map(CheckConclusion::as_str),
+            summary: Some(&self.summary),
+        }
+    }
 }
 
 /// Holds the exclusive lock on `forge/.lock` until dropped (closing the file
@@ -272,15 +418,37 @@ impl LocalForge {
     ///
     /// # Errors
     /// [`super::ForgeError::Local`] when the directory cannot be created.
+    ///
+    /// When a merge was interrupted before the main checkout followed it
+    /// (`checkout-sync.json` exists), the checkout is brought along now, or
+    /// left alone when it has local changes; only by a process running as
+    /// the checkout's owner (root's `hydraflow issue` on a packaged instance
+    /// leaves it to the worker, so no file in the checkout becomes root's).
     pub fn open(layout: &Layout, repo_path: &Path) -> ForgeResult<LocalForge> {
         let dir = layout.forge_dir();
         for d in [dir.join("issues"), dir.join("pulls")] {
             std::fs::create_dir_all(&d).map_err(local_io("create", &d))?;
         }
-        Ok(LocalForge {
+        let forge = LocalForge {
             dir,
             repo_path: repo_path.to_path_buf(),
-        })
+        };
+        if forge.checkout_sync_file().exists() && forge.owns_checkout() {
+            let _lock = forge.lock()?;
+            match forge.open_repo() {
+                Ok(repo) => forge.finish_checkout_sync(&repo),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the checkout to finish updating it");
+                }
+            }
+        }
+        Ok(forge)
+    }
+
+    /// Whether this process runs as the owner of the checkout.
+    fn owns_checkout(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&self.repo_path).is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw())
     }
 
     fn issue_file(&self, number: u64) -> PathBuf {
@@ -584,7 +752,51 @@ impl LocalForge {
         self.live_pull(&record)
     }
 
+    /// Squash-merge pull request `number` (blocking), as
+    /// [`Forge::merge_pull_request`] does.
     fn merge_blocking(&self, number: u64, title: &str) -> ForgeResult<MergeOutcome> {
+        self.merge_with(number, title, |repo, _, base| {
+            branch_commit(repo, base).map(|c| c.id())
+        })
+    }
+
+    /// Squash-merge pull request `number` (blocking) as
+    /// [`Forge::merge_pull_request`] does, except that the first attempt is
+    /// computed against `base_tip` (a full commit SHA) as if the base branch
+    /// had been read there before it moved: the compare-and-swap of the base
+    /// branch then fails when the branch is elsewhere, and the merge is
+    /// computed again against its real tip. For tests of that race.
+    ///
+    /// # Errors
+    /// As [`Forge::merge_pull_request`]; [`ForgeError::Rejected`] when
+    /// `base_tip` is not a commit SHA.
+    pub fn merge_pull_request_from(
+        &self,
+        number: u64,
+        title: &str,
+        base_tip: &str,
+    ) -> ForgeResult<MergeOutcome> {
+        let first = git2::Oid::from_str(base_tip)
+            .map_err(|_| ForgeError::Rejected(format!("{base_tip:?} is not a commit SHA")))?;
+        self.merge_with(number, title, |repo, attempt, base| {
+            if attempt == 0 {
+                Ok(first)
+            } else {
+                branch_commit(repo, base).map(|c| c.id())
+            }
+        })
+    }
+
+    /// The merge: under the forge lock, finish an interrupted checkout
+    /// update, then up to [`MERGE_TRIES`] times compute the squash commit on
+    /// the tip `base_tip(repo, attempt, base)` gives and move the base
+    /// branch there if it still is at that tip.
+    fn merge_with(
+        &self,
+        number: u64,
+        title: &str,
+        mut base_tip: impl FnMut(&Repository, u32, &str) -> ForgeResult<git2::Oid>,
+    ) -> ForgeResult<MergeOutcome> {
         let _lock = self.lock()?;
         let mut record = self.read_pull(number)?;
         match (record.state, &record.merged_sha) {
@@ -599,74 +811,74 @@ impl LocalForge {
             }
         }
         let repo = self.open_repo()?;
+        self.finish_checkout_sync(&repo);
         let what = format!(
             "pull request #{number} ({} into {})",
             record.head, record.base
         );
         let head = branch_commit(&repo, &record.head)?;
-        let base = branch_commit(&repo, &record.base)?;
-        let mut index = repo
-            .merge_commits(&base, &head, None)
-            .map_err(local_git(format!("cannot merge {what}")))?;
-        if index.has_conflicts() {
-            let paths = conflict_paths(&index)?;
-            return Err(ForgeError::MergeConflict(format!(
-                "{what} conflicts in {}",
-                paths.join(", ")
-            )));
-        }
-        let tree_id = index
-            .write_tree_to(&repo)
-            .map_err(local_git(format!("cannot write the merged tree of {what}")))?;
         let message = match issue_of_head(&record.head) {
             Some(issue) => format!("{title}\n\nCloses #{issue}"),
             None => title.to_owned(),
         };
-
-        // A restart between moving the base branch and recording the merge:
-        // the base tip already is this squash commit.
-        let already = base.tree_id() == tree_id && base.message().ok() == Some(message.as_str());
-        let sha = if already {
-            base.id()
-        } else {
-            let tree = repo
-                .find_tree(tree_id)
-                .map_err(local_git(format!("cannot read the merged tree of {what}")))?;
-            let sig = crate::git::signature(&repo).map_err(local_git("cannot make a signature"))?;
-            let commit = repo
-                .commit(None, &sig, &sig, &message, &tree, &[&base])
-                .map_err(local_git(format!(
-                    "cannot commit the squash merge of {what}"
-                )))?;
-            let base_ref = format!("refs/heads/{}", record.base);
-            // Update the main checkout first, with the SAFE strategy against
-            // HEAD (still the old tip): libgit2 checks every path before
-            // writing any, so local edits the merge would touch make it refuse
-            // and leave both the files and the base branch as they were.
-            if !repo.is_bare() && main_checkout_on(&repo, &base_ref) {
-                let mut checkout = git2::build::CheckoutBuilder::new();
-                checkout.safe();
-                repo.checkout_tree(tree.as_object(), Some(&mut checkout))
-                    .map_err(|e| {
-                        ForgeError::Local(format!(
-                            "cannot update the checkout at {} to the merge of {what}: {}; commit or stash local changes and merge again",
-                            self.repo_path.display(),
-                            e.message()
-                        ))
-                    })?;
+        let base_ref = format!("refs/heads/{}", record.base);
+        let mut attempt = 0;
+        let sha = loop {
+            let tip = base_tip(&repo, attempt, &record.base)?;
+            let base = repo.find_commit(tip).map_err(local_git(format!(
+                "cannot read commit {tip} of {}",
+                record.base
+            )))?;
+            // A restart between moving the base branch and recording the
+            // merge: the squash commit is already on the base branch.
+            if let Some(done) = find_squash(&repo, &base, &head, &message)? {
+                break done;
             }
-            repo.reference_matching(
+            let commit = squash_commit(&repo, &base, &head, &message, &what)?;
+            let journal = self.begin_checkout_sync(&repo, &base_ref, base.id(), commit)?;
+            let moved = repo.reference_matching(
                 &base_ref,
                 commit,
                 true,
                 base.id(),
                 &format!("hydraflow: squash merge {what}"),
-            )
-            .map_err(local_git(format!(
-                "cannot move {} to the merge of {what}",
-                record.base
-            )))?;
-            commit
+            );
+            match moved {
+                Ok(_) => break commit,
+                Err(e) => {
+                    if journal {
+                        self.drop_checkout_sync();
+                    }
+                    attempt += 1;
+                    match e.code() {
+                        ErrorCode::Modified if attempt < MERGE_TRIES => {
+                            tracing::info!(
+                                pull_request = number,
+                                base = %record.base,
+                                "the base branch moved while merging: merging onto its new tip"
+                            );
+                        }
+                        ErrorCode::Modified => {
+                            return Err(ForgeError::Transient(format!(
+                                "{} moved during each of {MERGE_TRIES} attempts to merge {what}; it is merged on a later try",
+                                record.base
+                            )));
+                        }
+                        ErrorCode::Locked => {
+                            return Err(ForgeError::Transient(format!(
+                                "{base_ref} is locked by another git process (refs/heads/{}.lock exists); {what} is merged on a later try",
+                                record.base
+                            )));
+                        }
+                        _ => {
+                            return Err(local_git(format!(
+                                "cannot move {} to the merge of {what}",
+                                record.base
+                            ))(e));
+                        }
+                    }
+                }
+            }
         };
 
         record.state = PullRequestState::Merged;
@@ -682,10 +894,257 @@ impl LocalForge {
         {
             tracing::warn!(branch = %record.head, error = %e, "cannot delete the merged head branch");
         }
+        self.finish_checkout_sync(&repo);
         Ok(MergeOutcome {
             sha: sha.to_string(),
         })
     }
+
+    /// `forge/checkout-sync.json`.
+    fn checkout_sync_file(&self) -> PathBuf {
+        self.dir.join("checkout-sync.json")
+    }
+
+    /// Record, before `base_ref` moves from `old` to `new`, that the main
+    /// checkout must follow, when it has `base_ref` checked out. Returns
+    /// whether the journal was written. Call with the lock held.
+    fn begin_checkout_sync(
+        &self,
+        repo: &Repository,
+        base_ref: &str,
+        old: git2::Oid,
+        new: git2::Oid,
+    ) -> ForgeResult<bool> {
+        if repo.is_bare() || !main_checkout_on(repo, base_ref) {
+            return Ok(false);
+        }
+        let journal = CheckoutSyncRecord {
+            base_ref: base_ref.to_owned(),
+            old: old.to_string(),
+            new: new.to_string(),
+            created_at: now(),
+        };
+        write_json(&self.checkout_sync_file(), &journal)?;
+        Ok(true)
+    }
+
+    /// Remove the checkout-sync journal (a missing one is fine).
+    fn drop_checkout_sync(&self) {
+        let path = self.checkout_sync_file();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove the checkout-sync journal");
+            }
+        }
+    }
+
+    /// When the checkout-sync journal exists, bring the main checkout to the
+    /// merged commit if that loses nothing ([`crate::git::checkout`]), else
+    /// leave the checkout alone; either way the journal goes. A failure is
+    /// logged and the journal kept, to finish on the next open or merge.
+    /// Never fails: the checkout never blocks a merge. Call with the lock held.
+    fn finish_checkout_sync(&self, repo: &Repository) {
+        let path = self.checkout_sync_file();
+        let journal: CheckoutSyncRecord = match read_json(&path) {
+            Ok(Some(journal)) => journal,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping an unreadable checkout-sync journal");
+                self.drop_checkout_sync();
+                return;
+            }
+        };
+        let (Ok(old), Ok(new)) = (
+            git2::Oid::from_str(&journal.old),
+            git2::Oid::from_str(&journal.new),
+        ) else {
+            tracing::warn!(path = %path.display(), "dropping a checkout-sync journal without valid commits");
+            self.drop_checkout_sync();
+            return;
+        };
+        let checkout = self.repo_path.display();
+        match crate::git::checkout::sync_checkout(repo, &journal.base_ref, old, new) {
+            Ok(CheckoutSync::Updated { paths }) => {
+                tracing::info!(%checkout, commit = %new, paths, "brought the checkout up to the merge");
+            }
+            Ok(CheckoutSync::NotApplicable(reason)) => {
+                tracing::debug!(%checkout, reason, "the checkout does not follow the merge");
+            }
+            Ok(CheckoutSync::LocalChanges(reason)) => {
+                tracing::info!(
+                    %checkout,
+                    reason,
+                    "leaving the checkout as it is: it has local changes; to bring it to the merge keeping them, run `git read-tree -m -u {old} {new}` in it"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(%checkout, error = %e, journal = %path.display(), "cannot bring the checkout up to the merge; trying again on the next open or merge");
+                return;
+            }
+        }
+        self.drop_checkout_sync();
+    }
+
+    /// `forge/checks/<sha>.json`; `sha` must be a full commit SHA.
+    fn checks_file(&self, sha: &str) -> ForgeResult<PathBuf> {
+        let valid = matches!(sha.len(), 40 | 64)
+            && sha
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !valid {
+            return Err(ForgeError::Rejected(format!(
+                "{sha:?} is not a full commit SHA (40 or 64 lowercase hex digits)"
+            )));
+        }
+        Ok(self.dir.join("checks").join(format!("{sha}.json")))
+    }
+
+    /// The check runs reported for commit `sha` (a full SHA), in the order
+    /// they were first reported; empty when none were.
+    ///
+    /// # Errors
+    /// [`ForgeError::Rejected`] for a malformed SHA, [`ForgeError::Local`]
+    /// for an unreadable or invalid `checks/<sha>.json` (named).
+    pub fn check_runs(&self, sha: &str) -> ForgeResult<Vec<CheckRun>> {
+        Ok(read_json(&self.checks_file(sha)?)?.unwrap_or_default())
+    }
+
+    /// The check runs of commit `sha` (a full SHA) summarised as for GitHub
+    /// ([`summarise_checks`]); what [`Forge::checks`] answers.
+    ///
+    /// # Errors
+    /// As [`LocalForge::check_runs`].
+    pub fn check_summary(&self, sha: &str) -> ForgeResult<ChecksSummary> {
+        let runs = self.check_runs(sha)?;
+        let views: Vec<CheckRunView<'_>> = runs.iter().map(CheckRun::view).collect();
+        Ok(summarise_checks(&views, &[]))
+    }
+
+    /// Report check run `run` for commit `sha` (a full SHA): it replaces the
+    /// run of the same name, else is added. A conclusion makes the run
+    /// `completed`, as on GitHub. Blocking; under the forge lock, written
+    /// atomically.
+    ///
+    /// # Errors
+    /// [`ForgeError::Rejected`] for a malformed SHA or an empty name,
+    /// [`ForgeError::Local`] on I/O failure.
+    pub fn set_check_run(&self, sha: &str, mut run: CheckRun) -> ForgeResult<()> {
+        let path = self.checks_file(sha)?;
+        if run.name.trim().is_empty() {
+            return Err(ForgeError::Rejected("the check run's name is empty".into()));
+        }
+        if run.conclusion.is_some() {
+            run.status = CheckStatus::Completed;
+        }
+        let dir = self.dir.join("checks");
+        std::fs::create_dir_all(&dir).map_err(local_io("create", &dir))?;
+        let _lock = self.lock()?;
+        let mut runs: Vec<CheckRun> = read_json(&path)?.unwrap_or_default();
+        match runs.iter_mut().find(|r| r.name == run.name) {
+            Some(existing) => *existing = run,
+            None => runs.push(run),
+        }
+        write_json(&path, &runs)
+    }
+
+    /// The full SHA of the commit `rev` names in the checkout (a SHA, a
+    /// short SHA, a branch such as `agent/issue-3`, any git revision).
+    ///
+    /// # Errors
+    /// [`ForgeError::NotFound`] when `rev` names no commit,
+    /// [`ForgeError::Local`] when the repository cannot be opened.
+    pub fn resolve_commit(&self, rev: &str) -> ForgeResult<String> {
+        let repo = self.open_repo()?;
+        repo.revparse_single(rev)
+            .and_then(|o| o.peel_to_commit())
+            .map(|c| c.id().to_string())
+            .map_err(|e| {
+                ForgeError::NotFound(format!(
+                    "commit {rev:?} in {}: {}",
+                    self.repo_path.display(),
+                    e.message()
+                ))
+            })
+    }
+}
+
+/// How many times a merge is computed again when the base branch moved
+/// between computing it and moving the branch.
+pub const MERGE_TRIES: u32 = 5;
+
+/// How far down the base branch's first parents a squash commit made by an
+/// interrupted merge is looked for.
+const SQUASH_SEARCH_DEPTH: usize = 200;
+
+/// The squash commit of `head` onto `base` with `message`, written to the
+/// object database without moving any ref.
+fn squash_commit(
+    repo: &Repository,
+    base: &git2::Commit<'_>,
+    head: &git2::Commit<'_>,
+    message: &str,
+    what: &str,
+) -> ForgeResult<git2::Oid> {
+    let mut index = repo
+        .merge_commits(base, head, None)
+        .map_err(local_git(format!("cannot merge {what}")))?;
+    if index.has_conflicts() {
+        let paths = conflict_paths(&index)?;
+        return Err(ForgeError::MergeConflict(format!(
+            "{what} conflicts in {}",
+            paths.join(", ")
+        )));
+    }
+    let tree_id = index
+        .write_tree_to(repo)
+        .map_err(local_git(format!("cannot write the merged tree of {what}")))?;
+    let tree = repo
+        .find_tree(tree_id)
+        .map_err(local_git(format!("cannot read the merged tree of {what}")))?;
+    let sig = crate::git::signature(repo).map_err(local_git("cannot make a signature"))?;
+    repo.commit(None, &sig, &sig, message, &tree, &[base])
+        .map_err(local_git(format!(
+            "cannot commit the squash merge of {what}"
+        )))
+}
+
+/// A squash commit of `head` with `message` already on the base branch:
+/// a commit on the first-parent line from `tip` down to where `head`
+/// forked, with that message and exactly the tree that squash-merging
+/// `head` onto its parent gives.
+fn find_squash(
+    repo: &Repository,
+    tip: &git2::Commit<'_>,
+    head: &git2::Commit<'_>,
+    message: &str,
+) -> ForgeResult<Option<git2::Oid>> {
+    let fork = repo.merge_base(tip.id(), head.id()).ok();
+    let mut commit = tip.clone();
+    for _ in 0..SQUASH_SEARCH_DEPTH {
+        if Some(commit.id()) == fork {
+            break;
+        }
+        let Ok(parent) = commit.parent(0) else {
+            break;
+        };
+        if commit.parent_count() == 1 && commit.message().ok() == Some(message) {
+            let mut index = repo
+                .merge_commits(&parent, head, None)
+                .map_err(local_git("cannot check for an earlier squash merge"))?;
+            if !index.has_conflicts()
+                && index
+                    .write_tree_to(repo)
+                    .map_err(local_git("cannot check for an earlier squash merge"))?
+                    == commit.tree_id()
+            {
+                return Ok(Some(commit.id()));
+            }
+        }
+        commit = parent;
+    }
+    Ok(None)
 }
 
 /// Whether the main checkout (not a linked worktree) has `refname` checked out.
@@ -791,11 +1250,8 @@ impl Forge for LocalForge {
     }
 
     async fn checks(&self, sha: &str) -> ForgeResult<ChecksSummary> {
-        let _ = sha;
-        Ok(ChecksSummary {
-            state: ChecksState::None,
-            failures: Vec::new(),
-        })
+        let sha = sha.to_owned();
+        self.blocking(move |f| f.check_summary(&sha)).await
     }
 
     async fn post_review(&self, number: u64, event: ReviewEvent, body: &str) -> ForgeResult<()> {
@@ -813,9 +1269,111 @@ impl Forge for LocalForge {
         .await
     }
 
+    async fn list_reviews(&self, number: u64) -> ForgeResult<Vec<Review>> {
+        self.blocking(move |f| {
+            Ok(f.read_pull(number)?
+                .reviews
+                .into_iter()
+                .map(|r| Review {
+                    event: r.event,
+                    body: r.body,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    fn watch_dir(&self) -> Option<PathBuf> {
+        Some(self.dir.join("issues"))
+    }
+
     async fn merge_pull_request(&self, number: u64, title: &str) -> ForgeResult<MergeOutcome> {
         let title = title.to_owned();
         self.blocking(move |f| f.merge_blocking(number, &title))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Slug;
+
+    /// A checkout on `main` with a root commit, a second commit on `main`,
+    /// and `agent/issue-1` forked from the root with one more file.
+    fn repo_with_a_pull_request() -> (tempfile::TempDir, LocalForge, git2::Oid, git2::Oid) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("repo");
+        let mut opts = git2::RepositoryInitOptions::new();
+        opts.initial_head("main");
+        let repo = Repository::init_opts(&path, &opts).unwrap();
+        let sig = git2::Signature::now("T", "t@example.com").unwrap();
+        let commit = |refname: &str, parent: Option<git2::Oid>, file: &str| {
+            let mut tb = repo.treebuilder(None).unwrap();
+            if let Some(p) = parent {
+                tb = repo
+                    .treebuilder(Some(&repo.find_commit(p).unwrap().tree().unwrap()))
+                    .unwrap();
+            }
+            tb.insert(file, repo.blob(file.as_bytes()).unwrap(), 0o100644)
+                .unwrap();
+            let tree = repo.find_tree(tb.write().unwrap()).unwrap();
+            let parents: Vec<git2::Commit<'_>> = parent
+                .map(|p| repo.find_commit(p).unwrap())
+                .into_iter()
+                .collect();
+            let parents: Vec<&git2::Commit<'_>> = parents.iter().collect();
+            repo.commit(Some(refname), &sig, &sig, file, &tree, &parents)
+                .unwrap()
+        };
+        let root = commit("refs/heads/main", None, "root.txt");
+        commit("refs/heads/agent/issue-1", Some(root), "feature.txt");
+        let moved = commit("refs/heads/main", Some(root), "other.txt");
+        let layout = Layout {
+            slug: Slug::new("repo").unwrap(),
+            data_root: tmp.path().join("data"),
+            worktree_base: tmp.path().join("wt"),
+        };
+        let forge = LocalForge::open(&layout, &path).unwrap();
+        forge
+            .find_or_create_pull_blocking(&NewPullRequest {
+                head: "agent/issue-1".into(),
+                base: "main".into(),
+                title: "Fixes #1".into(),
+                body: String::new(),
+            })
+            .unwrap();
+        (tmp, forge, root, moved)
+    }
+
+    #[test]
+    fn a_base_that_keeps_moving_fails_the_merge_for_later() {
+        let (_tmp, forge, stale, moved) = repo_with_a_pull_request();
+        let mut attempts = 0;
+        let result = forge.merge_with(1, "Fixes #1", |_, _, _| {
+            attempts += 1;
+            Ok(stale)
+        });
+        match result {
+            Err(e @ ForgeError::Transient(_)) => {
+                assert!(
+                    e.to_string()
+                        .contains("main moved during each of 5 attempts to merge pull request #1"),
+                    "{e}"
+                );
+            }
+            other => panic!("expected a transient failure, got {other:?}"),
+        }
+        assert_eq!(attempts, MERGE_TRIES);
+        let repo = forge.open_repo().unwrap();
+        assert_eq!(repo.refname_to_id("refs/heads/main").unwrap(), moved);
+        assert!(!forge.checkout_sync_file().exists());
+        assert_eq!(forge.read_pull(1).unwrap().state, PullRequestState::Open);
+        // With the real tip it merges.
+        let outcome = forge.merge_blocking(1, "Fixes #1").unwrap();
+        let merged = repo
+            .find_commit(git2::Oid::from_str(&outcome.sha).unwrap())
+            .unwrap();
+        assert_eq!(merged.parent_id(0).unwrap(), moved);
     }
 }

@@ -147,6 +147,85 @@ pub struct ChecksSummary {
     pub failures: Vec<String>,
 }
 
+/// One check run as [`summarise_checks`] reads it, in the vocabulary of
+/// GitHub's check runs API (<https://docs.github.com/en/rest/checks/runs>).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckRunView<'a> {
+    /// The check's name (`build`, `test`).
+    pub name: &'a str,
+    /// `queued`, `in_progress` or `completed` (GitHub Actions also reports
+    /// `waiting`, `requested` and `pending`); anything but `completed` is
+    /// still running.
+    pub status: &'a str,
+    /// Once completed: `success`, `failure`, `neutral`, `cancelled`,
+    /// `skipped`, `timed_out`, `action_required` or `stale`. `success`,
+    /// `neutral` and `skipped` pass; anything else, or none, fails.
+    pub conclusion: Option<&'a str>,
+    /// The summary of its output, shown with a failure.
+    pub summary: Option<&'a str>,
+}
+
+/// One commit status as [`summarise_checks`] reads it
+/// (<https://docs.github.com/en/rest/commits/statuses>).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitStatusView<'a> {
+    /// Its context (the name of the status).
+    pub context: &'a str,
+    /// `success`, `pending`, `failure` or `error`; anything but `success`
+    /// and `pending` fails.
+    pub state: &'a str,
+    /// Its description, shown with a failure.
+    pub description: Option<&'a str>,
+}
+
+/// The combined verdict of a commit's check runs and commit statuses, as
+/// every forge reports it: `None` when there are neither, else `Failure`
+/// when any failed (each listed as `name (conclusion): summary`), else
+/// `Pending` when any is still running, else `Success`.
+pub fn summarise_checks(
+    runs: &[CheckRunView<'_>],
+    statuses: &[CommitStatusView<'_>],
+) -> ChecksSummary {
+    let mut failures = Vec::new();
+    let mut pending = false;
+    for run in runs {
+        if run.status != "completed" {
+            pending = true;
+            continue;
+        }
+        match run.conclusion {
+            Some("success" | "neutral" | "skipped") => {}
+            other => failures.push(format!(
+                "{} ({}): {}",
+                run.name,
+                other.unwrap_or("no conclusion"),
+                run.summary.unwrap_or_default()
+            )),
+        }
+    }
+    for s in statuses {
+        match s.state {
+            "success" => {}
+            "pending" => pending = true,
+            other => failures.push(format!(
+                "{} ({other}): {}",
+                s.context,
+                s.description.unwrap_or_default()
+            )),
+        }
+    }
+    let state = if runs.is_empty() && statuses.is_empty() {
+        ChecksState::None
+    } else if !failures.is_empty() {
+        ChecksState::Failure
+    } else if pending {
+        ChecksState::Pending
+    } else {
+        ChecksState::Success
+    };
+    ChecksSummary { state, failures }
+}
+
 /// A review verdict (GitHub's review events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -157,6 +236,15 @@ pub enum ReviewEvent {
     RequestChanges,
     /// `COMMENT`.
     Comment,
+}
+
+/// A review posted on a pull request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Review {
+    /// The verdict.
+    pub event: ReviewEvent,
+    /// Its text.
+    pub body: String,
 }
 
 /// What a successful merge produced.
@@ -263,6 +351,10 @@ pub trait Forge: Send + Sync {
     /// Post a review on the pull request.
     async fn post_review(&self, number: u64, event: ReviewEvent, body: &str) -> ForgeResult<()>;
 
+    /// The reviews posted on the pull request, oldest first (GitHub: "List
+    /// reviews for a pull request", first 100).
+    async fn list_reviews(&self, number: u64) -> ForgeResult<Vec<Review>>;
+
     /// Squash-merge the pull request with `title` as the commit subject and
     /// delete its head branch.
     async fn merge_pull_request(&self, number: u64, title: &str) -> ForgeResult<MergeOutcome>;
@@ -274,6 +366,13 @@ pub trait Forge: Send + Sync {
     async fn refresh_base(&self, repo: &Path, base: &str) -> ForgeResult<()> {
         let _ = (repo, base);
         Ok(())
+    }
+
+    /// A directory whose files change whenever an issue is filed, labelled
+    /// or commented (the local forge's `issues/`): the worker watches it and
+    /// polls at once. `None` for forges that are only polled.
+    fn watch_dir(&self) -> Option<std::path::PathBuf> {
+        None
     }
 
     /// The API budget left, when the forge has one.

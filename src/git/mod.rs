@@ -1,10 +1,12 @@
 //! Git through git2: per-issue worktrees (create, resume, salvage, destroy,
-//! GC) and the read-only queries the pipeline needs (commits ahead of the
-//! base branch, the diff for review, head SHAs).
+//! GC), the read-only queries the pipeline needs (commits ahead of the
+//! base branch, the diff for review, head SHAs) and bringing the main
+//! checkout along after a merge moved its branch (`checkout`).
 //!
 //! **Invariant:** only `git` and `forge::local` (merging) open repositories
 //! with git2; nothing shells out to `git`.
 
+pub mod checkout;
 pub mod worktree;
 
 pub use worktree::{WorktreeInfo, Worktrees};

@@ -222,6 +222,51 @@ fn salvage_blocking(path: &Path, issue: u64) -> Result<Option<String>, GitError>
     Ok(Some(oid.to_string()))
 }
 
+/// Local branches named `agent/issue-<N>`, with their issue numbers.
+fn agent_branches(repo: &Repository) -> Result<Vec<(u64, String)>, GitError> {
+    let mut out = Vec::new();
+    for branch in repo
+        .branches(Some(BranchType::Local))
+        .map_err(git("cannot list branches"))?
+    {
+        let (branch, _) = branch.map_err(git("cannot list branches"))?;
+        let Ok(Some(name)) = branch.name() else {
+            continue;
+        };
+        if let Some(n) = name
+            .strip_prefix("agent/issue-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            out.push((n, name.to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `refname` is checked out in the main checkout or a valid worktree
+/// (when in doubt, yes).
+fn checked_out(repo: &Repository, refname: &str) -> bool {
+    let head_is = |r: &Repository| {
+        r.find_reference("HEAD")
+            .ok()
+            .and_then(|h| h.symbolic_target().ok().flatten().map(|t| t == refname))
+            .unwrap_or(false)
+    };
+    if head_is(repo) {
+        return true;
+    }
+    let Ok(names) = repo.worktrees() else {
+        return true;
+    };
+    names.iter().filter_map(|n| n.ok().flatten()).any(|name| {
+        repo.find_worktree(name)
+            .ok()
+            .filter(|wt| wt.validate().is_ok())
+            .and_then(|wt| Repository::open_from_worktree(&wt).ok())
+            .is_some_and(|r| head_is(&r))
+    })
+}
+
 impl Worktrees {
     /// Open the repository at `repo_path` and check that `base_branch` exists.
     ///
@@ -257,18 +302,49 @@ impl Worktrees {
     }
 
     /// Create the issue's worktree from the base branch, or resume it: an
-    /// existing branch keeps its commits; an existing directory is reused.
-    /// A stale registration (directory deleted) is pruned and the worktree
-    /// recreated; an `issue-<N>` directory git does not know is removed.
+    /// existing branch keeps its commits.
+    ///
+    /// `recorded` says whether the worktree's creation was recorded as
+    /// complete (in `state.json`). An existing directory is reused only
+    /// then: a directory without that record may be half checked out (the
+    /// worker was killed while git wrote it), and files it lacks would look
+    /// deleted to the agent's next `git add -A`. Such a directory is
+    /// removed and the worktree made again; the branch and its commits are
+    /// kept. A stale registration (directory deleted) is pruned and the
+    /// worktree recreated; an `issue-<N>` directory git does not know is
+    /// removed.
     ///
     /// # Errors
     /// [`GitError`] naming what failed, e.g. when the branch is checked out
     /// elsewhere or the directory holds a worktree of another branch.
-    pub async fn create_or_resume(&self, issue: u64) -> Result<WorktreeInfo, GitError> {
+    pub async fn create_or_resume(
+        &self,
+        issue: u64,
+        recorded: bool,
+    ) -> Result<WorktreeInfo, GitError> {
         let lock = slug_lock(self.layout.slug.as_str());
         let _guard = lock.lock().await;
         let this = self.clone();
-        blocking(move || this.create_blocking(issue)).await
+        blocking(move || {
+            if !recorded {
+                this.discard_unrecorded(issue)?;
+            }
+            this.create_blocking(issue)
+        })
+        .await
+    }
+
+    /// Remove a worktree directory whose creation was never recorded, and
+    /// its registration (the branch stays).
+    fn discard_unrecorded(&self, issue: u64) -> Result<(), GitError> {
+        let path = self.layout.worktree_path(issue);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(());
+        }
+        tracing::warn!(issue, path = %path.display(), "removing a worktree whose creation was not recorded (interrupted); making it again");
+        remove_inside(&self.layout.worktrees_dir(), &path)?;
+        let repo = open_repo(&self.repo_path)?;
+        prune_stale(&repo)
     }
 
     fn create_blocking(&self, issue: u64) -> Result<WorktreeInfo, GitError> {
@@ -500,6 +576,62 @@ impl Worktrees {
             let repo = open_repo(&this.repo_path)?;
             prune_stale(&repo)?;
             Ok(removed)
+        })
+        .await
+    }
+
+    /// Issue numbers that have an `issue-<N>` directory under this
+    /// repository's worktree directory or a local `agent/issue-<N>` branch,
+    /// ascending: what garbage collection looks at.
+    ///
+    /// # Errors
+    /// [`GitError`] naming what failed.
+    pub async fn leftovers(&self) -> Result<Vec<u64>, GitError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut out: Vec<u64> = this
+                .gc_candidates()?
+                .into_iter()
+                .map(|(n, _, _)| n)
+                .collect();
+            let repo = open_repo(&this.repo_path)?;
+            out.extend(agent_branches(&repo)?.into_iter().map(|(n, _)| n));
+            out.sort_unstable();
+            out.dedup();
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Delete the local `agent/issue-<N>` branches whose issue `is_done`
+    /// says is finished, unless a worktree (or the main checkout) has one
+    /// checked out. Returns the branches deleted.
+    ///
+    /// # Errors
+    /// [`GitError`] naming what failed.
+    pub async fn gc_branches(
+        &self,
+        is_done: impl Fn(u64) -> bool + Send + 'static,
+    ) -> Result<Vec<String>, GitError> {
+        let lock = slug_lock(self.layout.slug.as_str());
+        let _guard = lock.lock().await;
+        let repo_path = self.repo_path.clone();
+        blocking(move || {
+            let repo = open_repo(&repo_path)?;
+            let mut deleted = Vec::new();
+            for (issue, name) in agent_branches(&repo)? {
+                if !is_done(issue) || checked_out(&repo, &format!("refs/heads/{name}")) {
+                    continue;
+                }
+                if let Ok(mut branch) = repo.find_branch(&name, BranchType::Local) {
+                    branch
+                        .delete()
+                        .map_err(git(format!("cannot delete branch {name}")))?;
+                    tracing::info!(issue, branch = %name, "deleted the branch of a finished issue");
+                    deleted.push(name);
+                }
+            }
+            Ok(deleted)
         })
         .await
     }

@@ -1,10 +1,13 @@
 //! The issue store: the latest view of every pipeline issue and one FIFO
 //! queue per stage. The poller refreshes it; a stage hands an issue to the
 //! next queue the moment its label is swapped, so stages never wait for the
-//! next poll. An issue is in at most one queue or in flight at a time.
+//! next poll. An issue is in at most one queue, in flight, or waiting for a
+//! delayed retry at a time: a retry keeps only the issue's number and stage,
+//! and the issue is read again (record and forge) when it runs.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
@@ -19,12 +22,16 @@ pub struct Depths {
     pub queued: BTreeMap<Stage, usize>,
     /// Issues being worked on per stage.
     pub in_flight: BTreeMap<Stage, usize>,
+    /// Issues waiting for a delayed retry (backoff, CI still running).
+    pub delayed: usize,
 }
 
 impl Depths {
-    /// Nothing queued and nothing in flight.
+    /// Nothing queued, in flight or waiting for a retry.
     pub fn is_empty(&self) -> bool {
-        self.queued.values().all(|n| *n == 0) && self.in_flight.values().all(|n| *n == 0)
+        self.queued.values().all(|n| *n == 0)
+            && self.in_flight.values().all(|n| *n == 0)
+            && self.delayed == 0
     }
 }
 
@@ -34,6 +41,8 @@ struct Inner {
     queues: HashMap<Stage, VecDeque<u64>>,
     queued: HashSet<u64>,
     in_flight: HashMap<u64, Stage>,
+    /// Issues waiting for a retry: the stage and when it is due.
+    delayed: HashMap<u64, (Stage, Instant)>,
     /// The store version at which each issue last left a stage or the store.
     settled: HashMap<u64, u64>,
 }
@@ -89,6 +98,7 @@ impl IssueStore {
         let version = *self.version.borrow() + 1;
         inner.settled.insert(number, version);
         inner.issues.remove(&number);
+        inner.delayed.remove(&number);
         if inner.queued.remove(&number) {
             for q in inner.queues.values_mut() {
                 q.retain(|n| *n != number);
@@ -105,7 +115,10 @@ impl IssueStore {
         {
             let mut inner = self.lock();
             inner.issues.insert(number, issue);
-            if inner.queued.contains(&number) || inner.in_flight.contains_key(&number) {
+            if inner.queued.contains(&number)
+                || inner.in_flight.contains_key(&number)
+                || inner.delayed.contains_key(&number)
+            {
                 return false;
             }
             inner.queued.insert(number);
@@ -189,10 +202,56 @@ impl IssueStore {
         }
     }
 
-    /// Whether the issue is queued or in flight.
+    /// Whether the issue is queued, in flight or waiting for a retry.
     pub fn is_busy(&self, number: u64) -> bool {
         let inner = self.lock();
-        inner.queued.contains(&number) || inner.in_flight.contains_key(&number)
+        inner.queued.contains(&number)
+            || inner.in_flight.contains_key(&number)
+            || inner.delayed.contains_key(&number)
+    }
+
+    /// The in-flight issue leaves its stage task to be retried in `stage`
+    /// at `due`: until then neither the poller nor a stale copy queues it.
+    pub fn delay(&self, number: u64, stage: Stage, due: Instant) {
+        {
+            let mut inner = self.lock();
+            inner.in_flight.remove(&number);
+            let version = *self.version.borrow() + 1;
+            inner.settled.insert(number, version);
+            if !inner.queued.contains(&number) {
+                inner.delayed.insert(number, (stage, due));
+            }
+        }
+        self.changed();
+    }
+
+    /// When the earliest delayed retry is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.lock().delayed.values().map(|(_, due)| *due).min()
+    }
+
+    /// Take the retries due at `now` (all of them with `None`), earliest
+    /// first: they are no longer delayed, and the caller queues what is
+    /// still to be done.
+    pub fn take_due(&self, now: Option<Instant>) -> Vec<(u64, Stage)> {
+        let mut due: Vec<(Instant, u64, Stage)> = {
+            let mut inner = self.lock();
+            let numbers: Vec<u64> = inner
+                .delayed
+                .iter()
+                .filter(|(_, (_, at))| now.is_none_or(|now| *at <= now))
+                .map(|(n, _)| *n)
+                .collect();
+            numbers
+                .into_iter()
+                .filter_map(|n| inner.delayed.remove(&n).map(|(s, at)| (at, n, s)))
+                .collect()
+        };
+        if !due.is_empty() {
+            self.changed();
+        }
+        due.sort();
+        due.into_iter().map(|(_, n, s)| (n, s)).collect()
     }
 
     /// The issues in flight with their stages.
@@ -216,6 +275,7 @@ impl IssueStore {
                 inner.in_flight.values().filter(|s| **s == stage).count(),
             );
         }
+        d.delayed = inner.delayed.len();
         d
     }
 
@@ -295,6 +355,30 @@ mod tests {
         store.finish(1);
         assert!(store.settled_since(1, later));
         assert!(!store.settled_since(2, 0));
+    }
+
+    #[test]
+    fn a_delayed_issue_is_not_queued_again_until_due() {
+        let store = IssueStore::new();
+        store.enqueue(issue(1), Stage::Implement);
+        store.take(Stage::Implement);
+        let now = Instant::now();
+        store.delay(
+            1,
+            Stage::Implement,
+            now + std::time::Duration::from_secs(60),
+        );
+        assert!(store.is_busy(1));
+        assert!(
+            !store.enqueue(issue(1), Stage::Implement),
+            "the poller cannot queue it"
+        );
+        assert!(!store.depths().is_empty());
+        assert_eq!(store.take_due(Some(now)), vec![]);
+        assert_eq!(store.take_due(None), vec![(1, Stage::Implement)]);
+        assert!(!store.is_busy(1));
+        assert!(store.depths().is_empty());
+        assert!(store.enqueue(issue(1), Stage::Implement));
     }
 
     #[test]

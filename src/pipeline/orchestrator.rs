@@ -1,156 +1,50 @@
-//! The orchestrator: the store poller, the HITL spool watcher and the five
-//! stage loops as concurrent tokio tasks, each stage with its own
-//! concurrency limit (spec §3). A loop that crashes is restarted and the
-//! crash published; an authentication failure or an agent usage limit
-//! pauses the pipeline instead of crash-looping. On stop, in-flight issues
-//! are checkpointed in `state.json` so the next start resumes them.
+//! The orchestrator: the poller (which also probes a pause and wakes on
+//! the local forge's changes), the HITL spool watcher, the delayed-retry
+//! timer, garbage collection and the five stage loops as concurrent tokio
+//! tasks, each stage with its own concurrency limit (spec §3). A loop that
+//! crashes is restarted and the crash published.
+//!
+//! At start, before the first poll, every issue whose record holds a
+//! journal or a claim (a crash or a stop left it mid-way) is queued, so its
+//! journal is finished and its stage resumed even when its labels no longer
+//! route it (merged but not yet closed, say).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
+use super::context::{Parts, Pipeline};
+use super::decide::{PauseCause, PauseKind};
+use super::events::{ErrorEvent, HitlUpdate, OrchestratorStatus, PipelineEvent};
 use super::issue_store::{Depths, IssueStore};
-use super::labels::{LabelSet, Route};
+use super::journal;
+use super::labels::Route;
 use super::spool;
-use super::stages::{self, Next, StageError};
+use super::task::{self, escalated_by_hand};
 use crate::agent::Stage;
 use crate::agent::runner::AgentRunner;
 use crate::config::Config;
-use crate::forge::{Forge, ForgeError, Issue};
+use crate::forge::{Forge, ForgeError};
 use crate::git::Worktrees;
 use crate::layout::Layout;
-use crate::store::events::{EventBus, EventType};
-use crate::store::state::StateTracker;
+use crate::store::events::EventBus;
+use crate::store::state::{HitlCommand, Phase, StateTracker};
 
 /// Consecutive failures of one loop that raise a `system_alert`.
 const ALERT_AFTER_FAILURES: u32 = 5;
-/// How often the spool directory is read.
+/// How often the spool directory is read without inotify.
 const SPOOL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the status line and the watchdog are refreshed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Why the pipeline is paused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pause {
-    /// What happened, for `STATUS=` and the journal.
-    pub reason: String,
-    /// When work resumes.
-    pub until: Instant,
-}
-
-/// Everything the loops share.
-pub(crate) struct Pipeline {
-    pub config: Config,
-    pub layout: Layout,
-    /// `owner/name`, or the slug for the local forge; used in prompts.
-    pub repo_name: String,
-    pub forge: Arc<dyn Forge>,
-    pub runner: Arc<dyn AgentRunner>,
-    pub worktrees: Worktrees,
-    pub state: Arc<StateTracker>,
-    pub events: Arc<EventBus>,
-    pub store: Arc<IssueStore>,
-    pub labels: LabelSet,
-    pub extra_agent_env: Vec<(String, String)>,
-    pause: watch::Sender<Option<Pause>>,
-    auth_failures: AtomicUsize,
-    heartbeats: Mutex<HashMap<&'static str, Instant>>,
-    delayed: AtomicUsize,
-    polled: AtomicBool,
-    poll_now: tokio::sync::Notify,
-    cancel: CancellationToken,
-}
-
-impl std::fmt::Debug for Pipeline {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline")
-            .field("slug", &self.layout.slug)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Pipeline {
-    fn beat(&self, name: &'static str) {
-        if let Ok(mut h) = self.heartbeats.lock() {
-            h.insert(name, Instant::now());
-        }
-    }
-
-    /// Every loop has beaten within `max_age`.
-    fn heartbeats_fresh(&self, max_age: Duration) -> bool {
-        self.heartbeats
-            .lock()
-            .map(|h| h.values().all(|t| t.elapsed() <= max_age))
-            .unwrap_or(false)
-    }
-
-    pub(crate) fn poll_interval(&self) -> Duration {
-        Duration::from_secs(self.config.poll_interval)
-    }
-
-    /// How long work is paused, if it is.
-    fn paused_for(&self) -> Option<Duration> {
-        let pause = self.pause.borrow();
-        let p = pause.as_ref()?;
-        let left = p.until.saturating_duration_since(Instant::now());
-        (!left.is_zero()).then_some(left)
-    }
-
-    /// Pause every loop for `duration`; an auth failure doubles its pause each
-    /// time it repeats (up to 30 minutes), so it is retried, never spun.
-    pub(crate) fn pause(&self, reason: &str, duration: Duration, auth: bool) {
-        let duration = if auth {
-            let n = self.auth_failures.fetch_add(1, Ordering::SeqCst) as u32;
-            (duration * 2u32.saturating_pow(n.min(10))).min(Duration::from_secs(1800))
-        } else {
-            duration
-        };
-        tracing::warn!(
-            repo_slug = %self.layout.slug,
-            reason,
-            seconds = duration.as_secs(),
-            "pipeline paused"
-        );
-        self.events.publish(
-            EventType::OrchestratorStatus,
-            json!({"status": "paused", "reason": reason, "seconds": duration.as_secs()}),
-        );
-        self.pause.send_replace(Some(Pause {
-            reason: reason.to_owned(),
-            until: Instant::now() + duration,
-        }));
-    }
-
-    /// A forge call succeeded: the auth backoff starts over.
-    pub(crate) fn forge_ok(&self) {
-        self.auth_failures.store(0, Ordering::SeqCst);
-    }
-
-    /// Put `issue` back into `stage`'s queue after `delay`, unless stopping.
-    pub(crate) fn requeue_later(self: &Arc<Self>, issue: Issue, stage: Stage, delay: Duration) {
-        let ctx = Arc::clone(self);
-        ctx.delayed.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(delay) => { ctx.store.enqueue(issue, stage); }
-                () = ctx.cancel.cancelled() => {}
-            }
-            ctx.delayed.fetch_sub(1, Ordering::SeqCst);
-        });
-    }
-
-    /// Publish an event (convenience).
-    pub(crate) fn publish(&self, kind: EventType, data: serde_json::Value) {
-        self.events.publish(kind, data);
-    }
-}
+/// How often worktrees and branches of finished issues are collected.
+const GC_INTERVAL: Duration = Duration::from_secs(3600);
+/// Changes of the local forge closer together than this wake one poll.
+const WAKE_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// What the orchestrator needs; built by [`crate::runtime::RepoRuntime`].
 pub struct OrchestratorParts {
@@ -181,12 +75,9 @@ pub struct OrchestratorParts {
 pub struct Orchestrator;
 
 impl Orchestrator {
-    /// Start the poller, spool watcher, status task and stage loops.
+    /// Start the poller, spool watcher, timers and stage loops.
     pub fn start(parts: OrchestratorParts) -> OrchestratorHandle {
-        let (pause, _) = watch::channel(None);
-        let cancel = CancellationToken::new();
-        let ctx = Arc::new(Pipeline {
-            labels: LabelSet::new(&parts.config.labels),
+        let ctx = Arc::new(Pipeline::new(Parts {
             config: parts.config,
             layout: parts.layout,
             repo_name: parts.repo_name,
@@ -197,18 +88,13 @@ impl Orchestrator {
             events: parts.events,
             store: parts.store,
             extra_agent_env: parts.extra_agent_env,
-            pause,
-            auth_failures: AtomicUsize::new(0),
-            heartbeats: Mutex::new(HashMap::new()),
-            delayed: AtomicUsize::new(0),
-            polled: AtomicBool::new(false),
-            poll_now: tokio::sync::Notify::new(),
-            cancel: cancel.clone(),
-        });
-        ctx.publish(
-            EventType::OrchestratorStatus,
-            json!({"status": "running", "forge": ctx.forge.name()}),
-        );
+            hook: None,
+        }));
+        ctx.publish(PipelineEvent::OrchestratorStatus(
+            OrchestratorStatus::Running {
+                forge: ctx.forge.name(),
+            },
+        ));
         let (status_tx, status_rx) = watch::channel(String::new());
         let supervisor = tokio::spawn(supervise(Arc::clone(&ctx), status_tx));
         OrchestratorHandle {
@@ -243,28 +129,20 @@ impl OrchestratorHandle {
         self.status.clone()
     }
 
-    /// No work left: nothing queued, in flight, delayed or spooled, and at
-    /// least one poll has completed (issues waiting for a human do not count).
+    /// No work left: nothing queued, in flight, delayed, journalled or
+    /// spooled, not paused, and at least one poll has completed (issues
+    /// waiting for a human do not count).
     pub fn is_idle(&self) -> bool {
         is_idle(&self.ctx)
     }
 
-    /// Stop: no new work, checkpoint in-flight issues as interrupted, cancel
-    /// their agents (killing the process groups), salvage uncommitted work
-    /// in their worktrees, and wait for the loops, within `deadline`.
+    /// Stop: no new work, cancel the in-flight stages (killing agents'
+    /// process groups), salvage uncommitted work in their worktrees, and
+    /// wait for the loops, within `deadline`. Claims and journals are in
+    /// `state.json` already, so the next start resumes them.
     pub async fn shutdown(self, deadline: Duration) {
         let ctx = self.ctx;
         let in_flight = ctx.store.in_flight();
-        if !in_flight.is_empty() {
-            let result = ctx.state.update(|s| {
-                for (n, stage) in &in_flight {
-                    s.issues.entry(*n).or_default().interrupted = Some(*stage);
-                }
-            });
-            if let Err(e) = result {
-                tracing::error!(repo_slug = %ctx.layout.slug, error = %e, "cannot checkpoint in-flight issues");
-            }
-        }
         ctx.cancel.cancel();
         ctx.store.wake_all();
         let started = Instant::now();
@@ -274,12 +152,12 @@ impl OrchestratorHandle {
         {
             tracing::warn!(repo_slug = %ctx.layout.slug, "loops did not stop in time");
         }
-        for (n, stage) in in_flight {
+        for (n, stage) in &in_flight {
             if !matches!(stage, Stage::Implement | Stage::Hitl | Stage::Review) {
                 continue;
             }
             let left = deadline.saturating_sub(started.elapsed());
-            match tokio::time::timeout(left, ctx.worktrees.salvage(n)).await {
+            match tokio::time::timeout(left, ctx.worktrees.salvage(*n)).await {
                 Ok(Ok(Some(sha))) => {
                     tracing::info!(repo_slug = %ctx.layout.slug, issue = n, sha, "salvaged uncommitted work")
                 }
@@ -290,27 +168,28 @@ impl OrchestratorHandle {
                 Err(_) => break,
             }
         }
-        ctx.publish(
-            EventType::OrchestratorStatus,
-            json!({"status": "stopped", "interrupted": ctx.store.in_flight().len()}),
-        );
+        ctx.publish(PipelineEvent::OrchestratorStatus(
+            OrchestratorStatus::Stopped {
+                interrupted: in_flight.len(),
+            },
+        ));
     }
 }
 
 fn is_idle(ctx: &Pipeline) -> bool {
-    ctx.polled.load(Ordering::SeqCst)
+    ctx.has_polled()
+        && ctx.paused().is_none()
         && ctx.store.depths().is_empty()
-        && ctx.delayed.load(Ordering::SeqCst) == 0
         && spool::pending(&ctx.layout.spool_dir()).is_empty()
         && !ctx
             .state
             .snapshot()
             .issues
             .values()
-            .any(|r| r.pending_hitl.is_some())
+            .any(|r| r.pending_hitl().is_some() || r.journal.is_some())
 }
 
-/// `triage 1 · plan 0 · implement 1/2 · review 0 · hitl 1 waiting · merged 3`.
+/// `triage 1 · plan 0 · implement 1+1 running · review 0 · hitl 1 waiting · done 3`.
 fn status_line(ctx: &Pipeline) -> String {
     let d = ctx.store.depths();
     let mut parts: Vec<String> = Stage::ALL
@@ -326,61 +205,85 @@ fn status_line(ctx: &Pipeline) -> String {
             }
         })
         .collect();
+    if d.delayed > 0 {
+        parts.push(format!("{} waiting to retry", d.delayed));
+    }
     let state = ctx.state.snapshot();
-    let waiting = state.issues.values().filter(|r| r.hitl.is_some()).count();
+    let waiting = state.issues.values().filter(|r| r.hitl().is_some()).count();
     parts.push(format!("hitl {waiting} waiting"));
     parts.push(format!("done {}", state.session.issues_succeeded));
     let mut line = parts.join(" · ");
     if let Some(budget) = ctx.forge.rate_budget() {
         line.push_str(&format!(" · api {}/{}", budget.remaining, budget.limit));
     }
-    if let Some(p) = ctx.pause.borrow().as_ref()
-        && p.until > Instant::now()
-    {
-        line = format!(
-            "paused {}s: {} · {line}",
-            p.until.saturating_duration_since(Instant::now()).as_secs(),
-            p.reason
-        );
+    if let Some(p) = ctx.paused() {
+        let secs = p
+            .probe_at
+            .saturating_duration_since(Instant::now())
+            .as_secs();
+        line = format!("paused ({}s): {} · {line}", secs, p.cause.reason);
     }
     line
 }
 
-type LoopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// The pipeline's loops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Loop {
+    Poller,
+    Spool,
+    Delays,
+    Gc,
+    Stage(Stage),
+}
 
-fn make_loop(ctx: &Arc<Pipeline>, name: &'static str) -> LoopFuture {
-    let ctx = Arc::clone(ctx);
-    match name {
-        "poller" => Box::pin(poller(ctx)),
-        "spool" => Box::pin(spool_loop(ctx)),
-        "triage" => Box::pin(stage_loop(ctx, Stage::Triage)),
-        "plan" => Box::pin(stage_loop(ctx, Stage::Plan)),
-        "implement" => Box::pin(stage_loop(ctx, Stage::Implement)),
-        "review" => Box::pin(stage_loop(ctx, Stage::Review)),
-        _ => Box::pin(stage_loop(ctx, Stage::Hitl)),
+impl Loop {
+    const ALL: [Loop; 9] = [
+        Loop::Poller,
+        Loop::Spool,
+        Loop::Delays,
+        Loop::Gc,
+        Loop::Stage(Stage::Triage),
+        Loop::Stage(Stage::Plan),
+        Loop::Stage(Stage::Implement),
+        Loop::Stage(Stage::Review),
+        Loop::Stage(Stage::Hitl),
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Loop::Poller => "poller",
+            Loop::Spool => "spool",
+            Loop::Delays => "delays",
+            Loop::Gc => "gc",
+            Loop::Stage(s) => s.as_str(),
+        }
+    }
+
+    fn run(self, ctx: &Arc<Pipeline>) -> LoopFuture {
+        let ctx = Arc::clone(ctx);
+        match self {
+            Loop::Poller => Box::pin(poller(ctx)),
+            Loop::Spool => Box::pin(spool_loop(ctx)),
+            Loop::Delays => Box::pin(delay_loop(ctx)),
+            Loop::Gc => Box::pin(gc_loop(ctx)),
+            Loop::Stage(s) => Box::pin(stage_loop(ctx, s)),
+        }
     }
 }
+
+type LoopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Run every loop; restart a loop that ends while not stopping (a panic),
 /// publishing the crash, with backoff; alert after repeated failures.
 async fn supervise(ctx: Arc<Pipeline>, status: watch::Sender<String>) {
-    const LOOPS: [&str; 7] = [
-        "poller",
-        "spool",
-        "triage",
-        "plan",
-        "implement",
-        "review",
-        "hitl",
-    ];
     let mut set = JoinSet::new();
     let mut ids = HashMap::new();
-    for name in LOOPS {
-        ctx.beat(name);
-        let id = set.spawn(make_loop(&ctx, name)).id();
-        ids.insert(id, name);
+    for l in Loop::ALL {
+        ctx.beat(l.name());
+        let id = set.spawn(l.run(&ctx)).id();
+        ids.insert(id, l);
     }
-    let mut failures: HashMap<&'static str, u32> = HashMap::new();
+    let mut failures: HashMap<Loop, u32> = HashMap::new();
     let watchdog = crate::systemd::watchdog_interval();
     // The status line is recomputed when the issue store or the pause
     // changes, and at least every poll interval (API budget, pause
@@ -411,24 +314,32 @@ async fn supervise(ctx: Arc<Pipeline>, status: watch::Sender<String>) {
                     Ok((id, ())) => (id, "loop ended".to_owned()),
                     Err(e) => (e.id(), panic_message(e)),
                 };
-                let Some(name) = ids.remove(&id) else { continue };
-                if ctx.cancel.is_cancelled() {
+                let Some(l) = ids.remove(&id) else { continue };
+                if ctx.stopping() {
                     continue;
                 }
-                let n = failures.entry(name).or_insert(0);
+                let n = failures.entry(l).or_insert(0);
                 *n += 1;
-                tracing::error!(repo_slug = %ctx.layout.slug, loop_name = name, failures = *n, message, "loop crashed; restarting");
-                ctx.publish(EventType::Error, json!({"loop": name, "message": message, "consecutive_failures": *n}));
+                tracing::error!(repo_slug = %ctx.layout.slug, loop_name = l.name(), failures = *n, message, "loop crashed; restarting");
+                ctx.publish(PipelineEvent::Error(ErrorEvent {
+                    loop_name: Some(l.name()),
+                    message: message.clone(),
+                    consecutive_failures: Some(*n),
+                    ..ErrorEvent::default()
+                }));
                 if *n >= ALERT_AFTER_FAILURES {
-                    ctx.publish(EventType::SystemAlert, json!({"loop": name, "message": format!("{name} loop failed {n} times in a row: {message}")}));
+                    ctx.publish(PipelineEvent::SystemAlert {
+                        loop_name: Some(l.name()),
+                        message: format!("{} loop failed {n} times in a row: {message}", l.name()),
+                    });
                 }
                 let backoff = Duration::from_millis(500 * 2u64.pow((*n).min(7)));
                 let ctx2 = Arc::clone(&ctx);
                 let id = set.spawn(async move {
                     tokio::time::sleep(backoff).await;
-                    make_loop(&ctx2, name).await;
+                    l.run(&ctx2).await;
                 }).id();
-                ids.insert(id, name);
+                ids.insert(id, l);
             }
             _ = status_tick.tick() => {
                 refresh(&status);
@@ -445,7 +356,7 @@ async fn supervise(ctx: Arc<Pipeline>, status: watch::Sender<String>) {
             }
             () = ctx.cancel.cancelled(), if set.is_empty() => break,
         }
-        if ctx.cancel.is_cancelled() && set.is_empty() {
+        if ctx.stopping() && set.is_empty() {
             break;
         }
     }
@@ -473,14 +384,87 @@ async fn sleep_or_stop(ctx: &Pipeline, d: Duration) -> bool {
     }
 }
 
-/// Refresh the issue store every `data_poll_interval` (and at start).
+/// Whether the pause's probe succeeds now (`Err` says why not).
+pub(crate) async fn probe(ctx: &Pipeline, cause: &PauseCause) -> Result<(), String> {
+    match cause.kind {
+        PauseKind::Storage => ctx.storage_fault().map_or(Ok(()), Err),
+        PauseKind::ForgeAuth => ctx
+            .forge
+            .list_issues(&ctx.labels.listed())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        // Time was what they waited for; the next call tells.
+        PauseKind::RateLimit
+        | PauseKind::UsageLimit
+        | PauseKind::Budget
+        | PauseKind::AgentAuth
+        | PauseKind::AgentUnavailable => Ok(()),
+    }
+}
+
+/// Probe the pause when its time comes; returns false when stopping.
+async fn wait_out_pause(ctx: &Pipeline) -> bool {
+    let Some(pause) = ctx.paused() else {
+        return true;
+    };
+    let wait = pause.probe_at.saturating_duration_since(Instant::now());
+    if !wait.is_zero() {
+        let mut changes = ctx.pause.subscribe();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = changes.changed() => {}
+            () = ctx.cancel.cancelled() => return false,
+        }
+        return true;
+    }
+    match probe(ctx, &pause.cause).await {
+        Ok(()) => ctx.resume(),
+        Err(why) => ctx.probe_failed(&why),
+    }
+    true
+}
+
+/// Queue what a crash or a stop left mid-way (journals, claims): their
+/// issues are read from the forge and queued in the recorded stage.
+/// Returns false when the forge could not be read (tried again next poll).
+pub(crate) async fn resume_interrupted(ctx: &Pipeline) -> bool {
+    let mut ok = true;
+    for (n, stage) in journal::pending_at_start(ctx) {
+        if ctx.store.is_busy(n) {
+            continue;
+        }
+        match ctx.forge.get_issue(n).await {
+            Ok(detail) => {
+                tracing::info!(repo_slug = %ctx.layout.slug, issue = n, stage = %stage, "resuming after an interruption");
+                ctx.store.enqueue(detail.issue, stage);
+            }
+            Err(ForgeError::NotFound(_)) => {
+                let _ = ctx.state.update_issue(n, |r| {
+                    r.journal = None;
+                    r.phase = Phase::Open;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(repo_slug = %ctx.layout.slug, issue = n, error = %e, "cannot read an interrupted issue; trying again");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+/// Refresh the issue store every `data_poll_interval` (at once when the
+/// local forge's issues change), after resuming what was interrupted.
 async fn poller(ctx: Arc<Pipeline>) {
     let labels = ctx.labels.specs();
     let mut labels_ensured = false;
+    let mut resumed = false;
+    let mut forge_changes = ctx.forge.watch_dir().and_then(|dir| watch_dir(&ctx, dir));
     loop {
         ctx.beat("poller");
-        if let Some(wait) = ctx.paused_for() {
-            if !sleep_or_stop(&ctx, wait.min(ctx.poll_interval())).await {
+        if ctx.paused().is_some() {
+            if !wait_out_pause(&ctx).await {
                 return;
             }
             continue;
@@ -493,37 +477,42 @@ async fn poller(ctx: Arc<Pipeline>) {
                 }
             }
         }
+        if !resumed {
+            resumed = resume_interrupted(&ctx).await;
+        }
         let wait = match poll_once(&ctx).await {
             Ok(()) => {
                 ctx.forge_ok();
                 ctx.polled.store(true, Ordering::SeqCst);
                 if let Some(budget) = ctx.forge.rate_budget() {
-                    // The API budget after each poll (also on `STATUS=`).
-                    ctx.publish(
-                        EventType::OrchestratorStatus,
-                        json!({"status": "polled", "api_remaining": budget.remaining, "api_limit": budget.limit, "api_reset_at": budget.reset_at}),
-                    );
+                    ctx.publish(PipelineEvent::OrchestratorStatus(
+                        OrchestratorStatus::polled(budget),
+                    ));
                 }
                 Duration::from_secs(ctx.config.data_poll_interval)
             }
             Err(ForgeError::Auth(message)) => {
-                ctx.pause(
-                    &format!("forge authentication failed: {message}"),
-                    Duration::from_secs(60),
-                    true,
-                );
+                ctx.pause(PauseCause::new(
+                    PauseKind::ForgeAuth,
+                    format!("forge authentication failed: {message}"),
+                ));
                 continue;
             }
             Err(ForgeError::RateLimited { retry_after }) => {
-                ctx.pause("forge rate limit reached", retry_after, false);
+                ctx.pause(PauseCause {
+                    reason: "forge rate limit reached".into(),
+                    kind: PauseKind::RateLimit,
+                    until: Some(std::time::SystemTime::now() + retry_after),
+                });
                 continue;
             }
             Err(e) => {
                 tracing::warn!(repo_slug = %ctx.layout.slug, error = %e, "cannot list issues; retrying");
-                ctx.publish(
-                    EventType::Error,
-                    json!({"loop": "poller", "message": e.to_string()}),
-                );
+                ctx.publish(PipelineEvent::Error(ErrorEvent {
+                    loop_name: Some("poller"),
+                    message: e.to_string(),
+                    ..ErrorEvent::default()
+                }));
                 ctx.poll_interval()
             }
         };
@@ -531,26 +520,70 @@ async fn poller(ctx: Arc<Pipeline>) {
         beat.tick().await;
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
+        let mut pause_changes = ctx.pause.subscribe();
         loop {
-            tokio::select! {
+            let changed = tokio::select! {
                 () = &mut sleep => break,
                 () = ctx.poll_now.notified() => break,
-                _ = beat.tick() => ctx.beat("poller"),
+                changed = next_change(&mut forge_changes) => changed,
+                Ok(()) = pause_changes.changed() => break,
+                _ = beat.tick() => {
+                    ctx.beat("poller");
+                    continue;
+                }
                 () = ctx.cancel.cancelled() => return,
+            };
+            if !changed {
+                forge_changes = None;
+                continue;
             }
+            // Let a burst of writes settle into one poll.
+            tokio::time::sleep(WAKE_DEBOUNCE).await;
+            break;
         }
     }
 }
 
+type ChangeStream = inotify::EventStream<[u8; 1024]>;
+
+/// Watch `dir` for files written into it (the local forge's issues).
+fn watch_dir(ctx: &Pipeline, dir: PathBuf) -> Option<ChangeStream> {
+    let _ = std::fs::create_dir_all(&dir);
+    inotify::Inotify::init()
+        .and_then(|ino| {
+            ino.watches().add(
+                &dir,
+                inotify::WatchMask::MOVED_TO | inotify::WatchMask::CLOSE_WRITE,
+            )?;
+            ino.into_event_stream([0u8; 1024])
+        })
+        .map_err(|e| {
+            tracing::warn!(repo_slug = %ctx.layout.slug, dir = %dir.display(), error = %e, "cannot watch the forge for changes; polling only");
+        })
+        .ok()
+}
+
+/// The next change of a watch (true), or its end (false); pending forever without one.
+async fn next_change(stream: &mut Option<ChangeStream>) -> bool {
+    use futures_util::StreamExt as _;
+    match stream {
+        Some(s) => {
+            let first = s.next().await;
+            first.is_some_and(|e| e.is_ok())
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// List the pipeline's issues and route each into its queue.
-async fn poll_once(ctx: &Arc<Pipeline>) -> Result<(), ForgeError> {
+pub(crate) async fn poll_once(ctx: &Pipeline) -> Result<(), ForgeError> {
     // Issues that leave a stage while the listing is under way are routed
     // by the stage, not by this (then stale) listing.
     let listed_at = ctx.store.version();
     let issues = ctx.forge.list_issues(&ctx.labels.listed()).await?;
     let in_progress = ctx.labels.names().in_progress.clone();
     let state = ctx.state.snapshot();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     for issue in issues {
         let n = issue.number;
         seen.insert(n);
@@ -558,7 +591,12 @@ async fn poll_once(ctx: &Arc<Pipeline>) -> Result<(), ForgeError> {
             continue;
         }
         let record = state.issues.get(&n).cloned().unwrap_or_default();
-        if issue.labels.contains(&in_progress) && !record.claimed && !ctx.store.is_busy(n) {
+        if let Some(journal) = &record.journal {
+            // Side effects a failure cut short: finished before anything else.
+            ctx.store.enqueue(issue, journal.stage);
+            continue;
+        }
+        if issue.labels.contains(&in_progress) && !record.is_held() && !ctx.store.is_busy(n) {
             tracing::debug!(repo_slug = %ctx.layout.slug, issue = n, "skipping issue another worker holds");
             continue;
         }
@@ -570,20 +608,13 @@ async fn poll_once(ctx: &Arc<Pipeline>) -> Result<(), ForgeError> {
                 ctx.store.enqueue(issue, Stage::Hitl);
             }
             Route::WaitingForHuman => {
-                if record.pending_hitl.is_some() {
+                if record.pending_hitl().is_some() {
                     ctx.store.enqueue(issue, Stage::Hitl);
                 } else {
-                    if record.hitl.is_none() {
-                        // Escalated by hand (or by an older worker): remember it.
-                        let stage_label = ctx.labels.names().hitl.clone();
-                        let _ = ctx.state.update_issue(n, |r| {
-                            r.hitl = Some(crate::store::state::HitlRecord {
-                                origin: ctx.labels.names().ready.clone(),
-                                stage: Stage::Hitl,
-                                cause: format!("labelled {stage_label} outside HydraFlow"),
-                                escalated_at: chrono::Utc::now().to_rfc3339(),
-                            });
-                        });
+                    if record.hitl().is_none()
+                        && let Err(f) = escalated_by_hand(ctx, n)
+                    {
+                        tracing::warn!(repo_slug = %ctx.layout.slug, issue = n, error = f.cause(), "cannot record a hand-made escalation");
                     }
                     ctx.store.upsert(issue);
                 }
@@ -592,14 +623,22 @@ async fn poll_once(ctx: &Arc<Pipeline>) -> Result<(), ForgeError> {
         }
     }
     for known in ctx.store.all() {
-        if !seen.contains(&known.number) && !ctx.store.settled_since(known.number, listed_at) {
-            ctx.store.forget(known.number);
+        let n = known.number;
+        if seen.contains(&n) || ctx.store.settled_since(n, listed_at) {
+            continue;
         }
+        // Unlisted (labelled fixed, say) but queued to finish what a crash
+        // cut short: it stays.
+        let held = state.issues.get(&n).is_some_and(|r| r.is_held());
+        if held && ctx.store.is_busy(n) {
+            continue;
+        }
+        ctx.store.forget(n);
     }
-    ctx.publish(
-        EventType::QueueUpdate,
-        json!({"queues": ctx.store.queues(), "depths": ctx.store.depths()}),
-    );
+    ctx.publish(PipelineEvent::QueueUpdate {
+        queues: ctx.store.queues(),
+        depths: ctx.store.depths(),
+    });
     Ok(())
 }
 
@@ -608,87 +647,227 @@ async fn poll_once(ctx: &Arc<Pipeline>) -> Result<(), ForgeError> {
 /// The directory is watched with inotify, so an idle worker does not wake up
 /// to look; without inotify it is read every [`SPOOL_INTERVAL`].
 async fn spool_loop(ctx: Arc<Pipeline>) {
-    use futures_util::StreamExt as _;
     let dir: PathBuf = ctx.layout.spool_dir();
-    let _ = std::fs::create_dir_all(&dir);
-    let mut watch = inotify::Inotify::init()
-        .and_then(|ino| {
-            ino.watches().add(
-                &dir,
-                inotify::WatchMask::MOVED_TO | inotify::WatchMask::CLOSE_WRITE,
-            )?;
-            ino.into_event_stream([0u8; 1024])
-        })
-        .map_err(|e| {
-            tracing::warn!(repo_slug = %ctx.layout.slug, error = %e, "cannot watch the spool directory; reading it every second");
-        })
-        .ok();
+    let mut watch = watch_dir(&ctx, dir.clone());
     loop {
         ctx.beat("spool");
-        for (path, entry) in spool::pending(&dir) {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(message) => {
-                    tracing::warn!(repo_slug = %ctx.layout.slug, path = %path.display(), message, "unreadable spool file set aside");
-                    ctx.publish(
-                        EventType::Error,
-                        json!({"loop": "spool", "path": path, "message": message}),
-                    );
-                    spool::reject(&path);
-                    continue;
-                }
+        take_spooled(&ctx, &dir);
+        let wait = if watch.is_some() {
+            let (changed, go_on) = tokio::select! {
+                changed = next_change(&mut watch) => (Some(changed), true),
+                () = tokio::time::sleep(ctx.poll_interval()) => (None, true),
+                () = ctx.cancel.cancelled() => (None, false),
             };
-            let n = entry.issue;
-            if ctx.state.issue(n).hitl.is_none() {
-                let message = format!("issue #{n} is not waiting for a human");
-                tracing::warn!(repo_slug = %ctx.layout.slug, issue = n, "{message}; command set aside");
-                ctx.publish(
-                    EventType::Error,
-                    json!({"loop": "spool", "issue": n, "message": message}),
-                );
-                spool::reject(&path);
-                continue;
+            if changed == Some(false) {
+                watch = None;
             }
-            let command = entry.command.clone();
-            match ctx
-                .state
-                .update_issue(n, |r| r.pending_hitl = Some(command))
-            {
-                Ok(()) => {
-                    let _ = std::fs::remove_file(&path);
-                    tracing::info!(repo_slug = %ctx.layout.slug, issue = n, stage = "hitl", "HITL command received");
-                    ctx.publish(
-                        EventType::HitlUpdate,
-                        json!({"issue": n, "status": "received", "command": entry.command}),
-                    );
-                    match ctx.store.get(n) {
-                        Some(issue) => {
-                            ctx.store.enqueue(issue, Stage::Hitl);
-                        }
-                        None => ctx.poll_now.notify_one(),
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(repo_slug = %ctx.layout.slug, issue = n, error = %e, "cannot record HITL command; will retry");
-                }
-            }
-        }
-        let wait = match watch.as_mut() {
-            Some(events) => tokio::select! {
-                event = events.next() => {
-                    if event.is_none() {
-                        watch = None;
-                    }
-                    true
-                }
-                () = tokio::time::sleep(ctx.poll_interval()) => true,
-                () = ctx.cancel.cancelled() => false,
-            },
-            None => sleep_or_stop(&ctx, SPOOL_INTERVAL).await,
+            go_on
+        } else {
+            sleep_or_stop(&ctx, SPOOL_INTERVAL).await
         };
         if !wait {
             return;
         }
+    }
+}
+
+/// Record each spooled command in `state.json` (the file is removed once
+/// it is) and queue its issue for the HITL loop.
+pub(crate) fn take_spooled(ctx: &Pipeline, dir: &std::path::Path) {
+    for (path, entry) in spool::pending(dir) {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(message) => {
+                tracing::warn!(repo_slug = %ctx.layout.slug, path = %path.display(), message, "unreadable spool file set aside");
+                ctx.publish(PipelineEvent::Error(ErrorEvent {
+                    loop_name: Some("spool"),
+                    path: Some(path.clone()),
+                    message,
+                    ..ErrorEvent::default()
+                }));
+                spool::reject(&path);
+                continue;
+            }
+        };
+        let n = entry.issue;
+        if ctx.state.issue(n).hitl().is_none() {
+            let message = format!("issue #{n} is not waiting for a human");
+            tracing::warn!(repo_slug = %ctx.layout.slug, issue = n, "{message}; command set aside");
+            ctx.publish(PipelineEvent::Error(ErrorEvent {
+                loop_name: Some("spool"),
+                issue: Some(n),
+                message,
+                ..ErrorEvent::default()
+            }));
+            spool::reject(&path);
+            continue;
+        }
+        let command: HitlCommand = entry.command.clone();
+        let recorded = ctx.state.update_issue(n, |r| {
+            if let Phase::WaitingForHuman { pending, .. } = &mut r.phase {
+                *pending = Some(command);
+                // The human's command gets attempts of its own.
+                r.attempts = 0;
+            }
+        });
+        match recorded {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&path);
+                tracing::info!(repo_slug = %ctx.layout.slug, issue = n, stage = "hitl", "HITL command received");
+                ctx.publish(PipelineEvent::HitlUpdate(HitlUpdate::Received {
+                    issue: n,
+                    command: entry.command,
+                }));
+                match ctx.store.get(n) {
+                    Some(issue) => {
+                        ctx.store.enqueue(issue, Stage::Hitl);
+                    }
+                    None => ctx.poll_now.notify_one(),
+                }
+            }
+            Err(e) => {
+                tracing::error!(repo_slug = %ctx.layout.slug, issue = n, error = %e, "cannot record HITL command; will retry");
+            }
+        }
+    }
+}
+
+/// Queue delayed retries when they are due, after reading the record: an
+/// issue a human now has, or that is finished, is not run again.
+async fn delay_loop(ctx: Arc<Pipeline>) {
+    let mut changes = ctx.store.changes();
+    loop {
+        ctx.beat("delays");
+        release_due(&ctx, Some(Instant::now()));
+        let wait = ctx
+            .store
+            .next_due()
+            .map_or(ctx.poll_interval(), |due| {
+                due.saturating_duration_since(Instant::now())
+            })
+            .min(ctx.poll_interval());
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            Ok(()) = changes.changed() => {}
+            () = ctx.cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Queue the retries due at `now` (all with `None`) that are still to do.
+pub(crate) fn release_due(ctx: &Pipeline, now: Option<Instant>) {
+    for (n, stage) in ctx.store.take_due(now) {
+        let record = ctx.state.issue(n);
+        let settled = record.journal.is_none()
+            && match &record.phase {
+                Phase::Done { .. } => true,
+                Phase::WaitingForHuman { pending, .. } => pending.is_none(),
+                _ => false,
+            };
+        if settled {
+            tracing::debug!(repo_slug = %ctx.layout.slug, issue = n, "retry no longer needed");
+            continue;
+        }
+        match ctx.store.get(n) {
+            Some(issue) => {
+                ctx.store.enqueue(issue, stage);
+            }
+            None => ctx.poll_now.notify_one(),
+        }
+    }
+}
+
+/// Collect worktrees and branches of finished issues at start and then
+/// every [`GC_INTERVAL`].
+async fn gc_loop(ctx: Arc<Pipeline>) {
+    // After the first poll, so interrupted work is queued (and held) first.
+    while !ctx.has_polled() {
+        if !sleep_or_stop(&ctx, Duration::from_millis(200)).await {
+            return;
+        }
+    }
+    loop {
+        ctx.beat("gc");
+        collect_garbage(&ctx).await;
+        let mut beat = tokio::time::interval(ctx.poll_interval());
+        beat.tick().await;
+        let sleep = tokio::time::sleep(GC_INTERVAL);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                _ = beat.tick() => ctx.beat("gc"),
+                () = ctx.cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Remove the worktrees and `agent/issue-<N>` branches of issues that are
+/// merged, satisfied or closed (by the record, else by the forge); never
+/// of an issue in flight, held, waiting for a human or unknown to the forge.
+pub(crate) async fn collect_garbage(ctx: &Pipeline) {
+    let leftovers = match ctx.worktrees.leftovers().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(repo_slug = %ctx.layout.slug, error = %e, "cannot list worktrees and branches for garbage collection");
+            return;
+        }
+    };
+    let state = ctx.state.snapshot();
+    let mut done = HashSet::new();
+    for n in leftovers {
+        if ctx.store.is_busy(n) {
+            continue;
+        }
+        let record = state.issues.get(&n);
+        let finished = match record {
+            Some(r) if r.is_held() || r.hitl().is_some() => false,
+            Some(r) if r.outcome().is_some_and(|o| o.is_final()) => true,
+            _ => matches!(
+                ctx.forge.get_issue(n).await,
+                Ok(d) if d.issue.state == crate::forge::IssueState::Closed
+            ),
+        };
+        if finished {
+            done.insert(n);
+        }
+    }
+    if done.is_empty() {
+        return;
+    }
+    let done = Arc::new(done);
+    let worktrees = ctx
+        .worktrees
+        .gc(|n| done.contains(&n))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(repo_slug = %ctx.layout.slug, error = %e, "garbage collection of worktrees failed");
+            Vec::new()
+        });
+    let in_branches = Arc::clone(&done);
+    let branches = ctx
+        .worktrees
+        .gc_branches(move |n| in_branches.contains(&n))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(repo_slug = %ctx.layout.slug, error = %e, "garbage collection of branches failed");
+            Vec::new()
+        });
+    if !worktrees.is_empty() || !branches.is_empty() {
+        tracing::info!(repo_slug = %ctx.layout.slug, worktrees = worktrees.len(), branches = branches.len(), "removed worktrees and branches of finished issues");
+        let _ = ctx.state.update(|s| {
+            for n in done.iter() {
+                if let Some(r) = s.issues.get_mut(n) {
+                    r.worktree = None;
+                    r.branch = None;
+                }
+            }
+        });
+        ctx.publish(PipelineEvent::GarbageCollected {
+            worktrees,
+            branches,
+        });
     }
 }
 
@@ -711,12 +890,15 @@ async fn stage_loop(ctx: Arc<Pipeline>, stage: Stage) {
     loop {
         ctx.beat(name);
         while tasks.try_join_next().is_some() {}
-        if ctx.cancel.is_cancelled() {
+        if ctx.stopping() {
             break;
         }
         if let Some(wait) = ctx.paused_for() {
-            if !sleep_or_stop(&ctx, wait.min(ctx.poll_interval())).await {
-                break;
+            let mut changes = ctx.pause.subscribe();
+            tokio::select! {
+                () = tokio::time::sleep(wait.clamp(Duration::from_millis(100), ctx.poll_interval())) => {}
+                _ = changes.changed() => {}
+                () = ctx.cancel.cancelled() => break,
             }
             continue;
         }
@@ -729,7 +911,7 @@ async fn stage_loop(ctx: Arc<Pipeline>, stage: Stage) {
             Some(issue) => {
                 let ctx = Arc::clone(&ctx);
                 tasks.spawn(async move {
-                    process(ctx, stage, issue).await;
+                    task::process(ctx, stage, issue).await;
                     drop(permit);
                 });
             }
@@ -743,74 +925,8 @@ async fn stage_loop(ctx: Arc<Pipeline>, stage: Stage) {
             }
         }
     }
-    // Stopping: the issues were checkpointed by the handle; dropping the
-    // tasks kills their agents' process groups.
+    // Stopping: claims and journals are on disk; dropping the tasks kills
+    // their agents' process groups.
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-}
-
-/// Work one issue in one stage, then route it on.
-async fn process(ctx: Arc<Pipeline>, stage: Stage, issue: Issue) {
-    let n = issue.number;
-    tracing::info!(repo_slug = %ctx.layout.slug, issue = n, stage = %stage, title = %issue.title, "stage started");
-    ctx.publish(
-        EventType::WorkerUpdate,
-        json!({"issue": n, "stage": stage, "status": "started", "title": issue.title}),
-    );
-    // The handler runs in its own task so a panic is caught and retried.
-    let inner = tokio::spawn(stages::run(Arc::clone(&ctx), stage, issue.clone()));
-    let abort = inner.abort_handle();
-    let _abort_on_drop = AbortOnDrop(abort);
-    let result = match inner.await {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => Err((
-            StageError::Retry(format!("stage task panicked: {}", panic_message(e))),
-            issue,
-        )),
-        Err(_) => return,
-    };
-    match result {
-        Ok((next, issue)) => {
-            ctx.forge_ok();
-            tracing::info!(repo_slug = %ctx.layout.slug, issue = n, stage = %stage, next = ?next, "stage finished");
-            ctx.publish(
-                EventType::WorkerUpdate,
-                json!({"issue": n, "stage": stage, "status": "finished", "next": format!("{next:?}")}),
-            );
-            match next {
-                Next::Stage(next_stage) => {
-                    ctx.publish(
-                        EventType::PhaseChange,
-                        json!({"issue": n, "from": stage, "to": next_stage}),
-                    );
-                    ctx.store.hand_off(issue, next_stage);
-                }
-                Next::Done => {
-                    ctx.store.finish(n);
-                    ctx.store.forget(n);
-                }
-                Next::WaitForHuman => {
-                    ctx.store.finish(n);
-                    ctx.store.upsert(issue);
-                }
-            }
-        }
-        Err((e, issue)) => {
-            // The issue stays in flight until its failure is handled, so the
-            // pipeline never looks idle in between.
-            if let Some((issue, stage, delay)) = stages::handle_failure(&ctx, stage, issue, e).await
-            {
-                ctx.requeue_later(issue, stage, delay);
-            }
-            ctx.store.finish(n);
-        }
-    }
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

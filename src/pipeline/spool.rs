@@ -47,7 +47,7 @@ pub fn submit_command(
     {
         return Err(SubmitError::EmptyCorrection);
     }
-    if state.issues.get(&issue).is_none_or(|r| r.hitl.is_none()) {
+    if state.issues.get(&issue).is_none_or(|r| r.hitl().is_none()) {
         return Err(SubmitError::NotWaiting(issue));
     }
     submit(

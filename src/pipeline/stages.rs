@@ -1,28 +1,40 @@
-//! The work of each stage on one issue (spec §3), and what happens when it
-//! fails: a retry that counts an attempt, an escalation to a human with its
-//! origin and cause, a pause of the whole pipeline, or a delayed retry.
+//! The work of each stage on one issue (spec §3). A stage reads, runs its
+//! agent and decides; every outside side effect it then wants (labels,
+//! comments, pushes, pull requests, reviews, merges, closes, worktree
+//! removal) goes into a step journal that [`super::journal`] carries out,
+//! so a crash after the decision never repeats the agent or the decision.
+//!
+//! What the stages record to resume without repeating work:
+//! - a worktree is used only once its creation is recorded
+//!   (`IssueRecord::worktree`); a directory without that record was left
+//!   half-made by a crash and is made again;
+//! - `implemented`: the implement agent finished and its work is committed,
+//!   so a restart goes on to the quality check and the pull request;
+//! - `approved_sha`: the review approved this head, so a restart (or the
+//!   next look while CI runs) goes straight to the checks;
+//! - `fix`: a fix round was decided (changes requested, red CI, conflict)
+//!   and runs before anything else;
+//! - `ci_wait_since`: waiting for CI is a state, not a sleeping task: the
+//!   stage answers "look again later" and frees its permit.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-
-use super::orchestrator::Pipeline;
+use super::context::Pipeline;
+use super::decide::{Failure, PauseCause, PauseKind, is_storage_io};
+use super::events::{AgentActivity, MergeUpdate, PipelineEvent};
+use super::journal;
 use crate::agent::contract::{self, PlanResult, Verdict};
 use crate::agent::parse::DisplayLine;
 use crate::agent::prompts::{self, PromptContext, PromptKind};
 use crate::agent::runner::{CallRequest, build_call};
-use crate::agent::{AgentBlock, AgentOutcome, Stage};
-use crate::forge::{
-    ChecksState, ForgeError, Issue, IssueState, NewPullRequest, PullRequest, PullRequestState,
-    ReviewEvent,
-};
+use crate::agent::{AgentBlock, AgentError, AgentOutcome, Stage};
+use crate::forge::{ChecksState, Comment, Issue, PullRequestState, ReviewEvent};
+use crate::git::WorktreeInfo;
 use crate::layout::Layout;
-use crate::store::events::EventType;
-use crate::store::state::{HitlCommand, HitlRecord, Outcome};
+use crate::store::state::{After, Effect, FixKind, FixRound, HitlCommand, IssueRecord, Outcome};
 
-/// Where an issue goes after a stage succeeded.
+/// Where an issue goes after a stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
     /// Into this stage's queue.
@@ -31,139 +43,47 @@ pub(crate) enum Next {
     Done,
     /// Waiting for a human.
     WaitForHuman,
+    /// The same stage again after this long, nothing counted (CI running).
+    Later(Duration),
+    /// Not this worker's to work (another worker holds it).
+    Skip,
 }
 
-/// How a stage failed.
-#[derive(Debug)]
-pub(crate) enum StageError {
-    /// Counts an attempt; escalates once attempts run out.
-    Retry(String),
-    /// Straight to a human.
-    Escalate(String),
-    /// Pause the pipeline (auth failure, usage limit); the issue is retried after.
-    Pause {
-        reason: String,
-        duration: Duration,
-        auth: bool,
-    },
-    /// Try again after `after` without counting an attempt (5xx, rate limit).
-    Later { cause: String, after: Duration },
-    /// The issue is gone (deleted, closed): drop it.
-    Gone(String),
-}
-
-impl From<ForgeError> for StageError {
-    fn from(e: ForgeError) -> Self {
-        match e {
-            ForgeError::Auth(m) => StageError::Pause {
-                reason: format!("forge authentication failed: {m}"),
-                duration: Duration::from_secs(60),
-                auth: true,
-            },
-            ForgeError::RateLimited { retry_after } => StageError::Later {
-                cause: "forge rate limit reached".into(),
-                after: retry_after,
-            },
-            ForgeError::Transient(m) => StageError::Later {
-                cause: format!("forge temporarily failed: {m}"),
-                after: Duration::from_secs(30),
-            },
-            ForgeError::NotFound(m) => StageError::Gone(m),
-            e @ (ForgeError::MergeConflict(_) | ForgeError::Rejected(_) | ForgeError::Local(_)) => {
-                StageError::Retry(e.to_string())
-            }
+impl Next {
+    /// Where a finished journal leads.
+    pub fn after(then: &After) -> Next {
+        match then {
+            After::Stage { stage } => Next::Stage(*stage),
+            After::Done { .. } => Next::Done,
+            After::Human { .. } => Next::WaitForHuman,
         }
     }
 }
 
-impl From<crate::git::GitError> for StageError {
-    fn from(e: crate::git::GitError) -> Self {
-        StageError::Retry(format!("git: {e}"))
+/// Run `stage` on a claimed `issue` (its labels and state fresh from the
+/// forge, `comments` its comments).
+pub(crate) async fn run(
+    ctx: &Pipeline,
+    stage: Stage,
+    issue: &mut Issue,
+    comments: Vec<Comment>,
+) -> Result<Next, Failure> {
+    match stage {
+        Stage::Triage => triage(ctx, issue, comments).await,
+        Stage::Plan => plan(ctx, issue, comments).await,
+        Stage::Implement => implement(ctx, issue).await,
+        Stage::Review => review(ctx, issue).await,
+        Stage::Hitl => hitl(ctx, issue).await,
     }
 }
 
-/// The outcome of a stage with the issue as the stage left it (labels
-/// included), also on failure, so escalation sees the current labels.
-type StageResult = Result<(Next, Issue), (StageError, Issue)>;
-
-/// Run `stage` on `issue`.
-pub(crate) async fn run(ctx: Arc<Pipeline>, stage: Stage, mut issue: Issue) -> StageResult {
-    match run_inner(&ctx, stage, &mut issue).await {
-        Ok(next) => Ok((next, issue)),
-        Err(e) => Err((e, issue)),
-    }
+/// A comment marker key unique for the issue: `<what>-<journal number>`
+/// (the number the next journal gets).
+fn key(ctx: &Pipeline, n: u64, what: &str) -> String {
+    format!("{what}-{}", ctx.state.issue(n).journals + 1)
 }
 
-async fn run_inner(ctx: &Pipeline, stage: Stage, issue: &mut Issue) -> Result<Next, StageError> {
-    let n = issue.number;
-    claim(ctx, issue).await?;
-    let next = match stage {
-        Stage::Triage => triage(ctx, issue).await?,
-        Stage::Plan => plan(ctx, issue).await?,
-        Stage::Implement => implement(ctx, issue).await?,
-        Stage::Review => review(ctx, issue).await?,
-        Stage::Hitl => hitl(ctx, issue).await?,
-    };
-    ctx.state
-        .update_issue(n, |r| r.interrupted = None)
-        .map_err(store_err)?;
-    Ok(next)
-}
-
-fn store_err(e: crate::store::StoreError) -> StageError {
-    StageError::Later {
-        cause: format!("cannot write state: {e}"),
-        after: Duration::from_secs(30),
-    }
-}
-
-/// Record the claim, then mark the issue `hydraflow-in-progress` (kept while
-/// the issue moves between stages; removed when it leaves the pipeline).
-async fn claim(ctx: &Pipeline, issue: &mut Issue) -> Result<(), StageError> {
-    let n = issue.number;
-    ctx.state
-        .update_issue(n, |r| r.claimed = true)
-        .map_err(store_err)?;
-    let marker = &ctx.labels.names().in_progress;
-    if !issue.labels.contains(marker) {
-        ctx.forge.add_label(n, marker).await?;
-        issue.labels.push(marker.clone());
-    }
-    Ok(())
-}
-
-/// The issue leaves the pipeline's hands: drop the marker and the claim.
-async fn release(ctx: &Pipeline, issue: &mut Issue) -> Result<(), StageError> {
-    let n = issue.number;
-    let marker = ctx.labels.names().in_progress.clone();
-    if issue.labels.contains(&marker) {
-        ctx.forge.remove_label(n, &marker).await?;
-        issue.labels.retain(|l| *l != marker);
-    }
-    ctx.state
-        .update_issue(n, |r| r.claimed = false)
-        .map_err(store_err)?;
-    Ok(())
-}
-
-async fn swap(ctx: &Pipeline, issue: &mut Issue, new: &str) -> Result<(), StageError> {
-    let from = ctx.labels.current(&issue.labels);
-    issue.labels = ctx
-        .labels
-        .swap(ctx.forge.as_ref(), issue.number, &issue.labels, new)
-        .await?;
-    tracing::info!(
-        repo_slug = %ctx.layout.slug,
-        issue = issue.number,
-        from = from.as_deref().unwrap_or(""),
-        to = new,
-        "label swapped"
-    );
-    Ok(())
-}
-
-fn prompt_context(ctx: &Pipeline, issue: &Issue) -> PromptContext {
-    let record = ctx.state.issue(issue.number);
+fn prompt_context(ctx: &Pipeline, issue: &Issue, record: &IssueRecord) -> PromptContext {
     PromptContext {
         repo: ctx.repo_name.clone(),
         issue_number: issue.number,
@@ -173,25 +93,27 @@ fn prompt_context(ctx: &Pipeline, issue: &Issue) -> PromptContext {
         plan: std::fs::read_to_string(ctx.layout.plan_file(issue.number)).ok(),
         diff: None,
         feedback: None,
-        correction: record.guidance,
+        correction: record.guidance.clone(),
         branch: Layout::branch_name(issue.number),
         base_branch: ctx.config.main_branch.clone(),
     }
 }
 
-/// Render `kind`, run the stage's agent in `cwd`, and turn a failed run
-/// into the right error.
+/// Render `kind`, run the stage's agent in `cwd`, and classify a failed run.
 async fn run_agent(
     ctx: &Pipeline,
     stage: Stage,
     kind: PromptKind,
     pctx: &PromptContext,
     cwd: PathBuf,
-) -> Result<AgentOutcome, StageError> {
+) -> Result<AgentOutcome, Failure> {
     let n = pctx.issue_number;
     let prompt =
         prompts::render(kind, pctx, ctx.config.agent.prompts_dir.as_deref()).map_err(|e| {
-            StageError::Escalate(format!("cannot render the {} prompt: {e}", kind.name()))
+            Failure::Pause(PauseCause::new(
+                PauseKind::AgentUnavailable,
+                format!("cannot render the {} prompt: {e}", kind.name()),
+            ))
         })?;
     let request = CallRequest {
         stage,
@@ -205,64 +127,79 @@ async fn run_agent(
         timeout: Duration::from_secs(ctx.config.agent_timeout),
         extra_env: ctx.extra_agent_env.clone(),
     };
-    let call = build_call(&ctx.config.agent, request)
-        .map_err(|e| StageError::Escalate(format!("agent configuration: {e}")))?;
-    ctx.publish(
-        EventType::AgentActivity,
-        json!({"issue": n, "stage": stage, "status": "started", "prompt": kind.name(), "program": call.argv.first()}),
-    );
-    let events = Arc::clone(&ctx.events);
+    let call = build_call(&ctx.config.agent, request).map_err(|e| {
+        Failure::Pause(PauseCause::new(
+            PauseKind::AgentUnavailable,
+            format!("agent configuration: {e}"),
+        ))
+    })?;
+    ctx.publish(PipelineEvent::AgentActivity(AgentActivity::Started {
+        issue: n,
+        stage,
+        prompt: kind.name(),
+        program: call.argv.first().cloned(),
+    }));
+    let events = std::sync::Arc::clone(&ctx.events);
     let on_line = move |line: &DisplayLine| {
-        events.publish(
-            EventType::TranscriptLine,
-            json!({"issue": n, "stage": stage, "kind": line.kind, "line": line.text}),
+        super::events::publish(
+            &events,
+            PipelineEvent::TranscriptLine {
+                issue: n,
+                stage,
+                kind: line.kind,
+                line: line.text.clone(),
+            },
         );
     };
-    let outcome = ctx
-        .runner
-        .run(&call, &on_line)
-        .await
-        .map_err(|e| StageError::Retry(format!("agent could not run: {e}")))?;
-    ctx.publish(
-        EventType::AgentActivity,
-        json!({"issue": n, "stage": stage, "status": "finished", "exit_code": outcome.exit_code, "timed_out": outcome.timed_out}),
-    );
+    let result = ctx.runner.run(&call, &on_line).await;
+    ctx.effect_done("agent").await;
+    let outcome = result.map_err(|e| agent_error(ctx, e))?;
+    ctx.publish(PipelineEvent::AgentActivity(AgentActivity::Finished {
+        issue: n,
+        stage,
+        exit_code: outcome.exit_code,
+        timed_out: outcome.timed_out,
+    }));
     if let Some(block) = &outcome.block {
-        return Err(match block {
+        return Err(Failure::Pause(match block {
             AgentBlock::UsageLimit { message, resets_at } => {
                 let now = chrono::Utc::now().timestamp().max(0) as u64;
                 let secs = resets_at
                     .filter(|t| *t > now)
                     .map_or(3600, |t| t - now)
                     .clamp(60, 24 * 3600);
-                StageError::Pause {
+                PauseCause {
                     reason: format!("agent usage limit reached: {message}"),
-                    duration: Duration::from_secs(secs),
-                    auth: false,
+                    kind: PauseKind::UsageLimit,
+                    until: Some(std::time::SystemTime::now() + Duration::from_secs(secs)),
                 }
             }
-            AgentBlock::Auth { message } => StageError::Pause {
-                reason: format!("agent authentication failed: {message}"),
-                duration: Duration::from_secs(300),
-                auth: true,
-            },
-        });
+            AgentBlock::Auth { message } => PauseCause::new(
+                PauseKind::AgentAuth,
+                format!("agent authentication failed: {message}"),
+            ),
+        }));
     }
     if outcome.timed_out {
-        return Err(StageError::Retry(format!(
+        return Err(Failure::Attempt(format!(
             "agent timed out after {} s and was killed",
             ctx.config.agent_timeout
         )));
     }
     if outcome.exit_code != Some(0) {
-        let tail = last_line(&outcome.stderr_tail);
-        return Err(StageError::Retry(match outcome.exit_code {
+        let text = if outcome.stderr_tail.trim().is_empty() {
+            &outcome.transcript
+        } else {
+            &outcome.stderr_tail
+        };
+        let tail = last_line(text);
+        return Err(Failure::Attempt(match outcome.exit_code {
             Some(code) => format!("agent exited with code {code}: {tail}"),
             None => format!("agent was killed by a signal: {tail}"),
         }));
     }
     if outcome.is_error {
-        return Err(StageError::Retry(format!(
+        return Err(Failure::Attempt(format!(
             "agent reported an error: {}",
             last_line(&outcome.transcript)
         )));
@@ -270,9 +207,61 @@ async fn run_agent(
     Ok(outcome)
 }
 
+/// An agent that could not run: its program is missing (pause), or
+/// HydraFlow could not write its transcript (storage, never an attempt).
+fn agent_error(ctx: &Pipeline, e: AgentError) -> Failure {
+    match e {
+        AgentError::Spawn { program, source } => Failure::Pause(PauseCause::new(
+            PauseKind::AgentUnavailable,
+            format!(
+                "cannot start agent {program:?}: {source}; install it or set agent.command (hydraflow config check)"
+            ),
+        )),
+        AgentError::Config(m) => Failure::Pause(PauseCause::new(
+            PauseKind::AgentUnavailable,
+            format!("agent configuration: {m}"),
+        )),
+        AgentError::Io(e) if is_storage_io(&e) => {
+            Failure::Storage(format!("cannot write the agent's transcript: {e}"))
+        }
+        AgentError::Io(e) => match ctx.storage_fault() {
+            Some(fault) => Failure::Storage(fault),
+            None => Failure::Later {
+                cause: format!("agent i/o failed: {e}"),
+                after: ctx.poll_interval(),
+            },
+        },
+    }
+}
+
 fn last_line(s: &str) -> String {
     let line = s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
     line.chars().take(300).collect()
+}
+
+/// The issue's worktree: created (or made again, when a crash left it
+/// half-made) unless its creation is recorded; recorded once made.
+async fn worktree(ctx: &Pipeline, n: u64) -> Result<WorktreeInfo, Failure> {
+    let record = ctx.state.issue(n);
+    let path = ctx.layout.worktree_path(n);
+    let recorded = record.worktree.as_deref() == Some(path.as_path());
+    let wt = ctx.worktrees.create_or_resume(n, recorded).await?;
+    if !recorded {
+        ctx.effect_done("create_worktree").await;
+        ctx.state.update_issue(n, |r| {
+            r.worktree = Some(wt.path.clone());
+            r.branch = Some(wt.branch.clone());
+        })?;
+    }
+    Ok(wt)
+}
+
+/// Commit what the agent left uncommitted in the worktree.
+async fn salvage(ctx: &Pipeline, n: u64) -> Result<(), Failure> {
+    if ctx.worktrees.salvage(n).await?.is_some() {
+        ctx.effect_done("salvage").await;
+    }
+    Ok(())
 }
 
 /// Close the issue as already done: comment, label fixed, close.
@@ -281,148 +270,143 @@ async fn close_as_satisfied(
     issue: &mut Issue,
     stage: Stage,
     explanation: &str,
-) -> Result<Next, StageError> {
+    destroy_worktree: bool,
+) -> Result<Next, Failure> {
     let n = issue.number;
-    ctx.forge
-        .comment(
-            n,
-            &format!(
+    let mut effects = Vec::new();
+    if destroy_worktree {
+        effects.push(Effect::DestroyWorktree {
+            delete_branch: true,
+        });
+    }
+    effects.extend([
+        Effect::Comment {
+            key: key(ctx, n, "satisfied"),
+            body: format!(
                 "HydraFlow found this issue already satisfied during {stage}:\n\n{explanation}"
             ),
-        )
-        .await?;
-    let fixed = ctx.labels.names().fixed.clone();
-    swap(ctx, issue, &fixed).await?;
-    release(ctx, issue).await?;
-    ctx.forge.close_issue(n).await?;
-    issue.state = IssueState::Closed;
-    finish(ctx, n, Outcome::AlreadySatisfied)?;
-    Ok(Next::Done)
+        },
+        Effect::Swap {
+            to: ctx.labels.names().fixed.clone(),
+        },
+        Effect::Release,
+        Effect::Close,
+    ]);
+    let then = After::Done {
+        outcome: Outcome::AlreadySatisfied,
+    };
+    let then = journal::start(ctx, issue, stage, effects, then, |_| ()).await?;
+    Ok(Next::after(&then))
 }
 
-fn finish(ctx: &Pipeline, n: u64, outcome: Outcome) -> Result<(), StageError> {
-    ctx.state
-        .update(|s| {
-            let r = s.issues.entry(n).or_default();
-            r.outcome = Some(outcome);
-            r.claimed = false;
-            r.hitl = None;
-            r.pending_hitl = None;
-            r.worktree = None;
-            s.session.issues_processed += 1;
-            if matches!(outcome, Outcome::Merged | Outcome::AlreadySatisfied) {
-                s.session.issues_succeeded += 1;
-            }
-        })
-        .map_err(store_err)
+/// Issue body and comments into the prompt context.
+fn with_comments(
+    ctx: &Pipeline,
+    issue: &Issue,
+    comments: Vec<Comment>,
+) -> (PromptContext, IssueRecord) {
+    let record = ctx.state.issue(issue.number);
+    let mut pctx = prompt_context(ctx, issue, &record);
+    pctx.comments = comments;
+    (pctx, record)
 }
 
-/// The prompt context with the issue's current body and comments from the
-/// forge; a closed issue has left the pipeline.
-async fn context_with_comments(ctx: &Pipeline, issue: &Issue) -> Result<PromptContext, StageError> {
+async fn triage(
+    ctx: &Pipeline,
+    issue: &mut Issue,
+    comments: Vec<Comment>,
+) -> Result<Next, Failure> {
     let n = issue.number;
-    let detail = ctx.forge.get_issue(n).await?;
-    if detail.issue.state == IssueState::Closed {
-        return Err(StageError::Gone(format!("issue #{n} was closed")));
-    }
-    let mut pctx = prompt_context(ctx, issue);
-    pctx.body = detail.issue.body;
-    pctx.comments = detail.comments;
-    Ok(pctx)
-}
-
-async fn triage(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
-    let n = issue.number;
-    let pctx = context_with_comments(ctx, issue).await?;
-    let outcome = run_agent(
-        ctx,
-        Stage::Triage,
-        PromptKind::Triage,
-        &pctx,
-        ctx.worktrees.repo_path().to_owned(),
-    )
-    .await?;
+    let (pctx, _) = with_comments(ctx, issue, comments);
+    let cwd = ctx.worktrees.repo_path().to_owned();
+    let outcome = run_agent(ctx, Stage::Triage, PromptKind::Triage, &pctx, cwd).await?;
     let result = contract::parse_triage(&outcome.transcript)
-        .map_err(|e| StageError::Retry(format!("triage answer is not valid: {e}")))?;
-    ctx.publish(
-        EventType::TriageUpdate,
-        json!({"issue": n, "result": result}),
-    );
+        .map_err(|e| Failure::Attempt(format!("triage answer is not valid: {e}")))?;
+    ctx.publish(PipelineEvent::TriageUpdate {
+        issue: n,
+        result: result.clone(),
+    });
     if result.already_addressed {
         let why = result.reasons.join("; ");
-        return close_as_satisfied(ctx, issue, Stage::Triage, &why).await;
+        return close_as_satisfied(ctx, issue, Stage::Triage, &why, false).await;
     }
-    if !result.ready {
+    let (effects, then) = if result.ready {
+        (
+            vec![Effect::Swap {
+                to: ctx.labels.names().plan.clone(),
+            }],
+            After::Stage { stage: Stage::Plan },
+        )
+    } else {
         let reasons: String = result.reasons.iter().map(|r| format!("- {r}\n")).collect();
-        ctx.forge
-            .comment(
-                n,
-                &format!(
-                    "HydraFlow needs more information before planning this issue:\n\n{reasons}\nAdd the details and label the issue `{}` again.",
-                    ctx.labels.names().find
-                ),
-            )
-            .await?;
-        let parked = ctx.labels.names().parked.clone();
-        swap(ctx, issue, &parked).await?;
-        release(ctx, issue).await?;
-        finish(ctx, n, Outcome::Parked)?;
-        return Ok(Next::Done);
-    }
-    let plan = ctx.labels.names().plan.clone();
-    swap(ctx, issue, &plan).await?;
-    Ok(Next::Stage(Stage::Plan))
+        (
+            vec![
+                Effect::Comment {
+                    key: key(ctx, n, "parked"),
+                    body: format!(
+                        "HydraFlow needs more information before planning this issue:\n\n{reasons}\nAdd the details and label the issue `{}` again.",
+                        ctx.labels.names().find
+                    ),
+                },
+                Effect::Swap {
+                    to: ctx.labels.names().parked.clone(),
+                },
+                Effect::Release,
+            ],
+            After::Done {
+                outcome: Outcome::Parked,
+            },
+        )
+    };
+    let then = journal::start(ctx, issue, Stage::Triage, effects, then, |_| ()).await?;
+    Ok(Next::after(&then))
 }
 
-async fn plan(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
+async fn plan(ctx: &Pipeline, issue: &mut Issue, comments: Vec<Comment>) -> Result<Next, Failure> {
     let n = issue.number;
-    let mut pctx = context_with_comments(ctx, issue).await?;
+    let (mut pctx, _) = with_comments(ctx, issue, comments);
     pctx.plan = None;
-    let outcome = run_agent(
-        ctx,
-        Stage::Plan,
-        PromptKind::Plan,
-        &pctx,
-        ctx.worktrees.repo_path().to_owned(),
-    )
-    .await?;
+    let cwd = ctx.worktrees.repo_path().to_owned();
+    let outcome = run_agent(ctx, Stage::Plan, PromptKind::Plan, &pctx, cwd).await?;
     match contract::parse_plan(&outcome.transcript) {
         Ok(PlanResult::AlreadySatisfied { explanation }) => {
-            close_as_satisfied(ctx, issue, Stage::Plan, &explanation).await
+            close_as_satisfied(ctx, issue, Stage::Plan, &explanation, false).await
         }
         Ok(PlanResult::Plan { plan, summary }) => {
             let path = ctx.layout.plan_file(n);
-            crate::store::atomic::write_atomic(&path, plan.as_bytes()).map_err(|e| {
-                StageError::Later {
-                    cause: format!("cannot write {}: {e}", path.display()),
-                    after: Duration::from_secs(30),
-                }
-            })?;
-            ctx.forge
-                .comment(n, &format!("## Implementation Plan\n\n{plan}"))
-                .await?;
-            ctx.publish(
-                EventType::PlannerUpdate,
-                json!({"issue": n, "summary": summary, "path": path}),
-            );
-            let ready = ctx.labels.names().ready.clone();
-            swap(ctx, issue, &ready).await?;
-            Ok(Next::Stage(Stage::Implement))
+            crate::store::atomic::write_atomic(&path, plan.as_bytes())
+                .map_err(|e| Failure::Storage(format!("cannot write {}: {e}", path.display())))?;
+            ctx.publish(PipelineEvent::PlannerUpdate {
+                issue: n,
+                summary,
+                path,
+            });
+            let effects = vec![
+                Effect::Comment {
+                    key: key(ctx, n, "plan"),
+                    body: format!("## Implementation Plan\n\n{plan}"),
+                },
+                Effect::Swap {
+                    to: ctx.labels.names().ready.clone(),
+                },
+            ];
+            let then = After::Stage {
+                stage: Stage::Implement,
+            };
+            let then = journal::start(ctx, issue, Stage::Plan, effects, then, |_| ()).await?;
+            Ok(Next::after(&then))
         }
         Err(e) => {
-            let retries = ctx
-                .state
-                .update_issue(n, |r| {
-                    r.plan_retries += 1;
-                    r.plan_retries
-                })
-                .map_err(store_err)?;
+            let retries = ctx.state.update_issue(n, |r| {
+                r.plan_retries += 1;
+                r.plan_retries
+            })?;
             if retries > ctx.config.escalation.plan_retries {
-                Err(StageError::Escalate(format!(
+                Err(Failure::Escalate(format!(
                     "plan failed validation after {retries} tries: {e}"
                 )))
             } else {
-                Err(StageError::Later {
+                Err(Failure::Later {
                     cause: format!("plan failed validation: {e}"),
                     after: Duration::ZERO,
                 })
@@ -432,7 +416,7 @@ async fn plan(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
 }
 
 /// Run the quality command in the worktree, if configured.
-async fn quality_check(ctx: &Pipeline, cwd: &std::path::Path) -> Result<(), StageError> {
+async fn quality_check(ctx: &Pipeline, cwd: &std::path::Path) -> Result<(), Failure> {
     let Some(command) = &ctx.config.quality_command else {
         return Ok(());
     };
@@ -444,14 +428,14 @@ async fn quality_check(ctx: &Pipeline, cwd: &std::path::Path) -> Result<(), Stag
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(ctx.config.agent_timeout), cmd.output())
         .await
-        .map_err(|_| StageError::Retry(format!("quality command {command:?} timed out")))?
-        .map_err(|e| StageError::Retry(format!("cannot run quality command {command:?}: {e}")))?;
+        .map_err(|_| Failure::Attempt(format!("quality command {command:?} timed out")))?
+        .map_err(|e| Failure::Attempt(format!("cannot run quality command {command:?}: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
         let text = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
-        Err(StageError::Retry(format!(
+        Err(Failure::Attempt(format!(
             "quality command {command:?} failed ({}): {}",
             out.status,
             last_line(&text)
@@ -459,98 +443,109 @@ async fn quality_check(ctx: &Pipeline, cwd: &std::path::Path) -> Result<(), Stag
     }
 }
 
-/// Push the branch and find or open its pull request.
-async fn publish_branch(ctx: &Pipeline, issue: &Issue) -> Result<PullRequest, StageError> {
+/// The effects that publish the branch and open its pull request.
+fn publish_effects(ctx: &Pipeline, issue: &Issue) -> Vec<Effect> {
     let n = issue.number;
-    let branch = Layout::branch_name(n);
-    let path = ctx.layout.worktree_path(n);
-    ctx.forge.push_branch(&path, &branch).await?;
-    let summary = ctx.state.issue(n).guidance.unwrap_or_default();
-    let pr = ctx
-        .forge
-        .find_or_create_pull_request(&NewPullRequest {
-            head: branch,
-            base: ctx.config.main_branch.clone(),
+    let guidance = ctx.state.issue(n).guidance.unwrap_or_default();
+    vec![
+        Effect::Push,
+        Effect::OpenPullRequest {
             title: format!("Fixes #{n}: {}", issue.title),
             body: format!(
                 "Closes #{n}\n\nImplemented by HydraFlow from the plan on the issue.{}",
-                if summary.is_empty() {
+                if guidance.is_empty() {
                     String::new()
                 } else {
-                    format!("\n\nHuman guidance applied:\n\n{summary}")
+                    format!("\n\nHuman guidance applied:\n\n{guidance}")
                 }
             ),
-        })
-        .await?;
-    let known = ctx.state.issue(n).pull_request == Some(pr.number);
-    ctx.state
-        .update_issue(n, |r| r.pull_request = Some(pr.number))
-        .map_err(store_err)?;
-    if !known {
-        ctx.publish(
-            EventType::PrCreated,
-            json!({"issue": n, "pr": pr.number, "url": pr.url, "branch": pr.head}),
-        );
-    }
-    Ok(pr)
+        },
+    ]
 }
 
-async fn implement(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
+/// Publish the branch, open the pull request and label the issue for review.
+async fn to_review(ctx: &Pipeline, issue: &mut Issue, stage: Stage) -> Result<Next, Failure> {
+    let mut effects = publish_effects(ctx, issue);
+    effects.push(Effect::Swap {
+        to: ctx.labels.names().review.clone(),
+    });
+    let then = After::Stage {
+        stage: Stage::Review,
+    };
+    let then = journal::start(ctx, issue, stage, effects, then, |r| {
+        r.implemented = false;
+        r.approved_sha = None;
+        r.ci_wait_since = None;
+        r.fix = None;
+    })
+    .await?;
+    Ok(Next::after(&then))
+}
+
+async fn implement(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, Failure> {
     let n = issue.number;
     // A forge that merges on its server leaves the local base behind: start
     // the branch from what was merged so far, or later pull requests conflict.
     ctx.forge
         .refresh_base(ctx.worktrees.repo_path(), &ctx.config.main_branch)
         .await?;
-    let wt = ctx.worktrees.create_or_resume(n).await?;
-    ctx.state
-        .update_issue(n, |r| {
-            r.worktree = Some(wt.path.clone());
-            r.branch = Some(wt.branch.clone());
-        })
-        .map_err(store_err)?;
-    let pctx = prompt_context(ctx, issue);
-    let outcome = run_agent(
-        ctx,
-        Stage::Implement,
-        PromptKind::Implement,
-        &pctx,
-        wt.path.clone(),
-    )
-    .await?;
-    if let Some(explanation) = contract::already_satisfied(&outcome.transcript) {
-        ctx.worktrees.destroy(n, true).await?;
-        return close_as_satisfied(ctx, issue, Stage::Implement, &explanation).await;
+    let wt = worktree(ctx, n).await?;
+    let record = ctx.state.issue(n);
+    if !record.implemented {
+        let pctx = prompt_context(ctx, issue, &record);
+        let outcome = run_agent(
+            ctx,
+            Stage::Implement,
+            PromptKind::Implement,
+            &pctx,
+            wt.path.clone(),
+        )
+        .await?;
+        if let Some(explanation) = contract::already_satisfied(&outcome.transcript) {
+            return close_as_satisfied(ctx, issue, Stage::Implement, &explanation, true).await;
+        }
+        salvage(ctx, n).await?;
+        if ctx.worktrees.commits_ahead(n).await? == 0 {
+            return Err(Failure::Escalate(
+                "the implementation produced no diff: no commit on the branch".into(),
+            ));
+        }
+        ctx.state.update_issue(n, |r| r.implemented = true)?;
     }
-    ctx.worktrees.salvage(n).await?;
-    if ctx.worktrees.commits_ahead(n).await? == 0 {
-        return Err(StageError::Escalate(
-            "the implementation produced no diff: no commit on the branch".into(),
-        ));
+    if let Err(e) = quality_check(ctx, &wt.path).await {
+        // The agent must run again to fix what the quality command found.
+        ctx.state.update_issue(n, |r| r.implemented = false)?;
+        return Err(e);
     }
-    quality_check(ctx, &wt.path).await?;
-    publish_branch(ctx, issue).await?;
-    let review = ctx.labels.names().review.clone();
-    swap(ctx, issue, &review).await?;
-    Ok(Next::Stage(Stage::Review))
+    to_review(ctx, issue, Stage::Implement).await
 }
 
-/// Run a fix round in the worktree, push, and send the issue back to review.
-async fn fix_round(
-    ctx: &Pipeline,
-    issue: &Issue,
-    kind: PromptKind,
-    feedback: String,
-) -> Result<Next, StageError> {
+/// Run the recorded fix round in the worktree, push, and send the issue
+/// back to review.
+async fn fix_round(ctx: &Pipeline, issue: &mut Issue, fix: FixRound) -> Result<Next, Failure> {
     let n = issue.number;
-    let wt = ctx.worktrees.create_or_resume(n).await?;
-    let mut pctx = prompt_context(ctx, issue);
-    pctx.feedback = Some(feedback);
+    let wt = worktree(ctx, n).await?;
+    let record = ctx.state.issue(n);
+    let mut pctx = prompt_context(ctx, issue, &record);
+    pctx.feedback = Some(fix.feedback);
+    let kind = match fix.kind {
+        FixKind::ReviewFix => PromptKind::ReviewFix,
+        FixKind::CiFix => PromptKind::CiFix,
+        FixKind::ConflictFix => PromptKind::ConflictFix,
+    };
     run_agent(ctx, Stage::Review, kind, &pctx, wt.path.clone()).await?;
-    ctx.worktrees.salvage(n).await?;
+    salvage(ctx, n).await?;
     quality_check(ctx, &wt.path).await?;
-    ctx.forge.push_branch(&wt.path, &wt.branch).await?;
-    Ok(Next::Stage(Stage::Review))
+    let then = After::Stage {
+        stage: Stage::Review,
+    };
+    let then = journal::start(ctx, issue, Stage::Review, vec![Effect::Push], then, |r| {
+        r.fix = None;
+        r.approved_sha = None;
+        r.ci_wait_since = None;
+    })
+    .await?;
+    Ok(Next::after(&then))
 }
 
 /// Count one more round of `what`; escalate once over `max`.
@@ -559,18 +554,15 @@ fn count_round(
     n: u64,
     max: u32,
     what: &str,
-    field: fn(&mut crate::store::state::IssueRecord) -> &mut u32,
-) -> Result<(), StageError> {
-    let used = ctx
-        .state
-        .update_issue(n, |r| {
-            let f = field(r);
-            *f += 1;
-            *f
-        })
-        .map_err(store_err)?;
+    field: fn(&mut IssueRecord) -> &mut u32,
+) -> Result<(), Failure> {
+    let used = ctx.state.update_issue(n, |r| {
+        let f = field(r);
+        *f += 1;
+        *f
+    })?;
     if used > max {
-        Err(StageError::Escalate(format!(
+        Err(Failure::Escalate(format!(
             "{what} {max} times without success"
         )))
     } else {
@@ -578,28 +570,87 @@ fn count_round(
     }
 }
 
-async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
+/// Decide a fix round (recorded first), then run it.
+async fn decide_fix(
+    ctx: &Pipeline,
+    issue: &mut Issue,
+    kind: FixKind,
+    feedback: String,
+) -> Result<Next, Failure> {
+    let fix = FixRound { kind, feedback };
+    let saved = fix.clone();
+    ctx.state
+        .update_issue(issue.number, |r| r.fix = Some(saved))?;
+    fix_round(ctx, issue, fix).await
+}
+
+/// The pull request was merged (by HydraFlow or a human): label fixed,
+/// release, close, remove the worktree and branch.
+pub(crate) async fn finish_merged(
+    ctx: &Pipeline,
+    issue: &mut Issue,
+    pr: u64,
+    stage: Stage,
+) -> Result<Next, Failure> {
+    let n = issue.number;
+    ctx.publish(PipelineEvent::MergeUpdate(MergeUpdate::Merged {
+        issue: n,
+        pr,
+        sha: None,
+    }));
+    let effects = vec![
+        Effect::Swap {
+            to: ctx.labels.names().fixed.clone(),
+        },
+        Effect::Release,
+        Effect::Close,
+        Effect::DestroyWorktree {
+            delete_branch: true,
+        },
+    ];
+    let then = After::Done {
+        outcome: Outcome::Merged,
+    };
+    let then = journal::start(ctx, issue, stage, effects, then, |_| ()).await?;
+    Ok(Next::after(&then))
+}
+
+fn closed_without_merging(pr: u64) -> Failure {
+    Failure::Escalate(format!("pull request #{pr} was closed without merging"))
+}
+
+async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, Failure> {
     let n = issue.number;
     let record = ctx.state.issue(n);
+    if let Some(fix) = record.fix.clone() {
+        return fix_round(ctx, issue, fix).await;
+    }
     let pr_number = match record.pull_request {
         Some(p) => p,
         None if ctx.worktrees.commits_ahead(n).await? > 0 => {
-            publish_branch(ctx, issue).await?.number
+            // A restart between the commit and the pull request (or an
+            // issue labelled for review by hand).
+            let effects = publish_effects(ctx, issue);
+            let then = After::Stage {
+                stage: Stage::Review,
+            };
+            journal::start(ctx, issue, Stage::Review, effects, then, |_| ()).await?;
+            ctx.state
+                .issue(n)
+                .pull_request
+                .ok_or_else(|| Failure::Attempt("no pull request was recorded".into()))?
         }
         None => {
-            let polls = ctx
-                .state
-                .update_issue(n, |r| {
-                    r.no_pr_polls += 1;
-                    r.no_pr_polls
-                })
-                .map_err(store_err)?;
+            let polls = ctx.state.update_issue(n, |r| {
+                r.no_pr_polls += 1;
+                r.no_pr_polls
+            })?;
             if polls >= ctx.config.escalation.no_pr_polls {
-                return Err(StageError::Escalate(format!(
+                return Err(Failure::Escalate(format!(
                     "labelled for review but no pull request after {polls} polls"
                 )));
             }
-            return Err(StageError::Later {
+            return Err(Failure::Later {
                 cause: "no pull request yet".into(),
                 after: ctx.poll_interval(),
             });
@@ -607,398 +658,292 @@ async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
     };
     let pr = ctx.forge.get_pull_request(pr_number).await?;
     match pr.state {
-        PullRequestState::Merged => return merged(ctx, issue, pr_number, None).await,
+        PullRequestState::Merged => {
+            return finish_merged(ctx, issue, pr_number, Stage::Review).await;
+        }
         PullRequestState::Closed => return Err(closed_without_merging(pr_number)),
         PullRequestState::Open => {}
     }
 
-    let mut pctx = prompt_context(ctx, issue);
-    pctx.diff = Some(ctx.worktrees.diff_against_base(n).await?);
-    let cwd = if ctx.layout.worktree_path(n).exists() {
-        ctx.layout.worktree_path(n)
-    } else {
-        ctx.worktrees.repo_path().to_owned()
-    };
-    let outcome = run_agent(ctx, Stage::Review, PromptKind::Review, &pctx, cwd).await?;
-    let verdict = contract::parse_review(&outcome.transcript)
-        .map_err(|e| StageError::Retry(format!("review answer is not valid: {e}")))?;
-    let event = match verdict.verdict {
-        Verdict::Approve => ReviewEvent::Approve,
-        Verdict::RequestChanges => ReviewEvent::RequestChanges,
-        Verdict::Comment => ReviewEvent::Comment,
-    };
-    ctx.forge
-        .post_review(pr_number, event, &verdict.summary)
+    if record.approved_sha.as_deref() != Some(pr.head_sha.as_str()) {
+        let mut pctx = prompt_context(ctx, issue, &record);
+        pctx.diff = Some(ctx.worktrees.diff_against_base(n).await?);
+        let cwd = if ctx.layout.worktree_path(n).is_dir() && record.worktree.is_some() {
+            ctx.layout.worktree_path(n)
+        } else {
+            ctx.worktrees.repo_path().to_owned()
+        };
+        let outcome = run_agent(ctx, Stage::Review, PromptKind::Review, &pctx, cwd).await?;
+        let verdict = contract::parse_review(&outcome.transcript)
+            .map_err(|e| Failure::Attempt(format!("review answer is not valid: {e}")))?;
+        ctx.publish(PipelineEvent::ReviewUpdate {
+            issue: n,
+            pr: pr_number,
+            verdict: verdict.verdict,
+            summary: verdict.summary.clone(),
+        });
+        let event = match verdict.verdict {
+            Verdict::Approve => ReviewEvent::Approve,
+            Verdict::RequestChanges => ReviewEvent::RequestChanges,
+            Verdict::Comment => ReviewEvent::Comment,
+        };
+        let post = Effect::PostReview {
+            pr: pr_number,
+            event,
+            body: verdict.summary.clone(),
+            key: key(ctx, n, "review"),
+        };
+        let then = After::Stage {
+            stage: Stage::Review,
+        };
+        if verdict.verdict == Verdict::RequestChanges {
+            count_round(
+                ctx,
+                n,
+                ctx.config.escalation.review_fix_rounds,
+                "review requested changes",
+                |r| &mut r.review_rounds,
+            )?;
+            let fix = FixRound {
+                kind: FixKind::ReviewFix,
+                feedback: verdict.feedback,
+            };
+            let saved = fix.clone();
+            journal::start(ctx, issue, Stage::Review, vec![post], then, |r| {
+                r.fix = Some(saved)
+            })
+            .await?;
+            return fix_round(ctx, issue, fix).await;
+        }
+        let head = pr.head_sha.clone();
+        journal::start(ctx, issue, Stage::Review, vec![post], then, |r| {
+            r.approved_sha = Some(head);
+            r.ci_wait_since = None;
+        })
         .await?;
-    ctx.publish(
-        EventType::ReviewUpdate,
-        json!({"issue": n, "pr": pr_number, "verdict": verdict.verdict, "summary": verdict.summary}),
-    );
-    if verdict.verdict == Verdict::RequestChanges {
-        count_round(
-            ctx,
-            n,
-            ctx.config.escalation.review_fix_rounds,
-            "review requested changes",
-            |r| &mut r.review_rounds,
-        )?;
-        return fix_round(ctx, issue, PromptKind::ReviewFix, verdict.feedback).await;
     }
 
-    // CI: poll the head's checks until they settle.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.config.ci_check_timeout);
-    loop {
-        // A human may close or merge the pull request at any time.
-        let pr = ctx.forge.get_pull_request(pr_number).await?;
-        match pr.state {
-            PullRequestState::Merged => return merged(ctx, issue, pr_number, None).await,
-            PullRequestState::Closed => return Err(closed_without_merging(pr_number)),
-            PullRequestState::Open => {}
+    // CI: one look at the head's checks; while they run the stage frees
+    // its permit and looks again after `ci_poll_interval`.
+    let checks = ctx.forge.checks(&pr.head_sha).await?;
+    ctx.publish(PipelineEvent::CiCheck {
+        issue: n,
+        pr: pr_number,
+        sha: pr.head_sha.clone(),
+        state: checks.state,
+    });
+    match checks.state {
+        ChecksState::None | ChecksState::Success => {}
+        ChecksState::Failure => {
+            count_round(
+                ctx,
+                n,
+                ctx.config.escalation.ci_fix_rounds,
+                "CI failed",
+                |r| &mut r.ci_fix_rounds,
+            )?;
+            return decide_fix(ctx, issue, FixKind::CiFix, checks.failures.join("\n")).await;
         }
-        let checks = ctx.forge.checks(&pr.head_sha).await?;
-        ctx.publish(
-            EventType::CiCheck,
-            json!({"issue": n, "pr": pr_number, "sha": pr.head_sha, "state": checks.state}),
-        );
-        match checks.state {
-            ChecksState::None | ChecksState::Success => break,
-            ChecksState::Failure => {
-                count_round(
-                    ctx,
-                    n,
-                    ctx.config.escalation.ci_fix_rounds,
-                    "CI failed",
-                    |r| &mut r.ci_fix_rounds,
-                )?;
-                return fix_round(ctx, issue, PromptKind::CiFix, checks.failures.join("\n")).await;
+        ChecksState::Pending => {
+            let now = chrono::Utc::now();
+            let since = ctx
+                .state
+                .issue(n)
+                .ci_wait_since
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
+                .map(|t| t.with_timezone(&chrono::Utc));
+            let Some(since) = since else {
+                ctx.state
+                    .update_issue(n, |r| r.ci_wait_since = Some(now.to_rfc3339()))?;
+                return Ok(Next::Later(Duration::from_secs(
+                    ctx.config.ci_poll_interval,
+                )));
+            };
+            let waited = (now - since).num_seconds().max(0) as u64;
+            if waited >= ctx.config.ci_check_timeout {
+                ctx.state.update_issue(n, |r| r.ci_wait_since = None)?;
+                return Err(Failure::Attempt(format!(
+                    "CI checks did not finish within {} s",
+                    ctx.config.ci_check_timeout
+                )));
             }
-            ChecksState::Pending => {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(StageError::Retry(format!(
-                        "CI checks did not finish within {} s",
-                        ctx.config.ci_check_timeout
-                    )));
-                }
-                tokio::time::sleep(Duration::from_secs(ctx.config.ci_poll_interval)).await;
-            }
+            return Ok(Next::Later(Duration::from_secs(
+                ctx.config.ci_poll_interval,
+            )));
         }
     }
 
     // Mergeability: the forge may still be computing it.
-    let mut mergeable = None;
-    for attempt in 0..5u32 {
-        let pr = ctx.forge.get_pull_request(pr_number).await?;
-        match pr.state {
-            PullRequestState::Merged => return merged(ctx, issue, pr_number, None).await,
-            PullRequestState::Closed => return Err(closed_without_merging(pr_number)),
-            PullRequestState::Open => {}
+    let pr = ctx.forge.get_pull_request(pr_number).await?;
+    match pr.state {
+        PullRequestState::Merged => {
+            return finish_merged(ctx, issue, pr_number, Stage::Review).await;
         }
-        mergeable = pr.mergeable;
-        if mergeable.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt))).await;
+        PullRequestState::Closed => return Err(closed_without_merging(pr_number)),
+        PullRequestState::Open => {}
     }
-    if mergeable == Some(false) {
-        return conflict(
-            ctx,
-            issue,
-            format!(
+    match pr.mergeable {
+        None => Ok(Next::Later(Duration::from_secs(
+            ctx.config.ci_poll_interval.min(10),
+        ))),
+        Some(false) => {
+            let message = format!(
                 "pull request #{pr_number} conflicts with {}",
                 ctx.config.main_branch
-            ),
-        )
-        .await;
-    }
-    match ctx
-        .forge
-        .merge_pull_request(pr_number, &format!("Fixes #{n}: {}", issue.title))
-        .await
-    {
-        Ok(outcome) => merged(ctx, issue, pr_number, Some(outcome.sha)).await,
-        Err(ForgeError::MergeConflict(m)) => conflict(ctx, issue, m).await,
-        Err(e) => Err(e.into()),
+            );
+            // The conflict-fix agent merges the base branch: make it the forge's.
+            ctx.forge
+                .refresh_base(ctx.worktrees.repo_path(), &ctx.config.main_branch)
+                .await?;
+            ctx.publish(PipelineEvent::MergeUpdate(MergeUpdate::Conflict {
+                issue: n,
+                message: message.clone(),
+            }));
+            count_round(
+                ctx,
+                n,
+                ctx.config.escalation.merge_conflict_fixes,
+                &format!("merge conflict ({message}) fixed"),
+                |r| &mut r.conflict_fixes,
+            )?;
+            decide_fix(ctx, issue, FixKind::ConflictFix, message).await
+        }
+        Some(true) => {
+            let effects = vec![
+                Effect::Merge {
+                    pr: pr_number,
+                    title: format!("Fixes #{n}: {}", issue.title),
+                },
+                Effect::Swap {
+                    to: ctx.labels.names().fixed.clone(),
+                },
+                Effect::Release,
+                Effect::Close,
+                Effect::DestroyWorktree {
+                    delete_branch: true,
+                },
+            ];
+            let then = After::Done {
+                outcome: Outcome::Merged,
+            };
+            let then = journal::start(ctx, issue, Stage::Review, effects, then, |_| ()).await?;
+            Ok(Next::after(&then))
+        }
     }
 }
 
-/// A pull request closed by someone else: a human decides what next.
-fn closed_without_merging(pr_number: u64) -> StageError {
-    StageError::Escalate(format!(
-        "pull request #{pr_number} was closed without merging"
-    ))
-}
-
-async fn conflict(ctx: &Pipeline, issue: &Issue, message: String) -> Result<Next, StageError> {
-    // The conflict-fix agent merges the base branch: make it the forge's.
-    ctx.forge
-        .refresh_base(ctx.worktrees.repo_path(), &ctx.config.main_branch)
-        .await?;
-    ctx.publish(
-        EventType::MergeUpdate,
-        json!({"issue": issue.number, "status": "conflict", "message": message}),
-    );
-    count_round(
-        ctx,
-        issue.number,
-        ctx.config.escalation.merge_conflict_fixes,
-        &format!("merge conflict ({message}) fixed"),
-        |r| &mut r.conflict_fixes,
-    )?;
-    fix_round(ctx, issue, PromptKind::ConflictFix, message).await
-}
-
-async fn merged(
-    ctx: &Pipeline,
-    issue: &mut Issue,
-    pr: u64,
-    sha: Option<String>,
-) -> Result<Next, StageError> {
-    let n = issue.number;
-    ctx.publish(
-        EventType::MergeUpdate,
-        json!({"issue": n, "pr": pr, "status": "merged", "sha": sha}),
-    );
-    let fixed = ctx.labels.names().fixed.clone();
-    swap(ctx, issue, &fixed).await?;
-    release(ctx, issue).await?;
-    if issue.state == IssueState::Open {
-        ctx.forge.close_issue(n).await?;
-        issue.state = IssueState::Closed;
-    }
-    if let Err(e) = ctx.worktrees.destroy(n, true).await {
-        tracing::warn!(repo_slug = %ctx.layout.slug, issue = n, error = %e, "cannot remove worktree");
-    }
-    finish(ctx, n, Outcome::Merged)?;
-    ctx.state
-        .update_issue(n, |r| r.branch = None)
-        .map_err(store_err)?;
-    Ok(Next::Done)
-}
-
-async fn hitl(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, StageError> {
+async fn hitl(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, Failure> {
     let n = issue.number;
     let record = ctx.state.issue(n);
-    let Some(command) = record.pending_hitl.clone() else {
+    let hitl = record.hitl().cloned();
+    let Some(command) = record.pending_hitl().cloned() else {
         // Resumed with `hydraflow-hitl-active` but nothing pending: wait for a human.
-        let hitl = ctx.labels.names().hitl.clone();
-        swap(ctx, issue, &hitl).await?;
-        return Ok(Next::WaitForHuman);
+        let hitl = hitl.unwrap_or_else(|| crate::store::state::HitlRecord {
+            origin: ctx.labels.names().ready.clone(),
+            stage: Stage::Hitl,
+            cause: "a correction was interrupted; send it again".into(),
+            escalated_at: chrono::Utc::now().to_rfc3339(),
+        });
+        let effects = vec![
+            Effect::Swap {
+                to: ctx.labels.names().hitl.clone(),
+            },
+            Effect::Release,
+        ];
+        let then = After::Human { hitl };
+        let then = journal::start(ctx, issue, Stage::Hitl, effects, then, |_| ()).await?;
+        return Ok(Next::after(&then));
     };
-    let origin = record
-        .hitl
+    let origin = hitl
         .as_ref()
         .map_or_else(|| ctx.labels.names().ready.clone(), |h| h.origin.clone());
     match command {
         HitlCommand::Skip => {
-            ctx.forge
-                .comment(
-                    n,
-                    "HydraFlow: an operator took this issue out of the pipeline.",
-                )
-                .await?;
-            let labels = ctx.labels.pipeline();
-            for l in labels.iter().filter(|l| issue.labels.contains(l)) {
-                ctx.forge.remove_label(n, l).await?;
-            }
-            issue.labels.retain(|l| !labels.contains(l));
-            release(ctx, issue).await?;
-            finish(ctx, n, Outcome::Skipped)?;
-            ctx.publish(
-                EventType::HitlUpdate,
-                json!({"issue": n, "status": "skipped"}),
-            );
-            Ok(Next::Done)
+            let effects = vec![
+                Effect::Comment {
+                    key: key(ctx, n, "skip"),
+                    body: "HydraFlow: an operator took this issue out of the pipeline.".into(),
+                },
+                Effect::ClearLabels,
+                Effect::Release,
+            ];
+            let then = After::Done {
+                outcome: Outcome::Skipped,
+            };
+            let then = journal::start(ctx, issue, Stage::Hitl, effects, then, |_| ()).await?;
+            ctx.publish(PipelineEvent::HitlUpdate(
+                super::events::HitlUpdate::Skipped { issue: n },
+            ));
+            Ok(Next::after(&then))
         }
         HitlCommand::Close => {
-            ctx.forge
-                .comment(n, "HydraFlow: an operator closed this issue.")
-                .await?;
-            let labels = ctx.labels.pipeline();
-            for l in labels.iter().filter(|l| issue.labels.contains(l)) {
-                ctx.forge.remove_label(n, l).await?;
-            }
-            issue.labels.retain(|l| !labels.contains(l));
-            release(ctx, issue).await?;
-            ctx.forge.close_issue(n).await?;
-            if ctx.layout.worktree_path(n).exists() {
-                ctx.worktrees.destroy(n, false).await?;
-            }
-            finish(ctx, n, Outcome::Closed)?;
-            ctx.publish(
-                EventType::HitlUpdate,
-                json!({"issue": n, "status": "closed"}),
-            );
-            Ok(Next::Done)
+            let effects = vec![
+                Effect::Comment {
+                    key: key(ctx, n, "close"),
+                    body: "HydraFlow: an operator closed this issue.".into(),
+                },
+                Effect::ClearLabels,
+                Effect::Release,
+                Effect::Close,
+                Effect::DestroyWorktree {
+                    delete_branch: true,
+                },
+            ];
+            let then = After::Done {
+                outcome: Outcome::Closed,
+            };
+            let then = journal::start(ctx, issue, Stage::Hitl, effects, then, |_| ()).await?;
+            ctx.publish(PipelineEvent::HitlUpdate(
+                super::events::HitlUpdate::Closed { issue: n },
+            ));
+            Ok(Next::after(&then))
         }
         HitlCommand::Correct { text } => {
             let active = ctx.labels.names().hitl_active.clone();
-            swap(ctx, issue, &active).await?;
-            ctx.publish(
-                EventType::HitlUpdate,
-                json!({"issue": n, "status": "applying", "origin": origin}),
-            );
-            let wt = ctx.worktrees.create_or_resume(n).await?;
-            let mut pctx = prompt_context(ctx, issue);
+            if !issue.labels.contains(&active) {
+                // Idempotent, and the pending command in the record says
+                // what is under way: a restart applies the correction again.
+                issue.labels = ctx
+                    .labels
+                    .swap(ctx.forge.as_ref(), n, &issue.labels, &active)
+                    .await?;
+            }
+            ctx.publish(PipelineEvent::HitlUpdate(
+                super::events::HitlUpdate::Applying {
+                    issue: n,
+                    origin: origin.clone(),
+                },
+            ));
+            let wt = worktree(ctx, n).await?;
+            let mut pctx = prompt_context(ctx, issue, &record);
             pctx.correction = Some(text.clone());
-            pctx.feedback = record.hitl.as_ref().map(|h| h.cause.clone());
+            pctx.feedback = hitl.as_ref().map(|h| h.cause.clone());
             run_agent(ctx, Stage::Hitl, PromptKind::Hitl, &pctx, wt.path.clone()).await?;
-            ctx.worktrees.salvage(n).await?;
+            salvage(ctx, n).await?;
             let ahead = ctx.worktrees.commits_ahead(n).await?;
-            ctx.state
-                .update_issue(n, |r| {
-                    r.guidance = Some(text.clone());
-                    r.pending_hitl = None;
-                    r.hitl = None;
-                    r.attempts = 0;
-                    r.plan_retries = 0;
-                    r.review_rounds = 0;
-                    r.ci_fix_rounds = 0;
-                    r.conflict_fixes = 0;
-                    r.no_pr_polls = 0;
-                    r.worktree = Some(wt.path.clone());
-                    r.branch = Some(wt.branch.clone());
-                })
-                .map_err(store_err)?;
             let back_to_review = ahead > 0
                 && (origin == ctx.labels.names().review || origin == ctx.labels.names().ready);
-            let next = if back_to_review {
+            let (mut effects, next) = if back_to_review {
                 quality_check(ctx, &wt.path).await?;
-                publish_branch(ctx, issue).await?;
-                Stage::Review
+                (publish_effects(ctx, issue), Stage::Review)
             } else {
-                Stage::Implement
+                (Vec::new(), Stage::Implement)
             };
-            let label = ctx.labels.of_stage(next).to_owned();
-            swap(ctx, issue, &label).await?;
-            ctx.publish(
-                EventType::HitlUpdate,
-                json!({"issue": n, "status": "applied", "to": next}),
-            );
-            Ok(Next::Stage(next))
-        }
-    }
-}
-
-/// Decide what a failed stage means for the issue; returns a delayed requeue.
-pub(crate) async fn handle_failure(
-    ctx: &Arc<Pipeline>,
-    stage: Stage,
-    mut issue: Issue,
-    error: StageError,
-) -> Option<(Issue, Stage, Duration)> {
-    let n = issue.number;
-    match error {
-        StageError::Gone(why) => {
-            tracing::info!(repo_slug = %ctx.layout.slug, issue = n, stage = %stage, why, "issue left the pipeline");
-            let _ = ctx.state.update_issue(n, |r| r.claimed = false);
-            ctx.store.forget(n);
-            None
-        }
-        StageError::Later { cause, after } => {
-            tracing::warn!(repo_slug = %ctx.layout.slug, issue = n, stage = %stage, cause, "will retry later");
-            ctx.publish(
-                EventType::Error,
-                json!({"issue": n, "stage": stage, "message": cause, "retry_in": after.as_secs()}),
-            );
-            Some((issue, stage, after))
-        }
-        StageError::Pause {
-            reason,
-            duration,
-            auth,
-        } => {
-            ctx.pause(&reason, duration, auth);
-            Some((issue, stage, Duration::ZERO))
-        }
-        StageError::Retry(cause) => {
-            let attempts = ctx
-                .state
-                .update_issue(n, |r| {
-                    r.attempts += 1;
-                    r.attempts
-                })
-                .unwrap_or(u32::MAX);
-            tracing::warn!(repo_slug = %ctx.layout.slug, issue = n, stage = %stage, attempts, cause, "attempt failed");
-            ctx.publish(
-                EventType::Error,
-                json!({"issue": n, "stage": stage, "message": cause, "attempts": attempts}),
-            );
-            if attempts >= ctx.config.max_issue_attempts {
-                escalate(
-                    ctx,
-                    stage,
-                    &mut issue,
-                    &format!("{cause} (after {attempts} attempts)"),
-                )
-                .await
-            } else {
-                let delay = Duration::from_secs(2u64.pow(attempts.min(6))).min(ctx.poll_interval());
-                Some((issue, stage, delay))
-            }
-        }
-        StageError::Escalate(cause) => escalate(ctx, stage, &mut issue, &cause).await,
-    }
-}
-
-/// Send the issue to a human, recording where it came from and why.
-async fn escalate(
-    ctx: &Arc<Pipeline>,
-    stage: Stage,
-    issue: &mut Issue,
-    cause: &str,
-) -> Option<(Issue, Stage, Duration)> {
-    let n = issue.number;
-    let previous = ctx.state.issue(n).hitl;
-    let origin = match (&previous, ctx.labels.current(&issue.labels)) {
-        (Some(h), _) => h.origin.clone(),
-        (None, Some(label)) if label != ctx.labels.names().hitl => label,
-        _ => ctx.labels.names().ready.clone(),
-    };
-    let title = issue.title.clone();
-    let record = HitlRecord {
-        origin: origin.clone(),
-        stage,
-        cause: cause.to_owned(),
-        escalated_at: chrono::Utc::now().to_rfc3339(),
-    };
-    let saved = ctx.state.update(|s| {
-        let r = s.issues.entry(n).or_default();
-        r.hitl = Some(record);
-        r.pending_hitl = None;
-        r.claimed = false;
-        s.session.issues_failed += 1;
-        s.session.issues_processed += 1;
-    });
-    if let Err(e) = saved {
-        tracing::error!(repo_slug = %ctx.layout.slug, issue = n, error = %e, "cannot record escalation");
-    }
-    tracing::warn!(repo_slug = %ctx.layout.slug, issue = n, stage = %stage, origin, cause, "escalated to a human");
-    ctx.publish(
-        EventType::HitlEscalation,
-        json!({"issue": n, "title": title, "stage": stage, "origin": origin, "cause": cause}),
-    );
-    let hitl = ctx.labels.names().hitl.clone();
-    let labelled = async {
-        swap(ctx, issue, &hitl).await?;
-        release(ctx, issue).await?;
-        ctx.forge
-            .comment(
-                n,
-                &format!(
-                    "HydraFlow escalated this issue to a human.\n\n- stage: {stage}\n- cause: {cause}\n\nSend a correction with `hydraflow hitl correct {n} \"…\"` (or `skip` / `close`)."
-                ),
-            )
+            effects.push(Effect::Swap {
+                to: ctx.labels.of_stage(next).to_owned(),
+            });
+            let then = After::Stage { stage: next };
+            let then = journal::start(ctx, issue, Stage::Hitl, effects, then, |r| {
+                r.guidance = Some(text.clone());
+                r.phase = crate::store::state::Phase::Claimed { stage: Stage::Hitl };
+                r.reset_counters();
+                r.implemented = false;
+            })
             .await?;
-        Ok::<(), StageError>(())
-    };
-    match labelled.await {
-        Ok(()) => {
-            ctx.store.upsert(issue.clone());
-            None
-        }
-        Err(e) => {
-            tracing::error!(repo_slug = %ctx.layout.slug, issue = n, error = ?e, "cannot label the escalation; retrying");
-            Some((issue.clone(), stage, ctx.poll_interval()))
+            ctx.publish(PipelineEvent::HitlUpdate(
+                super::events::HitlUpdate::Applied { issue: n, to: next },
+            ));
+            Ok(Next::after(&then))
         }
     }
 }

@@ -57,6 +57,8 @@ pub enum EventType {
     SessionEnd,
     /// Agent activity (tool use, commands).
     AgentActivity,
+    /// Worktrees or branches of finished issues were removed.
+    GarbageCollected,
 }
 
 /// One event record.

@@ -61,7 +61,7 @@ async fn worker_api_over_its_unix_socket() {
     .await;
     until("issue 1 to be merged", || async {
         let (_, v) = call(&sock, Method::GET, "/api/state", None).await;
-        v["issues"]["1"]["outcome"].is_string()
+        v["issues"]["1"]["phase"]["outcome"].is_string()
     })
     .await;
 
@@ -113,7 +113,7 @@ async fn worker_api_over_its_unix_socket() {
         "/api/state",
         None,
         ok,
-        "/issues/2/hitl/origin",
+        "/issues/2/phase/hitl/origin",
         json!("hydraflow-ready"),
     )
     .await;
@@ -123,7 +123,7 @@ async fn worker_api_over_its_unix_socket() {
         None,
         ok,
         "/schema_version",
-        json!(1),
+        json!(hydraflow::store::state::SCHEMA_VERSION),
     )
     .await;
     check(
@@ -304,7 +304,7 @@ async fn worker_api_over_its_unix_socket() {
     assert_eq!(resp.status(), bad);
 
     // Nothing above changed the state: issue 2 still waits, no spool file.
-    assert_eq!(p.state().issues[&2].pending_hitl, None);
+    assert_eq!(p.state().issues[&2].pending_hitl(), None);
 
     // The correction, through the same spool as the CLI.
     check(
@@ -318,7 +318,7 @@ async fn worker_api_over_its_unix_socket() {
     .await;
     until("issue 2 to be merged after the correction", || async {
         let (_, v) = call(&sock, Method::GET, "/api/state", None).await;
-        v["issues"]["2"]["outcome"].is_string()
+        v["issues"]["2"]["phase"]["outcome"].is_string()
     })
     .await;
     assert_eq!(p.main_file("file-2.txt").as_deref(), Some("CONTENT 2\n"));

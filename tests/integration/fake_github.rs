@@ -143,6 +143,8 @@ pub struct FakeState {
     pub max_per_page: usize,
     /// `mergeable: null` answers a new pull request gets before the real value.
     pub unknown_polls: u32,
+    /// Until then every API and git request is answered 502 (an outage).
+    pub outage_until: Option<std::time::Instant>,
     /// Base URL of the API (`http://127.0.0.1:PORT/api/v3`).
     pub api: String,
     /// The bare repository.
@@ -218,7 +220,10 @@ impl FakeGithub {
             .route(&format!("{r}/pulls"), get(list_pulls).post(create_pull))
             .route(&format!("{r}/pulls/{{number}}"), get(get_pull))
             .route(&format!("{r}/pulls/{{number}}/merge"), put(merge_pull))
-            .route(&format!("{r}/pulls/{{number}}/reviews"), post(post_review))
+            .route(
+                &format!("{r}/pulls/{{number}}/reviews"),
+                get(list_reviews).post(post_review),
+            )
             .route(&format!("{r}/commits/{{sha}}/check-runs"), get(check_runs))
             .route(&format!("{r}/commits/{{sha}}/status"), get(combined_status))
             .route(
@@ -282,6 +287,12 @@ impl FakeGithub {
         n
     }
 
+    /// Answer every request with 502 Bad Gateway for `length`, as GitHub's
+    /// front end does while the service behind it is down.
+    pub fn outage(&self, length: std::time::Duration) {
+        self.state().outage_until = Some(std::time::Instant::now() + length);
+    }
+
     /// Queue a fault for the next request to `route` (`METHOD template`).
     pub fn fault(&self, route: &str, fault: Fault) {
         self.state().faults.push_back((route.to_string(), fault));
@@ -324,6 +335,11 @@ fn set_rate_headers(headers: &mut HeaderMap, remaining: u64) {
     put("x-ratelimit-resource", "core".into());
 }
 
+fn in_outage(s: &FakeState) -> bool {
+    s.outage_until
+        .is_some_and(|until| std::time::Instant::now() < until)
+}
+
 /// Counting, authentication, faults, ETag/304, budget and rate headers.
 async fn api_layer(
     State(state): State<Shared>,
@@ -354,13 +370,15 @@ async fn api_layer(
         .unwrap_or_default();
     let body_json = serde_json::from_slice::<Value>(&req_bytes).ok();
     let req = Request::from_parts(req_parts, Body::from(req_bytes));
-    let fault = {
+    let (fault, down) = {
         let mut s = lock(&state);
         *s.counts.entry(route.clone()).or_default() += 1;
         let pos = s.faults.iter().position(|(r, _)| *r == route);
-        pos.and_then(|i| s.faults.remove(i)).map(|(_, f)| f)
+        let fault = pos.and_then(|i| s.faults.remove(i)).map(|(_, f)| f);
+        (fault, in_outage(&s))
     };
     let mut response = match (authorized, fault) {
+        _ if down => error(StatusCode::BAD_GATEWAY, "Server Error"),
         (false, _) | (_, Some(Fault::BadCredentials)) => {
             error(StatusCode::UNAUTHORIZED, "Bad credentials")
         }
@@ -997,6 +1015,32 @@ async fn merge_pull(
     }
 }
 
+/// The review's `state` as GitHub reports it for a posted `event`.
+fn review_state(event: &str) -> &'static str {
+    match event {
+        "APPROVE" => "APPROVED",
+        "REQUEST_CHANGES" => "CHANGES_REQUESTED",
+        _ => "COMMENTED",
+    }
+}
+
+async fn list_reviews(State(st): State<Shared>, UrlPath((_, _, n)): RepoPath<u64>) -> Response {
+    let s = lock(&st);
+    if !s.pulls.contains_key(&n) {
+        return error(StatusCode::NOT_FOUND, "Not Found");
+    }
+    let reviews: Vec<Value> = s
+        .reviews
+        .iter()
+        .enumerate()
+        .filter(|(_, (pr, _, _))| *pr == n)
+        .map(|(i, (_, event, body))| {
+            json!({ "id": i + 1, "user": user_json("hydraflow-bot"), "body": body, "state": review_state(event) })
+        })
+        .collect();
+    axum::Json(reviews).into_response()
+}
+
 async fn post_review(
     State(st): State<Shared>,
     UrlPath((_, _, n)): RepoPath<u64>,
@@ -1014,11 +1058,7 @@ async fn post_review(
     };
     let (event, text) = (field("event"), field("body"));
     s.reviews.push((n, event.clone(), text.clone()));
-    let state = match event.as_str() {
-        "APPROVE" => "APPROVED",
-        "REQUEST_CHANGES" => "CHANGES_REQUESTED",
-        _ => "COMMENTED",
-    };
+    let state = review_state(&event);
     axum::Json(json!({ "id": s.reviews.len(), "user": user_json("hydraflow-bot"), "body": text, "state": state }))
         .into_response()
 }
@@ -1120,6 +1160,9 @@ async fn git_http(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if in_outage(&lock(&st)) {
+        return error(StatusCode::BAD_GATEWAY, "Server Error");
+    }
     *lock(&st)
         .counts
         .entry(format!("{method} /git"))

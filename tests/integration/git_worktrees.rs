@@ -15,7 +15,7 @@ fn worktrees(fx: &Fixture) -> Worktrees {
 async fn create_then_resume_keeps_commits() {
     let fx = fixture();
     let wts = worktrees(&fx);
-    let info = wts.create_or_resume(7).await.unwrap();
+    let info = wts.create_or_resume(7, false).await.unwrap();
     assert_eq!(info.path, fx.layout.worktree_path(7));
     assert_eq!(info.branch, "agent/issue-7");
     assert!(!info.resumed);
@@ -25,15 +25,15 @@ async fn create_then_resume_keeps_commits() {
     );
     let work = commit_files(&info.path, &[("feature.txt", Some("x\n"))], "add feature");
 
-    // The directory is reused as it is.
-    let again = wts.create_or_resume(7).await.unwrap();
+    // A recorded worktree is reused as it is.
+    let again = wts.create_or_resume(7, true).await.unwrap();
     assert!(again.resumed);
     assert_eq!(again.path, info.path);
 
     // After the worktree is gone, the branch (and its commit) comes back.
     wts.destroy(7, false).await.unwrap();
     assert!(!info.path.exists());
-    let resumed = wts.create_or_resume(7).await.unwrap();
+    let resumed = wts.create_or_resume(7, false).await.unwrap();
     assert!(resumed.resumed);
     assert_eq!(
         std::fs::read_to_string(resumed.path.join("feature.txt")).unwrap(),
@@ -46,14 +46,35 @@ async fn create_then_resume_keeps_commits() {
     assert_eq!(wts.commits_ahead(7).await.unwrap(), 1);
 }
 
+/// A worktree whose creation was not recorded (the worker was killed while
+/// git checked it out) is made again, never used: files missing from it
+/// would otherwise become deletions in the agent's next commit.
+#[tokio::test]
+async fn an_unrecorded_worktree_is_made_again() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    let info = wts.create_or_resume(9, false).await.unwrap();
+    commit_files(&info.path, &[("done.txt", Some("done\n"))], "earlier work");
+    // What a kill half-way through the checkout leaves: files missing.
+    std::fs::remove_file(info.path.join("README.md")).unwrap();
+    std::fs::remove_dir_all(info.path.join("src")).unwrap();
+    let again = wts.create_or_resume(9, false).await.unwrap();
+    assert!(again.resumed, "the branch and its commits are kept");
+    for file in ["README.md", "src/lib.txt", "done.txt"] {
+        assert!(again.path.join(file).is_file(), "{file} checked out again");
+    }
+    assert_eq!(wts.salvage(9).await.unwrap(), None, "nothing looks deleted");
+    assert_eq!(fx.repo().worktrees().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn stale_registration_is_pruned_and_recreated() {
     let fx = fixture();
     let wts = worktrees(&fx);
-    let info = wts.create_or_resume(3).await.unwrap();
+    let info = wts.create_or_resume(3, false).await.unwrap();
     commit_files(&info.path, &[("kept.txt", Some("kept\n"))], "work");
     std::fs::remove_dir_all(&info.path).unwrap();
-    let again = wts.create_or_resume(3).await.unwrap();
+    let again = wts.create_or_resume(3, true).await.unwrap();
     assert!(again.resumed);
     assert!(again.path.join("kept.txt").is_file());
     assert_eq!(fx.repo().worktrees().unwrap().len(), 1);
@@ -66,7 +87,7 @@ async fn unknown_directory_in_the_way_is_replaced() {
     let path = fx.layout.worktree_path(4);
     std::fs::create_dir_all(&path).unwrap();
     std::fs::write(path.join("junk"), "junk").unwrap();
-    let info = wts.create_or_resume(4).await.unwrap();
+    let info = wts.create_or_resume(4, false).await.unwrap();
     assert!(!info.path.join("junk").exists());
     assert!(info.path.join("README.md").is_file());
 }
@@ -75,7 +96,7 @@ async fn unknown_directory_in_the_way_is_replaced() {
 async fn salvage_commits_everything_but_ignored_files() {
     let fx = fixture();
     let wts = worktrees(&fx);
-    let info = wts.create_or_resume(5).await.unwrap();
+    let info = wts.create_or_resume(5, false).await.unwrap();
     assert_eq!(wts.salvage(5).await.unwrap(), None, "clean worktree");
 
     std::fs::write(info.path.join("README.md"), "changed\n").unwrap();
@@ -116,7 +137,7 @@ async fn salvage_commits_everything_but_ignored_files() {
 async fn destroy_salvages_prunes_and_deletes_the_branch() {
     let fx = fixture();
     let wts = worktrees(&fx);
-    let info = wts.create_or_resume(6).await.unwrap();
+    let info = wts.create_or_resume(6, false).await.unwrap();
     std::fs::write(info.path.join("wip.txt"), "wip\n").unwrap();
     wts.destroy(6, false).await.unwrap();
     let repo = fx.repo();
@@ -127,7 +148,7 @@ async fn destroy_salvages_prunes_and_deletes_the_branch() {
         Some("wip\n")
     );
 
-    wts.create_or_resume(6).await.unwrap();
+    wts.create_or_resume(6, false).await.unwrap();
     wts.destroy(6, true).await.unwrap();
     assert!(tip(&repo, "agent/issue-6").is_none());
     assert!(repo.worktrees().unwrap().is_empty());
@@ -140,7 +161,7 @@ async fn commits_ahead_and_diff_against_the_merge_base() {
     let fx = fixture();
     let wts = worktrees(&fx);
     assert_eq!(wts.commits_ahead(8).await.unwrap(), 0, "no branch yet");
-    let info = wts.create_or_resume(8).await.unwrap();
+    let info = wts.create_or_resume(8, false).await.unwrap();
     assert_eq!(wts.commits_ahead(8).await.unwrap(), 0);
     commit_files(
         &info.path,
@@ -172,8 +193,8 @@ async fn commits_ahead_and_diff_against_the_merge_base() {
 async fn gc_removes_done_and_orphan_worktrees_only_inside_its_directory() {
     let fx = fixture();
     let wts = worktrees(&fx);
-    let done = wts.create_or_resume(1).await.unwrap();
-    let active = wts.create_or_resume(2).await.unwrap();
+    let done = wts.create_or_resume(1, false).await.unwrap();
+    let active = wts.create_or_resume(2, false).await.unwrap();
     let root = fx.layout.worktrees_dir();
     let orphan = root.join("issue-9");
     std::fs::create_dir_all(&orphan).unwrap();
@@ -200,6 +221,14 @@ async fn gc_removes_done_and_orphan_worktrees_only_inside_its_directory() {
         tip(&fx.repo(), "agent/issue-1").is_some(),
         "gc keeps branches"
     );
+
+    // Branches are collected on their own; a checked-out one never.
+    assert_eq!(wts.leftovers().await.unwrap(), vec![1, 2]);
+    let deleted = wts.gc_branches(|n| n == 1 || n == 2).await.unwrap();
+    assert_eq!(deleted, vec!["agent/issue-1".to_owned()]);
+    assert!(tip(&fx.repo(), "agent/issue-1").is_none());
+    assert!(tip(&fx.repo(), "agent/issue-2").is_some(), "checked out");
+    assert_eq!(wts.leftovers().await.unwrap(), vec![2]);
 }
 
 #[tokio::test]

@@ -328,7 +328,7 @@ async fn five_issues_through_github() {
         "the escalation cause is on the issue: {:?}",
         gh.comments(5)
     );
-    let hitl = gh.state().issues[&5].hitl.clone().expect("hitl record");
+    let hitl = gh.state().issues[&5].hitl().cloned().expect("hitl record");
     assert!(hitl.cause.contains("no diff"), "{}", hitl.cause);
 
     // One pull request per merged issue, merged by a squash commit, its branch deleted.
@@ -534,7 +534,7 @@ async fn pull_request_closed_by_a_human_mid_review_is_escalated() {
         "{:?}",
         gh.comments(1)
     );
-    let hitl = gh.state().issues[&1].hitl.clone().expect("hitl record");
+    let hitl = gh.state().issues[&1].hitl().cloned().expect("hitl record");
     assert_eq!(hitl.cause, cause);
     assert_eq!(hitl.origin, "hydraflow-review");
     let events = gh.events();
@@ -621,7 +621,10 @@ async fn server_errors_rate_limits_and_a_deleted_issue_do_not_stop_the_pipeline(
         "nothing needed a human"
     );
     let state = gh.state();
-    assert!(!state.issues[&2].claimed, "the deleted issue was let go");
+    assert!(
+        !state.issues[&2].is_claimed(),
+        "the deleted issue was let go"
+    );
 }
 
 /// Receive `STATUS=` lines on `socket` until one contains every word of `wanted`.
@@ -714,4 +717,60 @@ async fn bad_token_waits_with_a_clear_status_and_never_spins() {
     assert!(log.contains("pipeline paused"), "{log}");
     assert!(!log.contains("ghp_wrong"), "the token is never logged");
     assert_eq!(gh.issue(1), (labels(&["hydraflow-find"]), "open".into()));
+}
+
+/// GitHub answers 502 to everything for 30 s while two issues are in the
+/// pipeline: waiting out an outage counts no attempt and escalates nothing,
+/// and both issues are merged once it is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_30_second_forge_outage_counts_no_attempt() {
+    let gh = Gh::new(false).await;
+    for n in 1..=2 {
+        assert_eq!(
+            gh.fake
+                .add_issue(&format!("Add file {n}"), "alice", &["hydraflow-find"]),
+            n
+        );
+    }
+    std::fs::write(gh.dir().join("hold-review"), "").expect("hold");
+    let child = gh.spawn(TOKEN, &["run", "--exit-when-idle"], None);
+    // The outage starts while #1 is being reviewed and #2 is on its way.
+    let started = gh.dir().join("review-started");
+    wait_until("the review of #1 to start", || started.exists()).await;
+    gh.fake.outage(Duration::from_secs(30));
+    let outage = Instant::now();
+    std::fs::write(gh.dir().join("go"), "").expect("go");
+    let out = finish(child).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        outage.elapsed() >= Duration::from_secs(30),
+        "the run outlasted the outage"
+    );
+    for n in 1..=2 {
+        assert_eq!(gh.issue(n), (labels(&["hydraflow-fixed"]), "closed".into()));
+        assert_eq!(
+            gh.main_file(&format!("file-{n}.txt")),
+            Some(format!("content for {n}\n"))
+        );
+    }
+    let s = gh.fake.state();
+    assert!(
+        s.log.iter().filter(|l| l.status == 502).count() > 1,
+        "the outage was met"
+    );
+    drop(s);
+    let state = gh.state();
+    for (n, r) in &state.issues {
+        assert_eq!(r.attempts, 0, "#{n}: no attempt counted");
+        assert!(r.hitl().is_none(), "#{n}: not escalated");
+    }
+    let events = gh.events();
+    assert!(!events.iter().any(|e| e.kind == EventType::HitlEscalation));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == EventType::Error && e.data["class"] == "later"),
+        "the failures were classified as passing"
+    );
 }

@@ -1,6 +1,10 @@
 //! The local forge against real repositories: issues, labels under
-//! concurrency, pull requests and real squash merges.
+//! concurrency, pull requests, check runs, real squash merges and the
+//! operator's checkout following them (or not) the way git's
+//! `updateInstead` would, also after a crash.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hydraflow::forge::local::LocalForge;
@@ -182,7 +186,7 @@ async fn pull_requests_share_numbers_and_are_not_duplicated() {
     let f = forge(&fx);
     let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
     let issue = f.create_issue("Feature", "", &[]).unwrap();
-    let wt = wts.create_or_resume(issue.number).await.unwrap();
+    let wt = wts.create_or_resume(issue.number, false).await.unwrap();
     let sha = commit_files(&wt.path, &[("feature.txt", Some("f\n"))], "feature");
     f.push_branch(&wt.path, &wt.branch).await.unwrap();
     assert!(matches!(
@@ -243,7 +247,7 @@ async fn squash_merge_makes_one_commit_and_updates_the_main_checkout() {
     let f = forge(&fx);
     let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
     f.create_issue("Add a feature", "", &[]).unwrap();
-    let wt = wts.create_or_resume(1).await.unwrap();
+    let wt = wts.create_or_resume(1, false).await.unwrap();
     commit_files(&wt.path, &[("feature.txt", Some("feature\n"))], "one");
     commit_files(
         &wt.path,
@@ -295,6 +299,9 @@ async fn squash_merge_makes_one_commit_and_updates_the_main_checkout() {
         repo.statuses(Some(&mut opts)).unwrap().is_empty(),
         "index matches main"
     );
+    assert_eq!(git_status(&fx.repo_path), "?? scratch.txt\n");
+    assert!(!sync_journal(&f).exists());
+    fsck(&fx.repo_path);
 
     let merged = f.get_pull_request(pr.number).await.unwrap();
     assert_eq!(merged.state, PullRequestState::Merged);
@@ -318,7 +325,7 @@ async fn merge_deletes_a_head_branch_nobody_has_checked_out() {
     let head = repo.head().unwrap().peel_to_commit().unwrap();
     repo.branch("agent/issue-4", &head, false).unwrap();
     let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
-    let wt = wts.create_or_resume(4).await.unwrap();
+    let wt = wts.create_or_resume(4, false).await.unwrap();
     commit_files(&wt.path, &[("four.txt", Some("4\n"))], "four");
     wts.destroy(4, false).await.unwrap();
 
@@ -344,7 +351,7 @@ async fn conflicting_pull_request_is_refused_with_the_paths() {
     let fx = fixture();
     let f = forge(&fx);
     let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
-    let wt = wts.create_or_resume(2).await.unwrap();
+    let wt = wts.create_or_resume(2, false).await.unwrap();
     commit_files(
         &wt.path,
         &[
@@ -384,33 +391,665 @@ async fn conflicting_pull_request_is_refused_with_the_paths() {
     );
 }
 
-#[tokio::test]
-async fn merge_never_overwrites_uncommitted_edits_in_the_main_checkout() {
+/// `git status --porcelain` of the checkout at `dir`, by real git.
+fn git_status(dir: &Path) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "safe.directory=*", "status", "--porcelain"])
+        .current_dir(dir)
+        .output()
+        .expect("run git status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `git fsck --strict` of the repository at `dir` succeeds.
+fn fsck(dir: &Path) {
+    let out = std::process::Command::new("git")
+        .args([
+            "-c",
+            "safe.directory=*",
+            "fsck",
+            "--strict",
+            "--no-dangling",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("run git fsck");
+    assert!(
+        out.status.success(),
+        "git fsck failed in {dir:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sync_journal(f: &LocalForge) -> PathBuf {
+    f.dir().join("checkout-sync.json")
+}
+
+/// Every file of the checkout (outside `.git`) with its content, and the
+/// bytes of `.git/index`: what an operator could lose.
+fn snapshot(dir: &Path) -> (BTreeMap<PathBuf, Vec<u8>>, Vec<u8>) {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path == root.join(".git") {
+                continue;
+            }
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().to_path_buf();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut files = BTreeMap::new();
+    walk(dir, dir, &mut files);
+    (
+        files,
+        std::fs::read(dir.join(".git/index")).unwrap_or_default(),
+    )
+}
+
+/// Issue `n`'s branch with `files` committed in its worktree, and its open pull request.
+async fn branch_with_pr(
+    fx: &Fixture,
+    f: &LocalForge,
+    n: u64,
+    files: &[(&str, Option<&str>)],
+) -> u64 {
+    let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
+    let wt = wts.create_or_resume(n, false).await.unwrap();
+    commit_files(&wt.path, files, &format!("work on {n}"));
+    f.find_or_create_pull_request(&pr_for(n, &format!("Fixes #{n}")))
+        .await
+        .unwrap()
+        .number
+}
+
+/// Something of the operator's in the checkout: the merge must leave
+/// index and files as they are, and so must the next merge.
+async fn check_left_alone(case: &str, prepare: impl FnOnce(&Path)) {
     let fx = fixture();
     let f = forge(&fx);
-    let wts = Worktrees::open(&fx.repo_path, &fx.layout, "main").unwrap();
-    let wt = wts.create_or_resume(3).await.unwrap();
-    commit_files(&wt.path, &[("README.md", Some("merged\n"))], "agent");
-    std::fs::write(fx.repo_path.join("README.md"), "my local edit\n").unwrap();
-    let main_before = tip(&fx.repo(), "main").unwrap().id();
+    let first = branch_with_pr(
+        &fx,
+        &f,
+        1,
+        &[
+            ("README.md", Some("merged\n")),
+            ("feature.txt", Some("feature\n")),
+            ("docs/guide.md", Some("guide\n")),
+        ],
+    )
+    .await;
+    let second = branch_with_pr(&fx, &f, 2, &[("two.txt", Some("2\n"))]).await;
+    prepare(&fx.repo_path);
+    let before = snapshot(&fx.repo_path);
 
+    let outcome = f.merge_pull_request(first, "Fixes #1").await;
+    let outcome = outcome.unwrap_or_else(|e| panic!("{case}: merge failed: {e}"));
+    let repo = fx.repo();
+    assert_eq!(
+        tip(&repo, "main").unwrap().id().to_string(),
+        outcome.sha,
+        "{case}"
+    );
+    assert_eq!(
+        file_at(&repo, "main", "README.md").as_deref(),
+        Some("merged\n"),
+        "{case}"
+    );
+    assert!(
+        snapshot(&fx.repo_path) == before,
+        "{case}: the checkout changed"
+    );
+    assert!(!sync_journal(&f).exists(), "{case}");
+
+    let later = f.merge_pull_request(second, "Fixes #2").await;
+    let later = later.unwrap_or_else(|e| panic!("{case}: the next merge failed: {e}"));
+    assert_eq!(
+        tip(&repo, "main").unwrap().id().to_string(),
+        later.sha,
+        "{case}"
+    );
+    assert_eq!(
+        file_at(&repo, "main", "two.txt").as_deref(),
+        Some("2\n"),
+        "{case}"
+    );
+    assert!(
+        snapshot(&fx.repo_path) == before,
+        "{case}: the next merge changed the checkout"
+    );
+    fsck(&fx.repo_path);
+}
+
+#[tokio::test]
+async fn a_checkout_with_local_changes_is_never_touched_and_never_blocks_a_merge() {
+    let write = |dir: &Path, path: &str, text: &str| {
+        std::fs::create_dir_all(dir.join(path).parent().unwrap()).unwrap();
+        std::fs::write(dir.join(path), text).unwrap();
+    };
+    check_left_alone("a file the merge changes is edited", |d| {
+        write(d, "README.md", "my local edit\n");
+    })
+    .await;
+    check_left_alone("a file the merge leaves is edited", |d| {
+        write(d, "src/lib.txt", "mine\n");
+    })
+    .await;
+    check_left_alone("a file the merge leaves is deleted", |d| {
+        std::fs::remove_file(d.join("src/lib.txt")).unwrap();
+    })
+    .await;
+    check_left_alone("a new file is staged", |d| {
+        write(d, "staged.txt", "staged\n");
+        let repo = git2::Repository::open(d).unwrap();
+        let mut index = repo.index().unwrap();
+        index.add_path(Path::new("staged.txt")).unwrap();
+        index.write().unwrap();
+    })
+    .await;
+    check_left_alone("an edit is staged and then undone in the file", |d| {
+        write(d, "src/lib.txt", "staged edit\n");
+        let repo = git2::Repository::open(d).unwrap();
+        let mut index = repo.index().unwrap();
+        index.add_path(Path::new("src/lib.txt")).unwrap();
+        index.write().unwrap();
+        write(d, "src/lib.txt", "one\ntwo\nthree\n");
+    })
+    .await;
+    check_left_alone("an untracked file is where the merge adds one", |d| {
+        write(d, "feature.txt", "my own feature\n");
+    })
+    .await;
+    check_left_alone("an ignored file is where the merge adds one", |d| {
+        write(d, ".gitignore", "*.log\nfeature.txt\n");
+        let repo = git2::Repository::open(d).unwrap();
+        let mut index = repo.index().unwrap();
+        index.add_path(Path::new(".gitignore")).unwrap();
+        index.write().unwrap();
+        write(d, "feature.txt", "ignored but mine\n");
+    })
+    .await;
+    check_left_alone(
+        "an untracked file is where the merge needs a directory",
+        |d| {
+            write(d, "docs", "a file, not a directory\n");
+        },
+    )
+    .await;
+    check_left_alone(
+        "an untracked file is in a directory the merge adds to",
+        |d| {
+            write(d, "docs/guide.md", "my guide\n");
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn untracked_files_out_of_the_way_stay_and_the_checkout_follows() {
+    let fx = fixture();
+    let f = forge(&fx);
+    let pr = branch_with_pr(
+        &fx,
+        &f,
+        1,
+        &[
+            ("docs/guide.md", Some("guide\n")),
+            ("src/lib.txt", None),
+            ("README.md", None),
+        ],
+    )
+    .await;
+    std::fs::write(fx.repo_path.join("notes.txt"), "mine\n").unwrap();
+    std::fs::create_dir(fx.repo_path.join("docs")).unwrap();
+    std::fs::write(fx.repo_path.join("docs/draft.md"), "draft\n").unwrap();
+    std::fs::write(fx.repo_path.join("debug.log"), "ignored\n").unwrap();
+    f.merge_pull_request(pr, "Fixes #1").await.unwrap();
+
+    let (files, _) = snapshot(&fx.repo_path);
+    let names: Vec<String> = files.keys().map(|p| p.display().to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            ".gitignore",
+            "debug.log",
+            "docs/draft.md",
+            "docs/guide.md",
+            "notes.txt"
+        ]
+    );
+    assert!(!fx.repo_path.join("src").exists(), "emptied directories go");
+    assert_eq!(
+        git_status(&fx.repo_path),
+        "?? docs/draft.md\n?? notes.txt\n"
+    );
+    fsck(&fx.repo_path);
+}
+
+#[tokio::test]
+async fn a_checkout_not_on_the_base_branch_is_left_alone() {
+    for case in ["another branch", "detached HEAD"] {
+        let fx = fixture();
+        let f = forge(&fx);
+        let pr = branch_with_pr(&fx, &f, 1, &[("feature.txt", Some("f\n"))]).await;
+        let repo = fx.repo();
+        let main = tip(&repo, "main").unwrap();
+        if case == "another branch" {
+            repo.branch("topic", &main, false).unwrap();
+            repo.set_head("refs/heads/topic").unwrap();
+        } else {
+            repo.set_head_detached(main.id()).unwrap();
+        }
+        let before = snapshot(&fx.repo_path);
+        let outcome = f.merge_pull_request(pr, "Fixes #1").await.unwrap();
+        assert_eq!(
+            tip(&repo, "main").unwrap().id().to_string(),
+            outcome.sha,
+            "{case}"
+        );
+        assert!(
+            snapshot(&fx.repo_path) == before,
+            "{case}: the checkout changed"
+        );
+        assert!(!fx.repo_path.join("feature.txt").exists(), "{case}");
+        assert!(!sync_journal(&f).exists(), "{case}");
+        fsck(&fx.repo_path);
+    }
+}
+
+/// A commit on `branch` of `repo` (bare or not, no checkout) with `files`
+/// changed from `parent`'s tree.
+fn commit_on(
+    repo: &git2::Repository,
+    branch: &str,
+    parent: &git2::Commit<'_>,
+    files: &[(&str, &str)],
+) -> git2::Oid {
+    let mut tb = repo.treebuilder(Some(&parent.tree().unwrap())).unwrap();
+    for (name, text) in files {
+        tb.insert(name, repo.blob(text.as_bytes()).unwrap(), 0o100644)
+            .unwrap();
+    }
+    let tree = repo.find_tree(tb.write().unwrap()).unwrap();
+    let sig = git2::Signature::now("T", "t@example.com").unwrap();
+    repo.commit(
+        Some(&format!("refs/heads/{branch}")),
+        &sig,
+        &sig,
+        branch,
+        &tree,
+        &[parent],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn merges_into_a_bare_repository() {
+    let fx = fixture();
+    let bare = fx.tmp.path().join("bare.git");
+    git2::build::RepoBuilder::new()
+        .bare(true)
+        .clone(fx.repo_path.to_str().unwrap(), &bare)
+        .unwrap();
+    let repo = git2::Repository::open_bare(&bare).unwrap();
+    // The clone has origin/main; make the local main and an agent branch.
+    let main = repo
+        .find_reference("refs/remotes/origin/main")
+        .or_else(|_| repo.find_reference("refs/heads/main"))
+        .unwrap()
+        .peel_to_commit()
+        .unwrap();
+    repo.reference("refs/heads/main", main.id(), true, "test")
+        .unwrap();
+    commit_on(&repo, "agent/issue-1", &main, &[("feature.txt", "f\n")]);
+    let f = LocalForge::open(&fx.layout, &bare).unwrap();
     let pr = f
-        .find_or_create_pull_request(&pr_for(3, "Three"))
+        .find_or_create_pull_request(&pr_for(1, "Fixes #1"))
         .await
         .unwrap();
-    let result = f.merge_pull_request(pr.number, "Three").await;
-    match result {
-        Err(ForgeError::Local(message)) => {
-            assert!(
-                message.contains("commit or stash local changes"),
-                "{message}"
+    let outcome = f.merge_pull_request(pr.number, "Fixes #1").await.unwrap();
+    assert_eq!(
+        repo.refname_to_id("refs/heads/main").unwrap().to_string(),
+        outcome.sha
+    );
+    assert_eq!(
+        file_at(&repo, "main", "feature.txt").as_deref(),
+        Some("f\n")
+    );
+    assert!(repo.find_reference("refs/heads/agent/issue-1").is_err());
+    assert!(!sync_journal(&f).exists());
+    fsck(&bare);
+}
+
+#[tokio::test]
+async fn a_base_that_moves_during_the_merge_is_merged_onto_again() {
+    let fx = fixture();
+    let f = forge(&fx);
+    let pr = branch_with_pr(&fx, &f, 1, &[("feature.txt", Some("f\n"))]).await;
+    let stale = tip(&fx.repo(), "main").unwrap().id();
+    // Someone commits on main between the merge's read of the tip and its ref update.
+    let moved = commit_files(&fx.repo_path, &[("other.txt", Some("other\n"))], "human");
+
+    let outcome = f
+        .merge_pull_request_from(pr, "Fixes #1", &stale.to_string())
+        .unwrap();
+    let repo = fx.repo();
+    let main = tip(&repo, "main").unwrap();
+    assert_eq!(main.id().to_string(), outcome.sha);
+    assert_eq!(main.parent_ids().collect::<Vec<_>>(), [moved]);
+    assert_eq!(
+        super::git_fixture::subjects(&repo, "refs/heads/main"),
+        ["Fixes #1", "human", "initial commit"]
+    );
+    assert_eq!(
+        file_at(&repo, "main", "other.txt").as_deref(),
+        Some("other\n")
+    );
+    assert_eq!(
+        file_at(&repo, "main", "feature.txt").as_deref(),
+        Some("f\n")
+    );
+    assert_eq!(
+        std::fs::read_to_string(fx.repo_path.join("feature.txt")).unwrap(),
+        "f\n"
+    );
+    assert_eq!(git_status(&fx.repo_path), "");
+    assert!(!sync_journal(&f).exists());
+    fsck(&fx.repo_path);
+}
+
+#[tokio::test]
+async fn a_merge_interrupted_before_it_was_recorded_is_not_made_twice() {
+    let fx = fixture();
+    let f = forge(&fx);
+    let pr = branch_with_pr(&fx, &f, 1, &[("feature.txt", Some("f\n"))]).await;
+    let first = f.merge_pull_request(pr, "Fixes #1").await.unwrap();
+    // As a crash after the ref moved leaves it: the record still open.
+    let path = f.dir().join(format!("pulls/{pr}.json"));
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    record["state"] = "open".into();
+    record["merged_sha"] = serde_json::Value::Null;
+    std::fs::write(&path, serde_json::to_string(&record).unwrap()).unwrap();
+    // And main moved on meanwhile.
+    let later = commit_files(&fx.repo_path, &[("later.txt", Some("l\n"))], "later");
+
+    let again = f.merge_pull_request(pr, "Fixes #1").await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(tip(&fx.repo(), "main").unwrap().id(), later);
+    assert_eq!(
+        f.get_pull_request(pr).await.unwrap().state,
+        PullRequestState::Merged
+    );
+}
+
+/// A checkout whose `main` was moved from O to N by a merge that was killed
+/// before the checkout followed, with `checkout-sync.json` as the merge wrote it.
+struct Interrupted {
+    fx: Fixture,
+    old: git2::Oid,
+    new: git2::Oid,
+}
+
+/// N changes README.md, adds docs/new.md, deletes src/lib.txt; the checkout
+/// and its index are left at O, `main` at N, the journal written.
+fn interrupted_merge() -> Interrupted {
+    let fx = fixture();
+    let old = tip(&fx.repo(), "main").unwrap().id();
+    let new = commit_files(
+        &fx.repo_path,
+        &[
+            ("README.md", Some("hello\nmerged\n")),
+            ("docs/new.md", Some("new\n")),
+            ("src/lib.txt", None),
+        ],
+        "Fixes #1",
+    );
+    let repo = fx.repo();
+    repo.reset(
+        &repo.find_object(old, None).unwrap(),
+        git2::ResetType::Hard,
+        None,
+    )
+    .unwrap();
+    repo.reference("refs/heads/main", new, true, "the merge's ref update")
+        .unwrap();
+    let f = forge(&fx);
+    std::fs::write(
+        sync_journal(&f),
+        format!(
+            r#"{{"base_ref": "refs/heads/main", "old": "{old}", "new": "{new}", "created_at": "2025-01-01T00:00:00Z"}}"#
+        ),
+    )
+    .unwrap();
+    Interrupted { fx, old, new }
+}
+
+/// A named change made to a checkout by hand.
+type Case<'a> = (&'a str, &'a dyn Fn(&Path));
+
+/// The checkout at `dir` is exactly `main`: files, index, nothing else.
+fn assert_at_main(dir: &Path, case: &str) {
+    let (files, _) = snapshot(dir);
+    let repo = git2::Repository::open(dir).unwrap();
+    let mut expected = BTreeMap::new();
+    let tree = repo
+        .revparse_single("main")
+        .unwrap()
+        .peel_to_tree()
+        .unwrap();
+    tree.walk(git2::TreeWalkMode::PreOrder, |root, entry| {
+        if entry.kind() == Some(git2::ObjectType::Blob) {
+            let blob = entry.to_object(&repo).unwrap().peel_to_blob().unwrap();
+            expected.insert(
+                PathBuf::from(format!("{root}{}", entry.name().unwrap())),
+                blob.content().to_vec(),
             );
         }
-        other => panic!("expected a refusal, got {other:?}"),
+        git2::TreeWalkResult::Ok
+    })
+    .unwrap();
+    assert!(files == expected, "{case}: files {:?}", files.keys());
+    assert_eq!(git_status(dir), "", "{case}");
+}
+
+#[test]
+fn opening_the_forge_finishes_a_checkout_update_a_crash_interrupted() {
+    let stage = |dir: &Path, path: &str| {
+        let repo = git2::Repository::open(dir).unwrap();
+        let mut index = repo.index().unwrap();
+        if dir.join(path).exists() {
+            index.add_path(Path::new(path)).unwrap();
+        } else {
+            index.remove_path(Path::new(path)).unwrap();
+        }
+        index.write().unwrap();
+    };
+    let cases: [Case<'_>; 4] = [
+        ("killed before the checkout was touched", &|_| {}),
+        ("killed after README.md was written", &|d| {
+            std::fs::write(d.join("README.md"), "hello\nmerged\n").unwrap();
+        }),
+        ("killed with some files and index entries new", &|d| {
+            std::fs::write(d.join("README.md"), "hello\nmerged\n").unwrap();
+            stage(d, "README.md");
+            std::fs::remove_file(d.join("src/lib.txt")).unwrap();
+            std::fs::create_dir_all(d.join("docs")).unwrap();
+            std::fs::write(d.join("docs/new.md"), "new\n").unwrap();
+        }),
+        ("killed after the index, before the files", &|d| {
+            let repo = git2::Repository::open(d).unwrap();
+            let mut index = repo.index().unwrap();
+            index
+                .read_tree(
+                    &repo
+                        .revparse_single("main")
+                        .unwrap()
+                        .peel_to_tree()
+                        .unwrap(),
+                )
+                .unwrap();
+            index.write().unwrap();
+        }),
+    ];
+    for (case, half_update) in cases {
+        let it = interrupted_merge();
+        half_update(&it.fx.repo_path);
+        let f = forge(&it.fx);
+        assert!(!sync_journal(&f).exists(), "{case}: the journal stays");
+        assert_eq!(tip(&it.fx.repo(), "main").unwrap().id(), it.new, "{case}");
+        assert_at_main(&it.fx.repo_path, case);
+        fsck(&it.fx.repo_path);
     }
+}
+
+#[test]
+fn an_interrupted_checkout_update_never_overwrites_the_operators_edits() {
+    let cases: [Case<'_>; 3] = [
+        ("a file the merge leaves is edited", &|d| {
+            std::fs::write(d.join(".gitignore"), "*.log\n*.tmp\n").unwrap();
+        }),
+        ("a file the merge changes holds a third version", &|d| {
+            std::fs::write(d.join("README.md"), "the operator's\n").unwrap();
+        }),
+        ("an untracked file is where the merge adds one", &|d| {
+            std::fs::create_dir_all(d.join("docs")).unwrap();
+            std::fs::write(d.join("docs/new.md"), "mine\n").unwrap();
+        }),
+    ];
+    for (case, edit) in cases {
+        let it = interrupted_merge();
+        edit(&it.fx.repo_path);
+        let before = snapshot(&it.fx.repo_path);
+        let f = forge(&it.fx);
+        assert!(!sync_journal(&f).exists(), "{case}: the journal is dropped");
+        assert!(
+            snapshot(&it.fx.repo_path) == before,
+            "{case}: the checkout changed"
+        );
+        fsck(&it.fx.repo_path);
+    }
+}
+
+#[test]
+fn a_journal_of_a_merge_that_never_moved_the_branch_is_dropped() {
+    let it = interrupted_merge();
+    let repo = it.fx.repo();
+    repo.reference("refs/heads/main", it.old, true, "back")
+        .unwrap();
+    let before = snapshot(&it.fx.repo_path);
+    let f = forge(&it.fx);
+    assert!(!sync_journal(&f).exists());
+    assert!(snapshot(&it.fx.repo_path) == before);
+    assert_eq!(git_status(&it.fx.repo_path), "");
+}
+
+#[tokio::test]
+async fn check_runs_are_summarised_like_github() {
+    use hydraflow::forge::local::{CheckConclusion, CheckRun, CheckStatus};
+    let fx = fixture();
+    let f = forge(&fx);
+    let sha = tip(&fx.repo(), "main").unwrap().id().to_string();
+    let run = |name: &str, status, conclusion, summary: &str| CheckRun {
+        name: name.into(),
+        status,
+        conclusion,
+        summary: summary.into(),
+    };
+    let state = |f: &LocalForge| {
+        let f = f.clone();
+        let sha = sha.clone();
+        async move { f.checks(&sha).await.unwrap() }
+    };
+
+    assert_eq!(state(&f).await.state, ChecksState::None);
+    f.set_check_run(&sha, run("build", CheckStatus::Queued, None, ""))
+        .unwrap();
+    f.set_check_run(&sha, run("test", CheckStatus::InProgress, None, ""))
+        .unwrap();
+    assert_eq!(state(&f).await.state, ChecksState::Pending);
+    f.set_check_run(
+        &sha,
+        run(
+            "build",
+            CheckStatus::Queued,
+            Some(CheckConclusion::Success),
+            "",
+        ),
+    )
+    .unwrap();
+    assert_eq!(state(&f).await.state, ChecksState::Pending);
+    f.set_check_run(
+        &sha,
+        run(
+            "test",
+            CheckStatus::Completed,
+            Some(CheckConclusion::Skipped),
+            "",
+        ),
+    )
+    .unwrap();
+    let summary = state(&f).await;
     assert_eq!(
-        std::fs::read_to_string(fx.repo_path.join("README.md")).unwrap(),
-        "my local edit\n"
+        (summary.state, summary.failures.len()),
+        (ChecksState::Success, 0)
     );
-    assert_eq!(tip(&fx.repo(), "main").unwrap().id(), main_before);
+    f.set_check_run(
+        &sha,
+        run(
+            "test",
+            CheckStatus::InProgress,
+            Some(CheckConclusion::Failure),
+            "2 tests failed: parse::empty, parse::long",
+        ),
+    )
+    .unwrap();
+    let summary = state(&f).await;
+    assert_eq!(summary.state, ChecksState::Failure);
+    assert_eq!(
+        summary.failures,
+        ["test (failure): 2 tests failed: parse::empty, parse::long"]
+    );
+    // One run per name, completed once it has a conclusion.
+    let runs = f.check_runs(&sha).unwrap();
+    assert_eq!(
+        runs.iter()
+            .map(|r| (r.name.as_str(), r.status))
+            .collect::<Vec<_>>(),
+        [
+            ("build", CheckStatus::Completed),
+            ("test", CheckStatus::Completed)
+        ]
+    );
+    let text = std::fs::read_to_string(f.dir().join(format!("checks/{sha}.json"))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json[1]["conclusion"], "failure");
+    assert_eq!(json[1]["status"], "completed");
+
+    // A commit nobody reported on has no checks; a malformed SHA is refused.
+    let other = "0123456789abcdef0123456789abcdef01234567";
+    assert_eq!(f.checks(other).await.unwrap().state, ChecksState::None);
+    assert!(matches!(
+        f.checks("../../state").await,
+        Err(ForgeError::Rejected(_))
+    ));
+    // A hand-written file with a word outside the vocabulary is an error naming it.
+    std::fs::write(
+        f.dir().join(format!("checks/{other}.json")),
+        r#"[{"name": "x", "status": "done"}]"#,
+    )
+    .unwrap();
+    match f.checks(other).await {
+        Err(ForgeError::Local(message)) => assert!(message.contains(other), "{message}"),
+        result => panic!("expected an error, got {result:?}"),
+    }
 }

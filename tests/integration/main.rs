@@ -1,4 +1,5 @@
 mod agent;
+mod crash_campaign;
 mod dashboard_api;
 mod dashboard_supervisor;
 mod fake_github;
@@ -18,4 +19,7 @@ mod util_dashboard;
 mod worker_activation;
 mod worker_bad_input;
 mod worker_e2e;
+mod worker_faults;
+mod worker_local_ci;
+mod worker_lock;
 mod worker_notify;

@@ -137,8 +137,7 @@ fn failing_agents_dirty_worktrees_and_conflicts() {
     let state = p.state();
     let cause = |n: u64| {
         state.issues[&n]
-            .hitl
-            .as_ref()
+            .hitl()
             .unwrap_or_else(|| panic!("#{n} escalated: {:?}", state.issues[&n]))
             .cause
             .clone()
@@ -162,18 +161,9 @@ fn failing_agents_dirty_worktrees_and_conflicts() {
             "#{n}"
         );
     }
-    assert_eq!(
-        state.issues[&1].hitl.as_ref().unwrap().origin,
-        "hydraflow-ready"
-    );
-    assert_eq!(
-        state.issues[&2].hitl.as_ref().unwrap().origin,
-        "hydraflow-find"
-    );
-    assert_eq!(
-        state.issues[&4].hitl.as_ref().unwrap().origin,
-        "hydraflow-review"
-    );
+    assert_eq!(state.issues[&1].hitl().unwrap().origin, "hydraflow-ready");
+    assert_eq!(state.issues[&2].hitl().unwrap().origin, "hydraflow-find");
+    assert_eq!(state.issues[&4].hitl().unwrap().origin, "hydraflow-review");
 
     // The others kept moving: the dirty worktree was salvaged and merged.
     for n in [3, 5] {
@@ -216,7 +206,7 @@ esac
     p.add_issue("Hang", "forever");
     p.run_until_idle();
     let state = p.state();
-    let hitl = state.issues[&1].hitl.as_ref().expect("escalated");
+    let hitl = state.issues[&1].hitl().expect("escalated");
     assert!(hitl.cause.contains("timed out"), "{}", hitl.cause);
     assert_eq!(labels(&p.issue(1)), vec!["hydraflow-hitl"]);
 }

@@ -88,7 +88,7 @@ fn five_issues_through_the_pipeline() {
         detail.comments
     );
     let state = p.state();
-    let hitl = state.issues[&5].hitl.as_ref().expect("hitl record");
+    let hitl = state.issues[&5].hitl().expect("hitl record");
     assert_eq!(hitl.origin, "hydraflow-ready");
     assert!(hitl.cause.contains("no diff"), "{}", hitl.cause);
 
@@ -224,7 +224,7 @@ fn five_issues_through_the_pipeline() {
     let outcomes: BTreeMap<u64, String> = state
         .issues
         .iter()
-        .map(|(n, r)| (*n, format!("{:?}", r.outcome)))
+        .map(|(n, r)| (*n, format!("{:?}", r.outcome())))
         .collect();
     assert_eq!(outcomes[&4], "Some(AlreadySatisfied)");
     assert_eq!(outcomes[&5], "Some(Merged)");
@@ -232,7 +232,7 @@ fn five_issues_through_the_pipeline() {
         state
             .issues
             .values()
-            .all(|r| !r.claimed && r.hitl.is_none())
+            .all(|r| !r.is_held() && r.hitl().is_none())
     );
 }
 
@@ -315,7 +315,7 @@ fn sigkill_mid_implement_resumes_exactly_once() {
 
     // state.json is valid after the kill and remembers the claim.
     let state = p.state();
-    assert!(state.issues[&1].claimed);
+    assert!(state.issues[&1].is_claimed());
 
     p.run_until_idle();
     let issue = p.issue(1);
@@ -358,8 +358,10 @@ fn sigterm_checkpoints_and_resumes() {
     );
     let state = p.state();
     assert_eq!(
-        state.issues[&1].interrupted,
-        Some(hydraflow::agent::Stage::Implement)
+        state.issues[&1].phase,
+        hydraflow::store::state::Phase::Claimed {
+            stage: hydraflow::agent::Stage::Implement
+        }
     );
     // The agent was stopped with its process group.
     let agent_pid: i32 = std::fs::read_to_string(&marker)

@@ -115,7 +115,7 @@ exit 1
     assert!(pause.data["seconds"].as_u64().unwrap() >= 3600);
     let state = p.state();
     assert_eq!(state.issues[&1].attempts, 0);
-    assert!(state.issues[&1].hitl.is_none());
+    assert!(state.issues[&1].hitl().is_none());
     let triage_runs = std::fs::read_dir(p.data().join("logs"))
         .unwrap()
         .filter(|e| {

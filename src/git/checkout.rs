@@ -1,0 +1,393 @@
+//! Bringing the main checkout along after its branch moved without it: git's
+//! `receive.denyCurrentBranch = updateInstead` rule (git-config(1)), which
+//! updates the working tree of a pushed-to branch only when it is clean, as
+//! `forge::local` needs after a merge advanced the branch the operator has
+//! checked out.
+//!
+//! [`sync_checkout`] takes the commit the branch moved from (`old`) and to
+//! (`new`). It changes nothing unless the checkout is not bare, `HEAD` still
+//! names the branch, the branch is at `new`, and every path of the checkout
+//! holds what one of the two commits holds:
+//! - outside the paths the two commits differ in, the index and the tracked
+//!   files match `new` (which there is `old`): an operator's edit, staged or
+//!   not, anywhere leaves the checkout alone;
+//! - on the paths they differ in, the index entry and the file each hold the
+//!   `old` or the `new` version (or are absent where that commit has none),
+//!   so an update killed half-way is finished, while an operator's version,
+//!   or an untracked or ignored file where `new` puts a file, leaves the
+//!   checkout alone;
+//! - no untracked file sits where `new` needs a directory.
+//!
+//! Then the index becomes `new`'s tree (stat data kept for unchanged
+//! entries), the files `new` removes are deleted (with directories left
+//! empty), and the files it adds or changes are checked out by libgit2
+//! (filters, modes, symbolic links). Each step can be interrupted and the
+//! whole run again: the rule above accepts every intermediate state.
+//! Submodule changes are left to the operator.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+
+use git2::{Delta, DiffOptions, ErrorCode, ObjectType, Oid, Repository, Tree};
+
+use super::GitError;
+
+/// Mode of a gitlink (a submodule's commit) in a tree or the index.
+const GITLINK: u32 = 0o160000;
+
+/// What [`sync_checkout`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckoutSync {
+    /// The index and working tree now match `new`; `paths` files were in the
+    /// difference between the two commits.
+    Updated {
+        /// How many paths differ between `old` and `new`.
+        paths: usize,
+    },
+    /// Nothing was touched: the rule does not apply (a bare repository,
+    /// another branch or a detached `HEAD`, the branch moved on); the reason.
+    NotApplicable(String),
+    /// Nothing was touched: the checkout holds something of its own on a
+    /// path (an edit, a staged change, an untracked file in the way); the
+    /// reason, naming the path.
+    LocalChanges(String),
+}
+
+/// A blob entry of a tree or the index: object id and git file mode.
+type Entry = (Oid, u32);
+
+/// One path that differs between `old` and `new`.
+#[derive(Debug)]
+struct Change {
+    old: Option<Entry>,
+    new: Option<Entry>,
+}
+
+fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
+    let context = context.into();
+    move |source| GitError::Git { context, source }
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> GitError {
+    let context = context.into();
+    move |source| GitError::Io { context, source }
+}
+
+fn bytes_path(bytes: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(bytes))
+}
+
+/// The blob (file, symbolic link or gitlink) at `path` in `tree`, if any.
+fn blob_at(tree: &Tree<'_>, path: &Path) -> Option<Entry> {
+    let entry = tree.get_path(path).ok()?;
+    (entry.kind() != Some(ObjectType::Tree)).then(|| (entry.id(), entry.filemode() as u32))
+}
+
+/// Bring the checkout of `repo` from `old` to `new` after `base_ref` (a
+/// full ref name, `refs/heads/<branch>`) moved from one to the other, by the
+/// rule of the module documentation.
+///
+/// # Errors
+/// [`GitError`] when git or the file system fails while looking or
+/// writing; a checkout that must be left alone is [`CheckoutSync::NotApplicable`]
+/// or [`CheckoutSync::LocalChanges`],
+/// not an error. After an error while writing, calling again with the same
+/// commits finishes the update.
+pub fn sync_checkout(
+    repo: &Repository,
+    base_ref: &str,
+    old: Oid,
+    new: Oid,
+) -> Result<CheckoutSync, GitError> {
+    let Some(root) = repo.workdir().map(Path::to_path_buf) else {
+        return Ok(CheckoutSync::NotApplicable("the repository is bare".into()));
+    };
+    let head = match repo.find_reference("HEAD") {
+        Ok(head) => head,
+        Err(e) if e.code() == ErrorCode::NotFound => {
+            return Ok(CheckoutSync::NotApplicable(
+                "the checkout has no HEAD".into(),
+            ));
+        }
+        Err(e) => return Err(git("cannot read HEAD")(e)),
+    };
+    match head.symbolic_target_bytes() {
+        Some(target) if target == base_ref.as_bytes() => {}
+        Some(target) => {
+            return Ok(CheckoutSync::NotApplicable(format!(
+                "the checkout has {} checked out, not {base_ref}",
+                String::from_utf8_lossy(target)
+            )));
+        }
+        None => {
+            return Ok(CheckoutSync::NotApplicable(
+                "the checkout has a detached HEAD".into(),
+            ));
+        }
+    }
+    let tip = repo
+        .refname_to_id(base_ref)
+        .map_err(git(format!("cannot read {base_ref}")))?;
+    if tip != new {
+        return Ok(CheckoutSync::NotApplicable(format!(
+            "{base_ref} is at {tip} now, not at {new}"
+        )));
+    }
+    let old_tree = repo
+        .find_commit(old)
+        .and_then(|c| c.tree())
+        .map_err(git(format!("cannot read the tree of {old}")))?;
+    let new_tree = repo
+        .find_commit(new)
+        .and_then(|c| c.tree())
+        .map_err(git(format!("cannot read the tree of {new}")))?;
+    let changes = changes(repo, &old_tree, &new_tree)?;
+    if let Some(reason) = obstacle(repo, &root, &old_tree, &new_tree, &changes)? {
+        return Ok(CheckoutSync::LocalChanges(reason));
+    }
+    apply(repo, &root, &new_tree, &changes)?;
+    Ok(CheckoutSync::Updated {
+        paths: changes.len(),
+    })
+}
+
+/// The paths that differ between the two trees, with each side's blob.
+fn changes(
+    repo: &Repository,
+    old: &Tree<'_>,
+    new: &Tree<'_>,
+) -> Result<BTreeMap<PathBuf, Change>, GitError> {
+    let diff = repo
+        .diff_tree_to_tree(Some(old), Some(new), None)
+        .map_err(git("cannot compare the old and new trees"))?;
+    let mut out = BTreeMap::new();
+    for delta in diff.deltas() {
+        for file in [delta.old_file(), delta.new_file()] {
+            if let Some(bytes) = file.path_bytes() {
+                let path = bytes_path(bytes);
+                let change = Change {
+                    old: blob_at(old, &path),
+                    new: blob_at(new, &path),
+                };
+                out.insert(path, change);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Why the checkout must be left alone, or `None` when it may be updated.
+fn obstacle(
+    repo: &Repository,
+    root: &Path,
+    old_tree: &Tree<'_>,
+    new_tree: &Tree<'_>,
+    changes: &BTreeMap<PathBuf, Change>,
+) -> Result<Option<String>, GitError> {
+    if let Some((path, _)) = changes.iter().find(|(_, c)| {
+        [c.old, c.new]
+            .iter()
+            .flatten()
+            .any(|(_, mode)| *mode == GITLINK)
+    }) {
+        return Ok(Some(format!(
+            "the merge changes the submodule {}",
+            path.display()
+        )));
+    }
+    let mut index = repo.index().map_err(git("cannot open the index"))?;
+    index.read(false).map_err(git("cannot read the index"))?;
+    if index.has_conflicts() {
+        return Ok(Some("the index has unresolved conflicts".into()));
+    }
+
+    // The index: new's entries, except old's on the changed paths.
+    let staged = repo
+        .diff_tree_to_index(Some(new_tree), Some(&index), None)
+        .map_err(git("cannot compare the index with the new tree"))?;
+    for path in delta_paths(&staged) {
+        let entry = index.get_path(&path, 0).map(|e| (e.id, e.mode));
+        match changes.get(&path) {
+            Some(change) if entry == change.old || entry == change.new => {}
+            _ => {
+                return Ok(Some(format!(
+                    "{} is staged with changes of its own",
+                    path.display()
+                )));
+            }
+        }
+    }
+
+    // Tracked files outside the changed paths: as in the index.
+    let mut opts = DiffOptions::new();
+    opts.include_untracked(false).ignore_submodules(true);
+    let edited = repo
+        .diff_index_to_workdir(Some(&index), Some(&mut opts))
+        .map_err(git("cannot compare the working tree with the index"))?;
+    if let Some(path) = delta_paths(&edited)
+        .into_iter()
+        .find(|p| !changes.contains_key(p))
+    {
+        return Ok(Some(format!("{} has local changes", path.display())));
+    }
+
+    // The changed paths: the old or the new version in the working tree.
+    if !changes.is_empty() {
+        let against_old = workdir_differences(repo, old_tree, changes)?;
+        let against_new = workdir_differences(repo, new_tree, changes)?;
+        if let Some(path) = against_old.intersection(&against_new).next() {
+            return Ok(Some(format!(
+                "{} holds neither the old nor the new version",
+                path.display()
+            )));
+        }
+    }
+
+    // No untracked file where a new file needs a directory.
+    for path in changes
+        .iter()
+        .filter(|(_, c)| c.new.is_some())
+        .map(|(p, _)| p)
+    {
+        for dir in path.ancestors().skip(1) {
+            if dir.as_os_str().is_empty() {
+                break;
+            }
+            match std::fs::symlink_metadata(root.join(dir)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(io(format!("cannot inspect {}", root.join(dir).display()))(
+                        e,
+                    ));
+                }
+                Ok(meta) if meta.is_dir() => {}
+                // A tracked file of either commit, checked like the others above.
+                Ok(_) if blob_at(old_tree, dir).is_some() || blob_at(new_tree, dir).is_some() => {}
+                Ok(_) => {
+                    return Ok(Some(format!(
+                        "the untracked {} is in the way of {}",
+                        dir.display(),
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Paths named by the deltas of `diff`, either side.
+fn delta_paths(diff: &git2::Diff<'_>) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for delta in diff.deltas() {
+        for file in [delta.old_file(), delta.new_file()] {
+            if let Some(bytes) = file.path_bytes() {
+                out.insert(bytes_path(bytes));
+            }
+        }
+    }
+    out
+}
+
+/// Paths at or under the changed paths where the working tree differs from
+/// `tree` (content after filters, type, presence; untracked and ignored
+/// files included).
+fn workdir_differences(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    changes: &BTreeMap<PathBuf, Change>,
+) -> Result<BTreeSet<PathBuf>, GitError> {
+    let mut opts = DiffOptions::new();
+    opts.include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .include_ignored(true)
+        .recurse_ignored_dirs(true)
+        .include_typechange(true)
+        .disable_pathspec_match(true);
+    for path in changes.keys() {
+        opts.pathspec(path.as_path());
+    }
+    let diff = repo
+        .diff_tree_to_workdir(Some(tree), Some(&mut opts))
+        .map_err(git("cannot compare the working tree with a commit"))?;
+    let mut out = BTreeSet::new();
+    for delta in diff.deltas() {
+        if delta.status() == Delta::Unmodified {
+            continue;
+        }
+        for file in [delta.old_file(), delta.new_file()] {
+            if let Some(bytes) = file.path_bytes() {
+                out.insert(bytes_path(bytes));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether every directory above `path` (relative to `root`) is a real
+/// directory, not a symbolic link or a file.
+fn inside_real_dirs(root: &Path, path: &Path) -> bool {
+    path.ancestors()
+        .skip(1)
+        .filter(|d| !d.as_os_str().is_empty())
+        .all(|d| std::fs::symlink_metadata(root.join(d)).is_ok_and(|m| m.is_dir()))
+}
+
+/// Make the index `new_tree`, delete what it removes, check out what it adds
+/// or changes.
+fn apply(
+    repo: &Repository,
+    root: &Path,
+    new_tree: &Tree<'_>,
+    changes: &BTreeMap<PathBuf, Change>,
+) -> Result<(), GitError> {
+    let mut index = repo.index().map_err(git("cannot open the index"))?;
+    index
+        .read_tree(new_tree)
+        .map_err(git("cannot load the new tree into the index"))?;
+    index.write().map_err(git("cannot write the index"))?;
+
+    for path in changes
+        .iter()
+        .filter(|(_, c)| c.new.is_none())
+        .map(|(p, _)| p)
+    {
+        let full = root.join(path);
+        if !inside_real_dirs(root, path) {
+            continue;
+        }
+        match std::fs::symlink_metadata(&full) {
+            Ok(meta) if !meta.is_dir() => {
+                std::fs::remove_file(&full)
+                    .map_err(io(format!("cannot remove {}", full.display())))?;
+            }
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("cannot inspect {}", full.display()))(e)),
+        }
+        // Directories the removal left empty go too, as git does.
+        for dir in path.ancestors().skip(1) {
+            if dir.as_os_str().is_empty() || std::fs::remove_dir(root.join(dir)).is_err() {
+                break;
+            }
+        }
+    }
+
+    let writes: Vec<&PathBuf> = changes
+        .iter()
+        .filter(|(_, c)| c.new.is_some())
+        .map(|(p, _)| p)
+        .collect();
+    if !writes.is_empty() {
+        let mut checkout = git2::build::CheckoutBuilder::new();
+        checkout.force().disable_pathspec_match(true);
+        for path in writes {
+            checkout.path(path.as_path());
+        }
+        repo.checkout_tree(new_tree.as_object(), Some(&mut checkout))
+            .map_err(git("cannot check out the new files"))?;
+    }
+    Ok(())
+}
