@@ -107,7 +107,7 @@ pub fn print_summary(resolved: &Resolved, forge: &LocalForge) -> anyhow::Result<
     let state = crate::store::state::StateTracker::read_only(&resolved.layout.state_file())
         .unwrap_or_default();
     for issue in forge.all_issues()? {
-        let outcome = state.issues.get(&issue.number).and_then(|r| r.outcome);
+        let outcome = state.issues.get(&issue.number).and_then(|r| r.outcome());
         let merged = forge
             .pull_requests_for_head(&crate::layout::Layout::branch_name(issue.number))?
             .into_iter()

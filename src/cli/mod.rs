@@ -153,6 +153,7 @@ fn prints_for_a_pipe(command: &Command) -> bool {
     matches!(
         command,
         Command::Config(_)
+            | Command::Check(_)
             | Command::Issue(_)
             | Command::Hitl(_)
             | Command::Repo(_)

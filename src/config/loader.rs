@@ -139,6 +139,9 @@ const NON_KEY_ENV: &[&str] = &[
     "HYDRAFLOW_BENCH_BIN",
     "HYDRAFLOW_BENCH_QUICK",
     "HYDRAFLOW_NO_LINK_ORDER",
+    "HYDRAFLOW_CAMPAIGN_BIN",
+    "HYDRAFLOW_CAMPAIGN_RUNS",
+    "HYDRAFLOW_CAMPAIGN_SEED",
 ];
 
 /// What [`load`] made of the layers.
