@@ -996,10 +996,22 @@ mod tests {
 
     #[test]
     fn semantic_checks() {
+        // Each names the file its value came from.
         let e = error_of("[limits]\nmax_workers = 11\n", None, &[]);
-        assert_eq!(e, "limits.max_workers = 11 is out of range: use 1 to 10");
+        assert!(
+            e.ends_with("/hydraflow.toml: limits.max_workers = 11 is out of range: use 1 to 10"),
+            "{e}"
+        );
         let e = error_of("forge = \"github\"\n", None, &[]);
-        assert_eq!(e, "forge = \"github\" needs repo = \"owner/name\"");
+        assert!(
+            e.ends_with("/hydraflow.toml: forge = \"github\" needs repo = \"owner/name\""),
+            "{e}"
+        );
+        let e = error_of("", None, &[("HYDRAFLOW_LIMITS_MAX_WORKERS", "0")]);
+        assert_eq!(
+            e,
+            "environment HYDRAFLOW_LIMITS_MAX_WORKERS: limits.max_workers = 0 is out of range: use 1 to 10"
+        );
         let e = error_of("forge = \"github\"\nrepo = \"nope\"\n", None, &[]);
         assert!(e.contains("use \"owner/name\""), "{e}");
         let e = error_of("forge = \"gitlab\"\n", None, &[]);

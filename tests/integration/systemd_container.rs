@@ -281,11 +281,15 @@ async fn supervisor_with_systemd_in_a_booted_container() {
         "{units}"
     );
 
-    step("remove_repo demo: the unit stops");
+    step("remove_repo demo: the unit stops, the instance file the supervisor wrote goes");
     let removed = served
         .req(json!({"action": "remove_repo", "slug": "demo"}))
         .await;
     assert_eq!(removed, json!({"status": "ok"}));
+    assert!(
+        !repos.join("demo.toml").exists(),
+        "the instance file is left"
+    );
     let gone = served
         .req(json!({"action": "repo_status", "slug": "demo"}))
         .await;
