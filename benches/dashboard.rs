@@ -84,7 +84,7 @@ async fn run() {
     let runtime = RepoRuntime::create(
         resolved,
         Arc::new(forge),
-        Arc::new(ProcessRunner),
+        Arc::new(ProcessRunner::default()),
         Vec::new(),
     )
     .expect("runtime");

@@ -154,6 +154,11 @@ impl Layout {
     pub fn sessions_file(&self) -> PathBuf {
         self.repo_dir().join("sessions.jsonl")
     }
+
+    /// `data_root/<slug>/agent-calls.jsonl`: one record per agent call.
+    pub fn agent_calls_file(&self) -> PathBuf {
+        self.repo_dir().join("agent-calls.jsonl")
+    }
     /// `data_root/<slug>/logs/`: transcripts and the worker's own log off the journal.
     pub fn logs_dir(&self) -> PathBuf {
         self.repo_dir().join("logs")

@@ -4,19 +4,28 @@
 //! turns Claude Code `stream-json`, Codex `--json` and plain text into display
 //! lines and a final transcript; `prompts` renders the stage prompts;
 //! `contract` extracts the output contract (triage JSON, plan markers,
-//! verdicts).
+//! verdicts); `failure` classifies a failed call (attempt, later, pause);
+//! `contain` runs each call in its own cgroup or under a child subreaper
+//! (`shim`) and measures what it used.
 //!
-//! **Invariant:** only `agent::runner` spawns agent processes.
+//! **Invariant:** only `agent::runner` spawns agent processes, and every
+//! classification of an agent's outcome is made in `agent::failure`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod contain;
 pub mod contract;
+pub mod failure;
 pub mod parse;
 pub mod prompts;
 pub mod runner;
+pub mod shim;
+
+pub use failure::{AgentFailure, PauseKind};
+pub use parse::{Signals, Usage};
 
 /// The five pipeline stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -130,26 +139,44 @@ pub enum AgentBlock {
 }
 
 /// What an agent run produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct AgentOutcome {
     /// Exit code; `None` when killed by a signal (including the timeout).
     pub exit_code: Option<i32>,
+    /// The signal that ended it, when one did.
+    pub signal: Option<i32>,
     /// True when the timeout killed the process group.
     pub timed_out: bool,
+    /// The timeout the call ran under.
+    pub timeout: Duration,
     /// The final result text, else the accumulated assistant text.
     pub transcript: String,
     /// The agent itself reported an error (Claude `is_error`, Codex `turn.failed`/`error`).
     pub is_error: bool,
-    /// Usage limit or auth failure recognised on stdout or stderr.
-    pub block: Option<AgentBlock>,
+    /// What the agent's stream said about a failure, structured
+    /// (see [`failure`] for how it is read).
+    pub signals: Signals,
     /// The last lines of stderr (at most a few KiB), for error messages.
     pub stderr_tail: String,
+    /// Model tokens the call used, as the agent reported them.
+    pub usage: Usage,
+    /// Cost in US dollars as the agent reported it (Claude `total_cost_usd`).
+    pub cost_usd: Option<f64>,
+    /// The model the agent said it used (Claude's `init` event).
+    pub model: Option<String>,
+    /// Wall time, CPU time and memory of the call (see [`contain`]).
+    pub resources: contain::Resources,
 }
 
 impl AgentOutcome {
     /// Exit 0, not timed out, no error reported.
     pub fn succeeded(&self) -> bool {
-        self.exit_code == Some(0) && !self.timed_out && !self.is_error && self.block.is_none()
+        self.exit_code == Some(0) && !self.timed_out && !self.is_error
+    }
+
+    /// How this outcome failed, or `None` when it succeeded; see [`failure`].
+    pub fn failure(&self) -> Option<AgentFailure> {
+        failure::classify(self)
     }
 }
 
@@ -164,10 +191,18 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// Reading its output or writing the transcript failed.
+    /// Reading its output or writing HydraFlow's own files (transcript,
+    /// prompt file, cgroup) failed.
     #[error("agent i/o failed: {0}")]
     Io(#[from] std::io::Error),
     /// The configuration names an unknown preset or output format.
     #[error("{0}")]
     Config(String),
+}
+
+impl AgentError {
+    /// How this error is handled; see [`failure::classify_error`].
+    pub fn failure(&self) -> AgentFailure {
+        failure::classify_error(self)
+    }
 }

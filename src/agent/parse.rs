@@ -4,23 +4,27 @@
 //! A [`StreamParser`] is fed one stdout line at a time and returns the
 //! [`DisplayLine`]s that line produces; [`StreamParser::finish`] returns the
 //! [`StreamSummary`]: the final transcript, whether the agent reported an
-//! error, and bookkeeping (session id, usage, cost, a recognised usage-limit or
-//! auth block). Nothing here fails: a line that is not JSON in a JSON format,
+//! error, the structured [`Signals`] of a failure (read by
+//! [`super::failure`]), and bookkeeping (session id, model, token usage,
+//! cost). Nothing here fails: a line that is not JSON in a JSON format,
 //! truncated JSON, or an event type this parser does not know is shown as a
 //! [`LineKind::System`] line and otherwise ignored.
 //!
 //! Sources of the formats: Claude Code's "CLI reference" and "headless mode"
 //! pages (`--output-format stream-json`: `system`/`assistant`/`user`/`result`
-//! events) and the recorded runs in `tests/fixtures/claude-stream-json`; Codex's
-//! `docs/exec.md` (`thread.started`, `turn.*`, `item.*` events) and, for the
-//! older `{"id", "msg": {..}}` format, recorded runs in
-//! `tests/fixtures/codex-exec-json`.
+//! events) and the recorded runs in `tests/fixtures/claude-stream-json`
+//! (`api-faults/` holds what Claude Code 2.1.328 prints for each API fault:
+//! an assistant message with `error`, `api_error_status` and `api_error`, a
+//! `rate_limit_event`, and a `result` with `is_error`, `api_error_status`
+//! and `terminal_reason`); Codex's `docs/exec.md` (`thread.started`,
+//! `turn.*`, `item.*`, `error` events) and, for the older `{"id", "msg":
+//! {..}}` format, recorded runs in `tests/fixtures/codex-exec-json` (Codex
+//! 0.169.0's faults in `api-faults/`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::contract::detect_block;
-use super::{AgentBlock, OutputFormat};
+use super::OutputFormat;
 
 /// What kind of thing a display line shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -91,6 +95,97 @@ fn text_lines(kind: LineKind, text: &str, out: &mut Vec<DisplayLine>) {
     }
 }
 
+/// Model tokens of one call, as the agent reported them (Claude's `result`
+/// `usage`; the sum of Codex's `turn.completed` `usage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Usage {
+    /// Input tokens not read from the cache.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Input tokens read from the prompt cache.
+    pub cache_read_input_tokens: u64,
+    /// Input tokens written to the prompt cache.
+    pub cache_creation_input_tokens: u64,
+}
+
+impl Usage {
+    /// Add `other` to this.
+    pub fn add(&mut self, other: &Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_read_input_tokens += other.cache_read_input_tokens;
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens;
+    }
+}
+
+/// Claude Code's final `result` event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClaudeResult {
+    /// `subtype`: `success`, `error_max_turns`, `error_during_execution`, …
+    /// (an API failure still says `success`).
+    pub subtype: String,
+    /// `is_error`.
+    pub is_error: bool,
+    /// `api_error_status`: the HTTP status of the failed API call, when one failed.
+    pub api_error_status: Option<u16>,
+    /// `terminal_reason`: `completed`, `api_error`, …
+    pub terminal_reason: Option<String>,
+    /// `result`: the final text (the error message when `is_error`).
+    pub text: Option<String>,
+}
+
+/// An assistant message Claude Code made up for a failed API call (it
+/// carries `error`, and `is_api_error_message: true`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ApiError {
+    /// `error`: `authentication_failed`, `billing_error`, `rate_limit`,
+    /// `server_error`, `invalid_request`, …
+    pub error: String,
+    /// `api_error_status`: the HTTP status, when there was a response.
+    pub status: Option<u16>,
+    /// `api_error`: a finer kind, e.g. `usage_limit_reached` or `connection_failed`.
+    pub detail: Option<String>,
+    /// `api_error_params.rate_limit_info.resetsAt` (Unix seconds).
+    pub resets_at: Option<u64>,
+    /// The message's text.
+    pub text: String,
+}
+
+/// Claude Code's `rate_limit_event` (`rate_limit_info`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RateLimit {
+    /// `status`: `allowed`, `allowed_warning` or `rejected`.
+    pub status: String,
+    /// `resetsAt` (Unix seconds).
+    pub resets_at: Option<u64>,
+    /// `rateLimitType`, e.g. `five_hour`, `seven_day`.
+    pub kind: Option<String>,
+}
+
+/// What the stream said about a failure, for [`super::failure`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Signals {
+    /// Claude's `result` event (the last one).
+    pub result: Option<ClaudeResult>,
+    /// Claude's last API error message.
+    pub api_error: Option<ApiError>,
+    /// Claude's last `rate_limit_event`.
+    pub rate_limit: Option<RateLimit>,
+    /// Codex's error messages (`error` events, `turn.failed`, legacy
+    /// `msg.type: "error"`), in order.
+    pub errors: Vec<String>,
+    /// Codex reported `turn.failed` (or a legacy error).
+    pub turn_failed: bool,
+    /// The end (at most [`JUNK_TAIL`] bytes) of the stdout lines that are not
+    /// the format's JSON, and of all stdout in the plain format.
+    pub junk: String,
+}
+
+/// Bytes of non-JSON stdout kept in [`Signals::junk`].
+pub const JUNK_TAIL: usize = 8 * 1024;
+
 /// What a finished stream amounted to.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StreamSummary {
@@ -102,13 +197,14 @@ pub struct StreamSummary {
     pub is_error: bool,
     /// Claude `session_id` or Codex `thread_id`.
     pub session_id: Option<String>,
-    /// The last usage object the agent reported (tokens), as sent.
-    pub usage: Option<Value>,
+    /// The model named by Claude's `init` event.
+    pub model: Option<String>,
+    /// Tokens used.
+    pub usage: Usage,
     /// Claude `total_cost_usd`.
     pub cost_usd: Option<f64>,
-    /// The first usage-limit or auth message found in error texts, junk lines
-    /// or (plain format) any line; see [`super::contract::detect_block`].
-    pub block: Option<AgentBlock>,
+    /// Structured facts about a failure.
+    pub signals: Signals,
 }
 
 /// A parser for one agent run's stdout.
@@ -182,28 +278,34 @@ fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
 }
 
-/// Remember the first block found in `text`.
-fn note_block(slot: &mut Option<AgentBlock>, text: &str) {
-    if slot.is_none() {
-        *slot = text.lines().find_map(detect_block);
+/// Keep the last [`JUNK_TAIL`] bytes of `text` plus `line`.
+fn push_tail(text: &mut String, line: &str) {
+    text.push_str(line);
+    text.push('\n');
+    if text.len() > JUNK_TAIL {
+        let mut cut = text.len() - JUNK_TAIL;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text.drain(..cut);
     }
 }
 
 /// Shared handling of lines that are not the format's JSON: shown as system
-/// lines, kept as a transcript fallback and checked for block messages.
+/// lines and kept as a transcript fallback and in [`Signals::junk`].
 #[derive(Debug, Clone, Default)]
 struct Junk {
     text: String,
 }
 
 impl Junk {
-    fn feed(&mut self, line: &str, block: &mut Option<AgentBlock>) -> Vec<DisplayLine> {
+    fn feed(&mut self, line: &str, signals: &mut Signals) -> Vec<DisplayLine> {
         if line.trim().is_empty() {
             return Vec::new();
         }
         self.text.push_str(line);
         self.text.push('\n');
-        note_block(block, line);
+        push_tail(&mut signals.junk, line);
         vec![DisplayLine::new(LineKind::System, line)]
     }
 }
@@ -212,17 +314,17 @@ impl Junk {
 #[derive(Debug, Clone, Default)]
 pub struct PlainParser {
     all: String,
-    block: Option<AgentBlock>,
+    signals: Signals,
 }
 
 impl PlainParser {
     fn feed(&mut self, line: &str) -> Vec<DisplayLine> {
         self.all.push_str(line);
         self.all.push('\n');
-        note_block(&mut self.block, line);
         if line.trim().is_empty() {
             Vec::new()
         } else {
+            push_tail(&mut self.signals.junk, line);
             vec![DisplayLine::new(LineKind::Text, line)]
         }
     }
@@ -230,7 +332,7 @@ impl PlainParser {
     fn finish(self) -> StreamSummary {
         StreamSummary {
             transcript: self.all,
-            block: self.block,
+            signals: self.signals,
             ..StreamSummary::default()
         }
     }
@@ -272,18 +374,51 @@ fn tool_result_text(content: Option<&Value>) -> String {
     }
 }
 
+/// A non-negative JSON integer as `u64`.
+fn u64_of(v: &Value, key: &str) -> Option<u64> {
+    v.get(key).and_then(Value::as_u64)
+}
+
+/// An HTTP status field (`api_error_status`), when it is a number.
+fn status_of(v: &Value, key: &str) -> Option<u16> {
+    u64_of(v, key).and_then(|n| u16::try_from(n).ok())
+}
+
+/// Claude's `usage` object as [`Usage`].
+fn claude_usage(usage: &Value) -> Usage {
+    Usage {
+        input_tokens: u64_of(usage, "input_tokens").unwrap_or(0),
+        output_tokens: u64_of(usage, "output_tokens").unwrap_or(0),
+        cache_read_input_tokens: u64_of(usage, "cache_read_input_tokens").unwrap_or(0),
+        cache_creation_input_tokens: u64_of(usage, "cache_creation_input_tokens").unwrap_or(0),
+    }
+}
+
+/// Claude's `rate_limit_info` object (of a `rate_limit_event`, or of an API
+/// error's `api_error_params`).
+fn rate_limit_of(info: &Value) -> RateLimit {
+    RateLimit {
+        status: str_of(info, "status").unwrap_or("").to_string(),
+        resets_at: u64_of(info, "resetsAt"),
+        kind: str_of(info, "rateLimitType").map(str::to_string),
+    }
+}
+
 /// Claude Code `stream-json`. The transcript is the `result` event's text,
 /// else the assistant text blocks joined by newlines, else (no JSON event at
-/// all) the junk lines.
+/// all) the junk lines. Assistant messages that carry `error` are API
+/// failures Claude Code reports as text: they go to [`Signals::api_error`],
+/// not into the transcript.
 #[derive(Debug, Clone, Default)]
 pub struct ClaudeParser {
     assistant_text: Vec<String>,
     result: Option<String>,
     is_error: bool,
     session_id: Option<String>,
-    usage: Option<Value>,
+    model: Option<String>,
+    usage: Usage,
     cost_usd: Option<f64>,
-    block: Option<AgentBlock>,
+    signals: Signals,
     junk: Junk,
     events: usize,
 }
@@ -291,7 +426,7 @@ pub struct ClaudeParser {
 impl ClaudeParser {
     fn feed(&mut self, line: &str) -> Vec<DisplayLine> {
         let Some(event) = parse_json_line(line) else {
-            return self.junk.feed(line, &mut self.block);
+            return self.junk.feed(line, &mut self.signals);
         };
         self.events += 1;
         if self.session_id.is_none() {
@@ -303,6 +438,7 @@ impl ClaudeParser {
             Some("assistant") => self.assistant(&event, &mut out),
             Some("user") => Self::user(&event, &mut out),
             Some("result") => self.result(&event, &mut out),
+            Some("rate_limit_event") => self.rate_limit(&event, &mut out),
             Some(other) => out.push(DisplayLine::new(LineKind::System, &format!("[{other}]"))),
             None => out.push(DisplayLine::new(LineKind::System, line)),
         }
@@ -313,6 +449,9 @@ impl ClaudeParser {
         let subtype = str_of(event, "subtype").unwrap_or("system");
         if subtype == "init" {
             let model = str_of(event, "model").unwrap_or("?");
+            if model != "?" {
+                self.model = Some(model.to_string());
+            }
             let cwd = str_of(event, "cwd").unwrap_or("?");
             let mode = str_of(event, "permissionMode").unwrap_or("?");
             out.push(DisplayLine::new(
@@ -327,12 +466,47 @@ impl ClaudeParser {
         }
     }
 
+    fn rate_limit(&mut self, event: &Value, out: &mut Vec<DisplayLine>) {
+        let info = rate_limit_of(event.get("rate_limit_info").unwrap_or(&Value::Null));
+        let mut text = format!("rate limit: {}", info.status);
+        if let Some(kind) = &info.kind {
+            text.push_str(&format!(" ({kind})"));
+        }
+        if let Some(at) = info.resets_at {
+            text.push_str(&format!(", resets at {at}"));
+        }
+        let kind = if info.status == "rejected" {
+            LineKind::Error
+        } else {
+            LineKind::System
+        };
+        out.push(DisplayLine::new(kind, &text));
+        self.signals.rate_limit = Some(info);
+    }
+
     fn assistant(&mut self, event: &Value, out: &mut Vec<DisplayLine>) {
         let blocks = event
             .pointer("/message/content")
             .and_then(Value::as_array)
             .map(Vec::as_slice)
             .unwrap_or_default();
+        if let Some(error) = str_of(event, "error") {
+            let text = blocks
+                .iter()
+                .filter_map(|b| str_of(b, "text"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            out.push(DisplayLine::new(LineKind::Error, &text));
+            let info = event.pointer("/api_error_params/rate_limit_info");
+            self.signals.api_error = Some(ApiError {
+                error: error.to_string(),
+                status: status_of(event, "api_error_status"),
+                detail: str_of(event, "api_error").map(str::to_string),
+                resets_at: info.map(rate_limit_of).and_then(|r| r.resets_at),
+                text,
+            });
+            return;
+        }
         for block in blocks {
             match str_of(block, "type") {
                 Some("text") => {
@@ -385,19 +559,22 @@ impl ClaudeParser {
         let is_error = event.get("is_error").and_then(Value::as_bool) == Some(true)
             || subtype.starts_with("error");
         self.is_error |= is_error;
-        self.usage = event.get("usage").cloned().or(self.usage.take());
+        if let Some(usage) = event.get("usage").filter(|u| u.is_object()) {
+            self.usage = claude_usage(usage);
+        }
         self.cost_usd = event
             .get("total_cost_usd")
             .or_else(|| event.get("cost_usd"))
             .and_then(Value::as_f64)
             .or(self.cost_usd);
         let text = str_of(event, "result").map(str::to_string);
-        if let Some(t) = &text {
-            // A short one-line result is how Claude reports "usage limit reached|<time>".
-            if is_error || (!t.contains('\n') && t.len() < 300) {
-                note_block(&mut self.block, t);
-            }
-        }
+        self.signals.result = Some(ClaudeResult {
+            subtype: subtype.to_string(),
+            is_error,
+            api_error_status: status_of(event, "api_error_status"),
+            terminal_reason: str_of(event, "terminal_reason").map(str::to_string),
+            text: text.clone(),
+        });
         let turns = event.get("num_turns").and_then(Value::as_u64).unwrap_or(0);
         let mut summary = format!(
             "result: {}, {turns} turns",
@@ -427,9 +604,10 @@ impl ClaudeParser {
             transcript,
             is_error: self.is_error,
             session_id: self.session_id,
+            model: self.model,
             usage: self.usage,
             cost_usd: self.cost_usd,
-            block: self.block,
+            signals: self.signals,
         }
     }
 }
@@ -443,21 +621,31 @@ impl ClaudeParser {
 pub struct CodexParser {
     last_message: Option<String>,
     final_message: Option<String>,
-    errors: Vec<String>,
-    turn_failed: bool,
     /// An `error` event not (yet) followed by `turn.completed`.
     pending_error: bool,
     session_id: Option<String>,
-    usage: Option<Value>,
-    block: Option<AgentBlock>,
+    usage: Usage,
+    signals: Signals,
     junk: Junk,
     events: usize,
+}
+
+/// Codex's `usage` object (`input_tokens` includes `cached_input_tokens`) as [`Usage`].
+fn codex_usage(usage: &Value) -> Usage {
+    let input = u64_of(usage, "input_tokens").unwrap_or(0);
+    let cached = u64_of(usage, "cached_input_tokens").unwrap_or(0);
+    Usage {
+        input_tokens: input.saturating_sub(cached),
+        output_tokens: u64_of(usage, "output_tokens").unwrap_or(0),
+        cache_read_input_tokens: cached,
+        cache_creation_input_tokens: u64_of(usage, "cache_write_input_tokens").unwrap_or(0),
+    }
 }
 
 impl CodexParser {
     fn feed(&mut self, line: &str) -> Vec<DisplayLine> {
         let Some(event) = parse_json_line(line) else {
-            return self.junk.feed(line, &mut self.block);
+            return self.junk.feed(line, &mut self.signals);
         };
         self.events += 1;
         let mut out = Vec::new();
@@ -471,8 +659,7 @@ impl CodexParser {
     }
 
     fn error(&mut self, message: &str, out: &mut Vec<DisplayLine>) {
-        note_block(&mut self.block, message);
-        self.errors.push(message.to_string());
+        self.signals.errors.push(message.to_string());
         out.push(DisplayLine::new(LineKind::Error, message));
     }
 
@@ -494,7 +681,9 @@ impl CodexParser {
             "turn.started" => out.push(DisplayLine::new(LineKind::System, "turn started")),
             "turn.completed" => {
                 self.pending_error = false;
-                self.usage = event.get("usage").cloned();
+                if let Some(usage) = event.get("usage") {
+                    self.usage.add(&codex_usage(usage));
+                }
                 let tokens = |k: &str| {
                     event
                         .pointer(&format!("/usage/{k}"))
@@ -512,7 +701,7 @@ impl CodexParser {
                 ));
             }
             "turn.failed" => {
-                self.turn_failed = true;
+                self.signals.turn_failed = true;
                 let msg = event
                     .pointer("/error/message")
                     .and_then(Value::as_str)
@@ -607,9 +796,9 @@ impl CodexParser {
                     &format!("web search: {query}"),
                 ));
             }
+            // Warnings such as "Model metadata for … not found": shown, not failures.
             "error" if completed => {
                 let msg = str_of(item, "message").unwrap_or("error");
-                note_block(&mut self.block, msg);
                 out.push(DisplayLine::new(LineKind::Error, msg));
             }
             _ => {}
@@ -658,11 +847,16 @@ impl CodexParser {
                 out.push(DisplayLine::new(LineKind::System, "task complete"));
             }
             "error" => {
-                self.turn_failed = true;
+                self.signals.turn_failed = true;
                 let message = str_of(msg, "message").unwrap_or("error");
                 self.error(message, out);
             }
-            "token_count" => self.usage = msg.get("info").or(Some(msg)).cloned(),
+            "token_count" => {
+                let info = msg.get("info").unwrap_or(msg);
+                if let Some(total) = info.get("total_token_usage") {
+                    self.usage = codex_usage(total);
+                }
+            }
             // Streaming deltas repeat what the full messages say.
             "agent_message_delta" | "agent_reasoning_delta" | "exec_command_output_delta" => {}
             other => out.push(DisplayLine::new(LineKind::System, &format!("[{other}]"))),
@@ -673,17 +867,18 @@ impl CodexParser {
         let transcript = match (self.final_message, self.last_message) {
             (Some(f), _) if !f.trim().is_empty() => f,
             (_, Some(m)) => m,
-            _ if !self.errors.is_empty() => self.errors.join("\n"),
+            _ if !self.signals.errors.is_empty() => self.signals.errors.join("\n"),
             _ if self.events == 0 => self.junk.text,
             _ => String::new(),
         };
         StreamSummary {
             transcript,
-            is_error: self.turn_failed || self.pending_error,
+            is_error: self.signals.turn_failed || self.pending_error,
             session_id: self.session_id,
+            model: None,
             usage: self.usage,
             cost_usd: None,
-            block: self.block,
+            signals: self.signals,
         }
     }
 }
@@ -736,11 +931,27 @@ mod tests {
             "{path}: tool lines {tools:?} lack {:?}",
             want.collect::<Vec<_>>()
         );
-        let block = summary.block.as_ref().map(|b| match b {
-            AgentBlock::UsageLimit { .. } => "usage",
-            AgentBlock::Auth { .. } => "auth",
-        });
-        assert_eq!(block, expect.block, "{path}: block {:?}", summary.block);
+        // The failure class of this stream as a call that exited 1.
+        let outcome = crate::agent::AgentOutcome {
+            exit_code: Some(1),
+            is_error: summary.is_error,
+            signals: summary.signals.clone(),
+            ..crate::agent::AgentOutcome::default()
+        };
+        let block = match outcome.failure() {
+            Some(crate::agent::AgentFailure::Pause {
+                kind: crate::agent::PauseKind::Auth,
+                ..
+            }) => Some("auth"),
+            Some(crate::agent::AgentFailure::Pause {
+                kind: crate::agent::PauseKind::UsageLimit,
+                ..
+            }) => Some("usage"),
+            _ => None,
+        };
+        if summary.is_error || expect.block.is_some() {
+            assert_eq!(block, expect.block, "{path}: {:?}", outcome.failure());
+        }
         if let Some(session) = expect.session {
             assert_eq!(summary.session_id.as_deref(), Some(session), "{path}");
         }
@@ -860,13 +1071,7 @@ mod tests {
         }));
         let cost = summary.cost_usd.unwrap_or_default();
         assert!((cost - 0.113_464_05).abs() < 1e-9, "{cost}");
-        assert_eq!(
-            summary
-                .usage
-                .as_ref()
-                .and_then(|u| u["output_tokens"].as_u64()),
-            Some(93)
-        );
+        assert_eq!(summary.usage.output_tokens, 93);
     }
 
     /// The pretty-printed single-event files, each compacted to one line.
@@ -1017,12 +1222,10 @@ mod tests {
             OutputFormat::CodexJson,
             &fixture("codex-exec-json/openai-codex_docs-exec-md_sample.jsonl"),
         );
+        // Codex counts cached tokens inside input_tokens; Usage keeps them apart.
         assert_eq!(
-            summary
-                .usage
-                .as_ref()
-                .and_then(|u| u["input_tokens"].as_u64()),
-            Some(24763)
+            summary.usage.input_tokens + summary.usage.cache_read_input_tokens,
+            24763
         );
         let results: Vec<&str> = lines
             .iter()
@@ -1082,26 +1285,62 @@ mod tests {
         for format in [OutputFormat::ClaudeStreamJson, OutputFormat::CodexJson] {
             let (_, summary) = parse_all(format, out);
             assert_eq!(summary.transcript, out, "{format:?}");
-            assert!(
-                matches!(summary.block, Some(AgentBlock::Auth { .. })),
-                "{format:?}"
-            );
+            assert_eq!(summary.signals.junk, out, "{format:?}");
         }
     }
 
     #[test]
-    fn claude_usage_limit_result() {
-        let out = "{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":true,\"result\":\"Claude AI usage limit reached|1750000000\"}\n";
-        let (lines, summary) = parse_all(OutputFormat::ClaudeStreamJson, out);
+    fn claude_api_error_signals() {
+        let (lines, summary) = parse_all(
+            OutputFormat::ClaudeStreamJson,
+            &fixture("claude-stream-json/api-faults/claude-2.1.328_429-usage-limit-oauth.jsonl"),
+        );
         assert!(summary.is_error);
+        let s = &summary.signals;
         assert_eq!(
-            summary.block,
-            Some(AgentBlock::UsageLimit {
-                message: "Claude AI usage limit reached|1750000000".into(),
-                resets_at: Some(1_750_000_000)
+            s.rate_limit,
+            Some(RateLimit {
+                status: "rejected".into(),
+                resets_at: Some(1_795_797_943),
+                kind: Some("five_hour".into()),
             })
         );
-        assert_eq!(lines.last().map(|l| l.kind), Some(LineKind::Error));
+        let api = s.api_error.clone().unwrap_or_default();
+        assert_eq!(api.error, "rate_limit");
+        assert_eq!(api.status, Some(429));
+        assert_eq!(api.detail.as_deref(), Some("usage_limit_reached"));
+        assert_eq!(api.resets_at, Some(1_795_797_943));
+        let result = s.result.clone().unwrap_or_default();
+        assert_eq!(result.subtype, "success");
+        assert_eq!(result.api_error_status, Some(429));
+        assert_eq!(result.terminal_reason.as_deref(), Some("api_error"));
+        // The made-up assistant message is an error line, not assistant text.
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.kind == LineKind::Error && l.text.contains("5-hour limit"))
+        );
+        let (_, cut) = parse_all(
+            OutputFormat::ClaudeStreamJson,
+            &fixture("claude-stream-json/api-faults/claude-2.1.328_cut.jsonl"),
+        );
+        assert_eq!(
+            cut.signals.api_error.map(|a| (a.error, a.status, a.detail)),
+            Some((
+                "server_error".to_string(),
+                None,
+                Some("connection_failed".to_string())
+            ))
+        );
+        let (_, ok) = parse_all(
+            OutputFormat::ClaudeStreamJson,
+            &fixture("claude-stream-json/api-faults/claude-2.1.328_success.jsonl"),
+        );
+        assert_eq!(ok.transcript, "hello there");
+        assert_eq!(ok.usage.input_tokens, 10);
+        assert_eq!(ok.usage.output_tokens, 5);
+        assert_eq!(ok.model.as_deref(), Some("claude-opus-5-5"));
+        assert!(ok.cost_usd.is_some_and(|c| c > 0.0));
     }
 
     #[test]

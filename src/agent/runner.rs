@@ -44,18 +44,36 @@
 //!
 //! # Processes
 //! The child runs with exactly the call's environment ([`agent_env`]), in its
-//! own process group. On timeout the group gets SIGTERM, then SIGKILL after
-//! [`KILL_GRACE`]. When the agent exits but something it started keeps its
-//! stdout open for longer than [`KILL_GRACE`], the group is terminated the
-//! same way (not a timeout). Whatever is left of the group when `run`
-//! returns, or when its future is dropped (worker shutdown), gets SIGKILL.
+//! own process group, contained as [`Containment`] decided (its own cgroup,
+//! or under the `hydraflow agent-shim` subreaper; see [`super::contain`]).
+//! On timeout the group gets SIGTERM, then SIGKILL after [`KILL_GRACE`]
+//! (and the call's cgroup is killed whole). When the agent exits but
+//! something it started keeps its stdout open for longer than
+//! [`KILL_GRACE`], the group is terminated the same way (not a timeout).
+//! Whatever is left when `run` returns, or when its future is dropped
+//! (worker shutdown), is killed: the cgroup with `cgroup.kill`, the shim's
+//! descendants by the shim (it is sent SIGTERM), else the group with SIGKILL.
+//!
+//! # Secrets
+//! Values given to [`ProcessRunner::with_secrets`] (the model API keys and
+//! the GitHub token) are replaced by `[redacted]` in every stdout and stderr
+//! line before it is displayed, parsed, logged or written to a transcript.
+//!
+//! # Accounting
+//! Each finished call is recorded through the runner's
+//! [`crate::store::sessions::CallLedger`], when it has one: wall and CPU
+//! time, memory peak, tokens and cost (`agent-calls.jsonl` and the session's
+//! totals in `sessions.jsonl`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io;
+use std::io::{self, Read as _};
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -65,10 +83,12 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, BufWrit
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::time::{Instant, sleep_until};
 
-use super::contract::detect_block;
+use super::contain::{CallScope, Containment, Resources};
 use super::parse::{DisplayLine, StreamParser};
-use super::{AgentBlock, AgentCall, AgentError, AgentOutcome, OutputFormat, Stage};
+use super::shim::ShimReport;
+use super::{AgentCall, AgentError, AgentOutcome, OutputFormat, Stage};
 use crate::config::{AgentConfig, StageAgent};
+use crate::store::sessions::{CallLedger, CallRecord};
 
 /// Largest prompt, in bytes, passed as an argument; larger ones go to stdin.
 pub const MAX_ARG_PROMPT: usize = 100 * 1024;
@@ -121,7 +141,40 @@ pub struct CallRequest {
 
 /// Runs agents as child processes.
 #[derive(Debug, Clone, Default)]
-pub struct ProcessRunner;
+pub struct ProcessRunner {
+    containment: Arc<Containment>,
+    ledger: Option<Arc<CallLedger>>,
+    secrets: Arc<Vec<String>>,
+}
+
+impl ProcessRunner {
+    /// A runner containing its calls as `containment` says.
+    pub fn new(containment: Containment) -> Self {
+        ProcessRunner {
+            containment: Arc::new(containment),
+            ..ProcessRunner::default()
+        }
+    }
+
+    /// Record every finished call in `ledger`.
+    #[must_use]
+    pub fn with_ledger(mut self, ledger: CallLedger) -> Self {
+        self.ledger = Some(Arc::new(ledger));
+        self
+    }
+
+    /// Redact these values (of 8 bytes or more) from everything the agent prints.
+    #[must_use]
+    pub fn with_secrets(mut self, secrets: Vec<String>) -> Self {
+        self.secrets = Arc::new(secrets.into_iter().filter(|s| s.len() >= 8).collect());
+        self
+    }
+
+    /// How calls are contained.
+    pub fn containment(&self) -> &Containment {
+        &self.containment
+    }
+}
 
 #[async_trait]
 impl AgentRunner for ProcessRunner {
@@ -130,27 +183,80 @@ impl AgentRunner for ProcessRunner {
         call: &AgentCall,
         on_line: LineSink<'_>,
     ) -> Result<AgentOutcome, AgentError> {
-        run_process(call, on_line).await
+        let outcome = run_process(self, call, on_line).await?;
+        if let Some(ledger) = &self.ledger {
+            let record = CallRecord::of(call, &outcome, chrono::Utc::now());
+            if let Err(e) = ledger.record(&record) {
+                tracing::warn!(error = %e, issue = call.issue, stage = %call.stage, "cannot record the agent call's accounting");
+            }
+        }
+        Ok(outcome)
     }
 }
 
-/// Sends SIGKILL to the process group when dropped: nothing of an agent
-/// outlives its call, even when the call's future is dropped.
-struct GroupGuard(Option<Pid>);
+/// `line` with every secret replaced by `[redacted]`.
+fn redact(secrets: &[String], line: String) -> String {
+    if secrets.iter().any(|s| line.contains(s.as_str())) {
+        let mut out = line;
+        for s in secrets {
+            out = out.replace(s.as_str(), "[redacted]");
+        }
+        out
+    } else {
+        line
+    }
+}
+
+/// Ends what is left of a call when dropped: nothing of an agent outlives
+/// its call, even when the call's future is dropped. With a shim the shim is
+/// asked to end its descendants (SIGTERM); without one the group gets SIGKILL.
+/// The call's cgroup, if any, is killed whole and removed.
+struct GroupGuard {
+    pgid: Option<Pid>,
+    shim: bool,
+    scope: Option<CallScope>,
+}
 
 impl GroupGuard {
     fn signal(&self, signal: Signal) {
-        if let Some(pgid) = self.0 {
+        if let Some(pgid) = self.pgid {
             // ESRCH (the group is gone) is the expected outcome, not an error.
             let _ = killpg(pgid, signal);
+        }
+        if signal == Signal::SIGKILL
+            && let Some(scope) = &self.scope
+        {
+            scope.kill();
         }
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        self.signal(Signal::SIGKILL);
+        if self.shim {
+            if let Some(pid) = self.pgid {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+            }
+        } else {
+            self.signal(Signal::SIGKILL);
+        }
     }
+}
+
+/// Find `program` as execvp(3) would: a name with a slash as it is, else
+/// the first executable file of that name in `path` (the call's `PATH`).
+pub fn find_program(program: &str, path: Option<&str>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    std::env::split_paths(path.unwrap_or("/usr/local/bin:/usr/bin:/bin"))
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
 }
 
 /// What has finished so far.
@@ -194,16 +300,57 @@ where
     Ok(())
 }
 
-async fn run_process(call: &AgentCall, on_line: LineSink<'_>) -> Result<AgentOutcome, AgentError> {
+async fn run_process(
+    runner: &ProcessRunner,
+    call: &AgentCall,
+    on_line: LineSink<'_>,
+) -> Result<AgentOutcome, AgentError> {
     let (program, args) = call.argv.split_first().ok_or_else(|| {
         AgentError::Config(format!(
             "stage {}: the agent command line is empty",
             call.stage
         ))
     })?;
-    let mut command = Command::new(program);
+    let containment = &runner.containment;
+    let shim = containment.shim().map(Path::to_path_buf);
+    if shim.is_some() {
+        let path = call
+            .env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str());
+        if find_program(program, path).is_none() {
+            return Err(AgentError::Spawn {
+                program: program.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("not found on PATH {}", path.unwrap_or("(unset)")),
+                ),
+            });
+        }
+    }
+    let scope = containment
+        .prepare(call.issue, call.stage)
+        .map_err(AgentError::Io)?;
+    let mut command = match &shim {
+        Some(shim) => {
+            let mut c = Command::new(shim);
+            c.arg0("hydraflow")
+                .arg("agent-shim")
+                .arg("--parent")
+                .arg(std::process::id().to_string())
+                .arg("--")
+                .arg(program)
+                .args(args);
+            c
+        }
+        None => {
+            let mut c = Command::new(program);
+            c.args(args);
+            c
+        }
+    };
     command
-        .args(args)
         .env_clear()
         .envs(call.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .current_dir(&call.cwd)
@@ -215,15 +362,47 @@ async fn run_process(call: &AgentCall, on_line: LineSink<'_>) -> Result<AgentOut
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true);
+        // The guard below ends the call; a shim must get SIGTERM to end its
+        // descendants, not a SIGKILL that would orphan them.
+        .kill_on_drop(shim.is_none());
+    let report = match &shim {
+        Some(_) => Some(
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
+                AgentError::Io(io::Error::other(format!(
+                    "cannot make the agent-shim report pipe: {e}"
+                )))
+            })?,
+        ),
+        None => None,
+    };
+    let report_fd = report.as_ref().map(|(_, w)| w.as_raw_fd());
     let worker = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes the prctl(2) and getppid(2) system calls, which are
-    // async-signal-safe.
+    let procs_fd = scope.procs_fd();
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // only async-signal-safe system calls (write, fcntl, dup2, prctl,
+    // getppid) on descriptors opened before the fork; it allocates nothing
+    // but the error of a worker that died meanwhile.
     unsafe {
         command.pre_exec(move || {
-            // If the worker dies (even by SIGKILL), the agent gets SIGTERM
-            // instead of running on as an orphan.
+            if let Some(fd) = procs_fd {
+                // Writing 0 to cgroup.procs moves the writer: the agent runs
+                // in its call's cgroup from its first instruction.
+                if nix::libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(fd) = report_fd {
+                let r = if fd == super::shim::REPORT_FD {
+                    nix::libc::fcntl(fd, nix::libc::F_SETFD, 0)
+                } else {
+                    nix::libc::dup2(fd, super::shim::REPORT_FD)
+                };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // If the worker dies (even by SIGKILL), the agent (or its shim)
+            // gets SIGTERM instead of running on as an orphan.
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
                 .map_err(std::io::Error::from)?;
             // A worker that died between fork and prctl sent nothing: the
@@ -240,16 +419,23 @@ async fn run_process(call: &AgentCall, on_line: LineSink<'_>) -> Result<AgentOut
         program: program.clone(),
         source,
     })?;
-    let guard = GroupGuard(
-        child
+    let report_read: Option<OwnedFd> = report.map(|(r, w)| {
+        drop(w);
+        r
+    });
+    let guard = GroupGuard {
+        pgid: child
             .id()
             .and_then(|pid| i32::try_from(pid).ok())
             .map(Pid::from_raw),
-    );
+        shim: shim.is_some(),
+        scope: Some(scope),
+    };
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let stdin = child.stdin.take();
     let raw = open_raw_log(call).await;
+    let secrets = runner.secrets.as_slice();
 
     let mut parser = StreamParser::new(call.output);
     let mut errors = StderrState::default();
@@ -259,8 +445,8 @@ async fn run_process(call: &AgentCall, on_line: LineSink<'_>) -> Result<AgentOut
     {
         let io = async {
             let (out, err, ()) = tokio::join!(
-                read_stdout(stdout, &mut parser, raw, on_line),
-                read_stderr(stderr, &mut errors),
+                read_stdout(stdout, &mut parser, raw, on_line, secrets),
+                read_stderr(stderr, &mut errors, secrets),
                 write_stdin(stdin, call.stdin.as_deref()),
             );
             out.and(err)
@@ -279,25 +465,65 @@ async fn run_process(call: &AgentCall, on_line: LineSink<'_>) -> Result<AgentOut
             }
         }
     }
+    let mut guard = guard;
+    let scope = guard.scope.take();
+    if progress.status.is_some() && guard.shim {
+        // The shim has exited, after ending every descendant.
+        guard.pgid = None;
+    }
     drop(guard);
+    let shim_report = report_read.and_then(read_report);
+    if let Some(r) = &shim_report
+        && let Some(message) = &r.spawn_error
+    {
+        let source = match r.spawn_errno {
+            Some(errno) => io::Error::from_raw_os_error(errno),
+            None => io::Error::other(message.clone()),
+        };
+        return Err(AgentError::Spawn {
+            program: program.clone(),
+            source,
+        });
+    }
+    let reported = shim_report.map(|r| Resources {
+        cpu_ms: Some(r.cpu_ms),
+        memory_peak_bytes: (r.max_rss_bytes > 0).then_some(r.max_rss_bytes),
+        ..Resources::default()
+    });
+    let resources = match scope {
+        Some(scope) => tokio::task::spawn_blocking(move || scope.finish(reported))
+            .await
+            .unwrap_or_default(),
+        None => reported.unwrap_or_default(),
+    };
     if let Some(Err(e)) = progress.io {
         return Err(AgentError::Io(e));
     }
 
     let summary = parser.finish();
     write_file_atomic(&call.transcript_path, summary.transcript.as_bytes())?;
+    let status = progress.status.filter(|_| !timed_out);
     Ok(AgentOutcome {
-        exit_code: if timed_out {
-            None
-        } else {
-            progress.status.and_then(|s| s.code())
-        },
+        exit_code: status.and_then(|s| s.code()),
+        signal: status.and_then(|s| s.signal()),
         timed_out,
+        timeout: call.timeout,
         transcript: summary.transcript,
         is_error: summary.is_error,
-        block: summary.block.or(errors.block),
+        signals: summary.signals,
         stderr_tail: errors.tail,
+        usage: summary.usage,
+        cost_usd: summary.cost_usd,
+        model: summary.model,
+        resources,
     })
+}
+
+/// The shim's report: one JSON line, complete once the shim has exited.
+fn read_report(fd: OwnedFd) -> Option<ShimReport> {
+    let mut text = String::new();
+    std::fs::File::from(fd).read_to_string(&mut text).ok()?;
+    serde_json::from_str(text.trim()).ok()
 }
 
 /// `<transcript stem><suffix>` next to the transcript.
@@ -367,6 +593,7 @@ async fn read_stdout(
     parser: &mut StreamParser,
     mut raw: Option<BufWriter<tokio::fs::File>>,
     on_line: LineSink<'_>,
+    secrets: &[String],
 ) -> io::Result<()> {
     let Some(stdout) = stdout else {
         return Ok(());
@@ -378,7 +605,7 @@ async fn read_stdout(
         if read_line_capped(&mut reader, &mut buf, MAX_LINE).await? == 0 {
             break;
         }
-        let line = line_text(&buf);
+        let line = redact(secrets, line_text(&buf));
         if let Some(w) = raw.as_mut() {
             let written = async {
                 w.write_all(line.as_bytes()).await?;
@@ -401,18 +628,14 @@ async fn read_stdout(
     Ok(())
 }
 
-/// Stderr as it is read: the tail and the first block message.
+/// Stderr as it is read: its tail.
 #[derive(Default)]
 struct StderrState {
     tail: String,
-    block: Option<AgentBlock>,
 }
 
 impl StderrState {
     fn push(&mut self, line: &str) {
-        if self.block.is_none() {
-            self.block = detect_block(line);
-        }
         self.tail.push_str(line);
         self.tail.push('\n');
         if self.tail.len() > STDERR_TAIL {
@@ -425,7 +648,11 @@ impl StderrState {
     }
 }
 
-async fn read_stderr(stderr: Option<ChildStderr>, state: &mut StderrState) -> io::Result<()> {
+async fn read_stderr(
+    stderr: Option<ChildStderr>,
+    state: &mut StderrState,
+    secrets: &[String],
+) -> io::Result<()> {
     let Some(stderr) = stderr else {
         return Ok(());
     };
@@ -436,7 +663,7 @@ async fn read_stderr(stderr: Option<ChildStderr>, state: &mut StderrState) -> io
         if read_line_capped(&mut reader, &mut buf, MAX_LINE).await? == 0 {
             return Ok(());
         }
-        state.push(&line_text(&buf));
+        state.push(&redact(secrets, line_text(&buf)));
     }
 }
 
@@ -483,6 +710,17 @@ enum Preset {
 struct Resolved {
     template: Vec<String>,
     output: OutputFormat,
+    /// The model: the stage's, else the preset's default.
+    model: Option<String>,
+}
+
+/// The `claude` preset's model for a stage without one: `opus` to plan,
+/// implement and apply corrections, `sonnet` to triage and review (spec §7).
+fn claude_default_model(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Plan | Stage::Implement | Stage::Hitl => "opus",
+        Stage::Triage | Stage::Review => "sonnet",
+    }
 }
 
 fn stage_agent(config: &AgentConfig, stage: Stage) -> &StageAgent {
@@ -537,7 +775,11 @@ fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
         .as_deref()
         .map(|o| parse_output(o, stage))
         .transpose()?;
-    let model: Vec<String> = if sa.model.is_some() {
+    let model = sa
+        .model
+        .clone()
+        .or_else(|| (preset == Preset::Claude).then(|| claude_default_model(stage).to_string()));
+    let model_args: Vec<String> = if model.is_some() {
         vec!["--model".into(), "{model}".into()]
     } else {
         Vec::new()
@@ -553,7 +795,7 @@ fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
                 "stream-json",
                 "--verbose",
             ]);
-            t.extend(model);
+            t.extend(model_args);
             if writes(stage) {
                 t.extend(s(&["--permission-mode", "bypassPermissions"]));
             }
@@ -562,7 +804,7 @@ fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
         }
         Preset::Codex => {
             let mut t = s(&["codex", "exec", "--json"]);
-            t.extend(model);
+            t.extend(model_args);
             let sandbox = if writes(stage) {
                 "danger-full-access"
             } else {
@@ -594,6 +836,7 @@ fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
     Ok(Resolved {
         template,
         output: stage_output.unwrap_or(default_output),
+        model,
     })
 }
 
@@ -625,34 +868,78 @@ fn substitute(arg: &str, vars: &[(&str, &str)]) -> String {
     out
 }
 
-/// Whether `name` belongs to the parent's git, agent, systemd or token
-/// context and must not reach an agent: `GIT_*`, `CLAUDECODE`,
-/// `CLAUDE_CODE_*`, `CODEX_*` (but `CODEX_HOME`), `NOTIFY_SOCKET`,
-/// `WATCHDOG_*`, `LISTEN_*`, `JOURNAL_STREAM`, `INVOCATION_ID`,
-/// `CREDENTIALS_DIRECTORY`, `HYDRAFLOW_GH_TOKEN`, `GH_TOKEN`, `GITHUB_TOKEN`,
-/// and `HYDRAFLOW_STAGE`/`HYDRAFLOW_ISSUE` (set afresh).
-pub fn is_session_var(name: &str) -> bool {
-    const EXACT: &[&str] = &[
-        "CLAUDECODE",
-        "NOTIFY_SOCKET",
-        "JOURNAL_STREAM",
-        "INVOCATION_ID",
-        "CREDENTIALS_DIRECTORY",
-        "HYDRAFLOW_GH_TOKEN",
-        "GH_TOKEN",
-        "GITHUB_TOKEN",
-        "HYDRAFLOW_STAGE",
-        "HYDRAFLOW_ISSUE",
-    ];
-    const PREFIXES: &[&str] = &["GIT_", "CLAUDE_CODE_", "WATCHDOG_", "LISTEN_"];
-    EXACT.contains(&name)
-        || PREFIXES.iter().any(|p| name.starts_with(p))
-        || (name.starts_with("CODEX_") && name != "CODEX_HOME")
+/// Variables of the worker's environment every agent gets, by exact name.
+pub const PASS_NAMES: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TERM",
+    "TMPDIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS",
+    "HYDRAFLOW_HOME",
+    "CLAUDE_CONFIG_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+];
+
+/// …and by prefix: the model APIs' and agent CLIs' own settings and
+/// credentials, locale and XDG directories.
+pub const PASS_PREFIXES: &[&str] = &[
+    "ANTHROPIC_",
+    "CLAUDE_CODE_",
+    "OPENAI_",
+    "CODEX_",
+    "LC_",
+    "XDG_",
+];
+
+/// Variables an agent CLI sets for the commands it runs, which would make a
+/// nested agent believe it runs inside another one: never passed.
+pub const SESSION_VARS: &[&str] = &[
+    "CLAUDECODE",
+    "CLAUDE_CODE_ENTRYPOINT",
+    "CLAUDE_CODE_SSE_PORT",
+    "CLAUDE_CODE_SESSION_ID",
+    "CODEX_SANDBOX",
+    "CODEX_SANDBOX_NETWORK_DISABLED",
+    "CODEX_THREAD_ID",
+];
+
+/// Whether `name` passes from the worker's environment to an agent: the
+/// built-in allow-list ([`PASS_NAMES`], [`PASS_PREFIXES`]) and
+/// `agent.pass_env` (names, or prefixes ending in `*`), except
+/// [`SESSION_VARS`]. Everything else — git's `GIT_*`, systemd's
+/// `NOTIFY_SOCKET`, `LISTEN_*`, `CREDENTIALS_DIRECTORY`, tokens such as
+/// `GH_TOKEN` — stays with the worker.
+pub fn passes(name: &str, pass_env: &[String]) -> bool {
+    if SESSION_VARS.contains(&name) {
+        return false;
+    }
+    PASS_NAMES.contains(&name)
+        || PASS_PREFIXES.iter().any(|p| name.starts_with(p))
+        || pass_env.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == p,
+        })
 }
 
-/// The complete environment of an agent: `parent` without the variables
-/// [`is_session_var`] names, then `config.env`, then `extra_env` (later
-/// entries win), then `HYDRAFLOW_STAGE` and `HYDRAFLOW_ISSUE`. Sorted by name.
+/// The complete environment of an agent: the variables of `parent` that
+/// [`passes`] lets through, then `config.env`, then `extra_env` (the
+/// credentials, `GH_TOKEN` when allowed; later entries win), then
+/// `HYDRAFLOW_STAGE` and `HYDRAFLOW_ISSUE`. Sorted by name.
 pub fn agent_env(
     parent: impl IntoIterator<Item = (String, String)>,
     config: &AgentConfig,
@@ -662,13 +949,57 @@ pub fn agent_env(
 ) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = parent
         .into_iter()
-        .filter(|(k, _)| !is_session_var(k))
+        .filter(|(k, _)| passes(k, &config.pass_env))
         .collect();
     env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(extra_env.iter().cloned());
     env.insert("HYDRAFLOW_STAGE".into(), stage.as_str().into());
     env.insert("HYDRAFLOW_ISSUE".into(), issue.to_string());
     env.into_iter().collect()
+}
+
+/// The agents' optional systemd credentials and the variable each is handed
+/// to the agent as: `anthropic-api-key` → `ANTHROPIC_API_KEY`,
+/// `openai-api-key` → `OPENAI_API_KEY`, `claude-oauth-token` →
+/// `CLAUDE_CODE_OAUTH_TOKEN`.
+pub const AGENT_CREDENTIALS: &[(&str, &str)] = &[
+    ("anthropic-api-key", "ANTHROPIC_API_KEY"),
+    ("openai-api-key", "OPENAI_API_KEY"),
+    ("claude-oauth-token", "CLAUDE_CODE_OAUTH_TOKEN"),
+];
+
+/// The agent credentials present in `$CREDENTIALS_DIRECTORY`, as the
+/// variables the CLIs read (see [`AGENT_CREDENTIALS`]). Empty off systemd.
+pub fn credential_env() -> Vec<(String, String)> {
+    AGENT_CREDENTIALS
+        .iter()
+        .filter_map(|(name, var)| {
+            crate::systemd::read_credential(name).map(|v| ((*var).to_string(), v))
+        })
+        .collect()
+}
+
+/// Each stage's agent program and where it was found on the agents' `PATH`
+/// (`agent.env.PATH`, else this process's), for `hydraflow config check`.
+///
+/// # Errors
+/// [`AgentError::Config`] as [`validate`].
+pub fn stage_programs(
+    config: &AgentConfig,
+) -> Result<Vec<(Stage, String, Option<PathBuf>)>, AgentError> {
+    let path = config
+        .env
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok());
+    let mut out = Vec::new();
+    for stage in Stage::ALL {
+        let resolved = resolve(config, stage)?;
+        let program = resolved.template[0].clone();
+        let found = find_program(&program, path.as_deref());
+        out.push((stage, program, found));
+    }
+    Ok(out)
 }
 
 /// This process's environment, skipping variables that are not valid UTF-8.
@@ -700,7 +1031,7 @@ pub fn build_call_with_env(
 ) -> Result<AgentCall, AgentError> {
     let stage = request.stage;
     let resolved = resolve(config, stage)?;
-    let model = stage_agent(config, stage).model.clone().unwrap_or_default();
+    let model = resolved.model.clone().unwrap_or_default();
     let uses_prompt = resolved.template.iter().any(|a| a.contains("{prompt}"));
     let uses_file = resolved
         .template
@@ -802,8 +1133,17 @@ mod tests {
             ("HYDRAFLOW_STAGE", "old"),
             ("ANTHROPIC_API_KEY", "key"),
             ("GITHUB_ACTIONS", "true"),
+            ("CLAUDE_CODE_MAX_RETRIES", "0"),
+            ("CLAUDE_CODE_USE_BEDROCK", "1"),
+            ("OPENAI_BASE_URL", "http://127.0.0.1:1/v1"),
+            ("HTTPS_PROXY", "http://proxy:3128"),
+            ("LC_ALL", "C.UTF-8"),
+            ("AWS_REGION", "eu-west-1"),
         ]);
-        let mut config = AgentConfig::default();
+        let mut config = AgentConfig {
+            pass_env: vec!["AWS_*".into()],
+            ..AgentConfig::default()
+        };
         config.env.insert("RUST_LOG".into(), "debug".into());
         config.env.insert("PATH".into(), "/opt/bin".into());
         let extra = env_of(&[("GH_TOKEN", "granted"), ("RUST_LOG", "info")]);
@@ -812,12 +1152,17 @@ mod tests {
             env,
             env_of(&[
                 ("ANTHROPIC_API_KEY", "key"),
+                ("AWS_REGION", "eu-west-1"),
+                ("CLAUDE_CODE_MAX_RETRIES", "0"),
+                ("CLAUDE_CODE_USE_BEDROCK", "1"),
                 ("CODEX_HOME", "/home/h/.codex"),
                 ("GH_TOKEN", "granted"),
-                ("GITHUB_ACTIONS", "true"),
                 ("HOME", "/home/h"),
+                ("HTTPS_PROXY", "http://proxy:3128"),
                 ("HYDRAFLOW_ISSUE", "12"),
                 ("HYDRAFLOW_STAGE", "plan"),
+                ("LC_ALL", "C.UTF-8"),
+                ("OPENAI_BASE_URL", "http://127.0.0.1:1/v1"),
                 ("PATH", "/opt/bin"),
                 ("RUST_LOG", "info"),
             ])
@@ -904,7 +1249,6 @@ mod tests {
         );
         config.preset = "codex".into();
         config.plan.model = Some("gpt-5".into());
-        config.hitl.model = None;
         let codex = OutputFormat::CodexJson;
         check(
             &config,
@@ -954,7 +1298,7 @@ mod tests {
                 "--stage=triage",
                 "--issue",
                 "7",
-                "--model=sonnet",
+                "--model=",
                 "do {model} it",
                 "{unknown}",
             ],

@@ -17,7 +17,8 @@ pub enum ConfigCommand {
         #[command(flatten)]
         target: TargetArgs,
     },
-    /// Validate the configuration; exit 1 with the problem if invalid.
+    /// Validate the configuration and find each stage's agent program on the
+    /// agents' PATH; exit 1 with the problem if invalid or a program is missing.
     Check {
         /// Which repository.
         #[command(flatten)]
@@ -71,6 +72,39 @@ pub fn run(config_file: &Path, cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
         ConfigCommand::Check { target } => {
             let r = super::target::resolve(config_file, &target)?;
             crate::agent::runner::validate(&r.config.agent)?;
+            let programs = crate::agent::runner::stage_programs(&r.config.agent)?;
+            let mut missing = Vec::new();
+            for (stage, program, found) in &programs {
+                match found {
+                    Some(path) => println!("agent for {stage}: {program} ({})", path.display()),
+                    None => {
+                        println!("agent for {stage}: {program} (not found)");
+                        if !missing.contains(program) {
+                            missing.push(program.clone());
+                        }
+                    }
+                }
+            }
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "agent program{} {} not found on the agents' PATH ({}): install {} or set \
+                     agent.command, agent.<stage>.command or agent.env.PATH",
+                    if missing.len() == 1 { "" } else { "s" },
+                    missing
+                        .iter()
+                        .map(|m| format!("{m:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    r.config
+                        .agent
+                        .env
+                        .get("PATH")
+                        .cloned()
+                        .or_else(|| std::env::var("PATH").ok())
+                        .unwrap_or_default(),
+                    if missing.len() == 1 { "it" } else { "them" }
+                );
+            }
             println!(
                 "configuration of {} is valid ({} file{} read)",
                 r.layout.slug,

@@ -13,6 +13,7 @@ use crate::config::ForgeKind;
 use crate::forge::local::LocalForge;
 use crate::forge::{ForgeError, Issue, IssueState, PullRequest};
 use crate::layout::Layout;
+use crate::store::sessions::CallRecord;
 
 /// `hydraflow issue …`
 #[derive(Debug, Subcommand)]
@@ -105,17 +106,20 @@ pub fn run(config_file: &Path, cmd: IssueCommand) -> anyhow::Result<ExitCode> {
     // `<checkout>/.hydraflow` stays out of the user's `git status`.
     crate::git::exclude_from_status(&resolved.repo_path, &resolved.layout.data_root)?;
     let mut out = std::io::stdout().lock();
-    let result = execute(&forge, &resolved.config.labels.find, cmd, &mut out);
+    let calls = crate::store::sessions::read_calls(&resolved.layout.agent_calls_file())?;
+    let result = execute(&forge, &resolved.config.labels.find, &calls, cmd, &mut out);
     // As root on a packaged instance: what the forge wrote goes to the worker's user.
     super::ownership::restore_owner(owner, &resolved.layout.repo_dir())?;
     result
 }
 
 /// Run `cmd` against `forge`, writing what the user sees to `out`;
-/// `default_label` is given to new issues filed without `--label`.
+/// `default_label` is given to new issues filed without `--label`; `calls`
+/// are the agent calls recorded for the repository (for `show`'s cost).
 fn execute(
     forge: &LocalForge,
     default_label: &str,
+    calls: &[CallRecord],
     cmd: IssueCommand,
     out: &mut impl Write,
 ) -> anyhow::Result<ExitCode> {
@@ -151,11 +155,13 @@ fn execute(
         IssueCommand::Show { number, json, .. } => {
             let detail = forge.issue_detail(number).map_err(|e| explain(number, e))?;
             let pulls = forge.pull_requests_for_head(&Layout::branch_name(number))?;
+            let cost = IssueCost::of(calls, number);
             if json {
                 let value = serde_json::json!({
                     "issue": detail.issue,
                     "comments": detail.comments,
                     "pull_requests": pulls,
+                    "agent_cost": cost,
                 });
                 serde_json::to_writer_pretty(&mut *out, &value)?;
                 writeln!(out)?;
@@ -170,6 +176,7 @@ fn execute(
                 )?;
                 writeln!(out, "author: {}", issue.author)?;
                 writeln!(out, "labels: {}", issue.labels.join(", "))?;
+                writeln!(out, "cost: {}", cost.line())?;
                 if !issue.body.is_empty() {
                     writeln!(out, "\n{}", issue.body.trim_end())?;
                 }
@@ -203,6 +210,58 @@ fn execute(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the agents spent on one issue.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+struct IssueCost {
+    /// US dollars, as the agents reported it.
+    usd: f64,
+    /// Agent calls.
+    calls: u64,
+    /// Input and output tokens.
+    input_tokens: u64,
+    output_tokens: u64,
+    /// US dollars per UTC day.
+    per_day: std::collections::BTreeMap<String, f64>,
+}
+
+impl IssueCost {
+    fn of(calls: &[CallRecord], number: u64) -> IssueCost {
+        let mut cost = IssueCost::default();
+        for c in calls.iter().filter(|c| c.issue == number) {
+            let usd = c.cost_usd.unwrap_or(0.0);
+            cost.usd += usd;
+            cost.calls += 1;
+            cost.input_tokens += c.usage.input_tokens
+                + c.usage.cache_read_input_tokens
+                + c.usage.cache_creation_input_tokens;
+            cost.output_tokens += c.usage.output_tokens;
+            *cost.per_day.entry(c.day.clone()).or_default() += usd;
+        }
+        cost
+    }
+
+    /// `$0.1234 in 5 agent calls (12000 tokens in, 800 out; 2026-11-27 $0.1234)`.
+    fn line(&self) -> String {
+        if self.calls == 0 {
+            return "no agent calls recorded".to_string();
+        }
+        let days: Vec<String> = self
+            .per_day
+            .iter()
+            .map(|(day, usd)| format!("{day} ${usd:.4}"))
+            .collect();
+        format!(
+            "${:.4} in {} agent call{} ({} tokens in, {} out; {})",
+            self.usd,
+            self.calls,
+            if self.calls == 1 { "" } else { "s" },
+            self.input_tokens,
+            self.output_tokens,
+            days.join(", ")
+        )
+    }
 }
 
 /// Turn a missing issue into a message that says what to do.
@@ -286,6 +345,7 @@ mod tests {
     struct Cli {
         _tmp: tempfile::TempDir,
         forge: LocalForge,
+        calls: Vec<CallRecord>,
     }
 
     impl Cli {
@@ -297,13 +357,17 @@ mod tests {
                 worktree_base: tmp.path().join("wt"),
             };
             let forge = LocalForge::open(&layout, &tmp.path().join("repo")).unwrap();
-            Cli { _tmp: tmp, forge }
+            Cli {
+                _tmp: tmp,
+                forge,
+                calls: Vec::new(),
+            }
         }
 
         /// Run `cmd`; its output or the error message.
         fn run(&self, cmd: IssueCommand) -> Result<String, String> {
             let mut out = Vec::new();
-            execute(&self.forge, "hydraflow-find", cmd, &mut out)
+            execute(&self.forge, "hydraflow-find", &self.calls, cmd, &mut out)
                 .map(|_| String::from_utf8(out).unwrap())
                 .map_err(|e| format!("{e:#}"))
         }
@@ -430,6 +494,43 @@ mod tests {
     }
 
     #[test]
+    fn show_sums_the_cost_of_the_issue_per_day() {
+        let mut cli = Cli::new();
+        cli.add("Crash on start", &[]);
+        let call = |issue: u64, day: &str, usd: f64| CallRecord {
+            at: format!("{day}T10:00:00Z"),
+            day: day.into(),
+            issue,
+            stage: crate::agent::Stage::Plan,
+            program: "claude".into(),
+            model: None,
+            exit_code: Some(0),
+            signal: None,
+            timed_out: false,
+            outcome: "success".into(),
+            resources: Default::default(),
+            usage: crate::agent::Usage {
+                input_tokens: 100,
+                output_tokens: 10,
+                ..Default::default()
+            },
+            cost_usd: Some(usd),
+        };
+        cli.calls = vec![
+            call(1, "2026-03-01", 0.25),
+            call(2, "2026-03-01", 5.0),
+            call(1, "2026-03-02", 0.5),
+        ];
+        let text = cli.show(1).unwrap();
+        assert!(
+            text.contains(
+                "cost: $0.7500 in 2 agent calls (200 tokens in, 20 out; 2026-03-01 $0.2500, 2026-03-02 $0.5000)\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn unknown_issues_say_what_to_do() {
         let cli = Cli::new();
         let expected = "issue #9 does not exist: see `hydraflow issue list`";
@@ -446,6 +547,7 @@ mod tests {
         let text = cli.show(1).unwrap();
         assert!(text.starts_with("#1 Crash on start [open]\n"), "{text}");
         assert!(text.contains("labels: hydraflow-find\n"), "{text}");
+        assert!(text.contains("cost: no agent calls recorded\n"), "{text}");
         assert!(text.contains("\nthe body\n"), "{text}");
         assert!(text.contains("triage: confirmed\n"), "{text}");
         let json = cli

@@ -73,6 +73,10 @@ pub enum Command {
     /// The scripted demo agent (used by `hydraflow demo`).
     #[command(hide = true)]
     DemoAgent(worker::DemoAgentArgs),
+    /// Run one agent call as a child subreaper that ends every descendant
+    /// (run by the worker; see agent::shim).
+    #[command(hide = true)]
+    AgentShim(worker::AgentShimArgs),
     /// Show or check the effective configuration.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
@@ -134,6 +138,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => worker::run_foreground(&cli.config, args),
         Command::Demo(args) => worker::run_demo(&cli.config, args),
         Command::DemoAgent(args) => worker::run_demo_agent(args),
+        Command::AgentShim(args) => Ok(worker::run_agent_shim(args)),
         Command::Config(cmd) => config_cmd::run(&cli.config, cmd),
         Command::Issue(cmd) => issue::run(&cli.config, cmd),
         Command::Hitl(cmd) => hitl::run(&cli.config, cmd),

@@ -12,6 +12,7 @@ use clap::Args;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::TargetArgs;
+use crate::agent::contain::{Containment, Limits};
 use crate::agent::runner::ProcessRunner;
 use crate::config::ForgeKind;
 use crate::config::loader::Resolved;
@@ -19,6 +20,7 @@ use crate::forge::github::{self, GithubForge, GithubOptions};
 use crate::forge::local::LocalForge;
 use crate::forge::{Forge, ForgeError};
 use crate::runtime::{RepoRuntime, RepoRuntimeRegistry};
+use crate::store::sessions::CallLedger;
 use crate::{dashboard, systemd};
 
 /// How long a stop may take before the process exits anyway (the unit's
@@ -79,6 +81,17 @@ pub struct DemoAgentArgs {
     pub issue: u64,
 }
 
+/// `hydraflow agent-shim`
+#[derive(Debug, Args)]
+pub struct AgentShimArgs {
+    /// The worker's pid: the shim gives up when its parent is already another process.
+    #[arg(long)]
+    pub parent: u32,
+    /// The agent's program and arguments.
+    #[arg(last = true, required = true)]
+    pub argv: Vec<std::ffi::OsString>,
+}
+
 /// How the daemon runs.
 #[derive(Debug, Clone, Copy, Default)]
 struct DaemonOptions {
@@ -133,6 +146,8 @@ struct ForgeSetup {
     github: Option<Arc<GithubForge>>,
     /// `GH_TOKEN` when `agent.allow_token` is set.
     agent_env: Vec<(String, String)>,
+    /// The GitHub token (redacted from agent output).
+    token: Option<String>,
 }
 
 fn build_forge(resolved: &Resolved) -> anyhow::Result<ForgeSetup> {
@@ -144,6 +159,7 @@ fn build_forge(resolved: &Resolved) -> anyhow::Result<ForgeSetup> {
             ),
             github: None,
             agent_env: Vec::new(),
+            token: None,
         }),
         ForgeKind::Github => {
             let token =
@@ -153,7 +169,7 @@ fn build_forge(resolved: &Resolved) -> anyhow::Result<ForgeSetup> {
             } else {
                 Vec::new()
             };
-            let options = GithubOptions::from_config(&resolved.config, token)
+            let options = GithubOptions::from_config(&resolved.config, token.clone())
                 .context("cannot set up the GitHub forge")?;
             let forge =
                 Arc::new(GithubForge::new(options).context("cannot set up the GitHub forge")?);
@@ -161,6 +177,7 @@ fn build_forge(resolved: &Resolved) -> anyhow::Result<ForgeSetup> {
                 forge: Arc::clone(&forge) as Arc<dyn Forge>,
                 github: Some(forge),
                 agent_env,
+                token: Some(token),
             })
         }
     }
@@ -297,13 +314,13 @@ async fn daemon(
         tracing::info!(repo_slug = %slug, "stopped before the checkout was cloned");
         return Ok(ExitCode::SUCCESS);
     }
-    let runtime = RepoRuntime::create(
-        resolved,
-        setup.forge,
-        Arc::new(ProcessRunner),
-        setup.agent_env,
-    )
-    .with_context(|| format!("cannot start the worker for {slug}"))?;
+    let mut agent_env = setup.agent_env;
+    agent_env.extend(crate::agent::runner::credential_env());
+    let mut secrets: Vec<String> = agent_env.iter().map(|(_, v)| v.clone()).collect();
+    secrets.extend(setup.token);
+    let runner = agent_runner(&resolved, secrets)?;
+    let runtime = RepoRuntime::create(resolved, setup.forge, Arc::new(runner), agent_env)
+        .with_context(|| format!("cannot start the worker for {slug}"))?;
     let registry = Arc::new(RepoRuntimeRegistry::new());
     registry.register(Arc::clone(&runtime));
 
@@ -498,4 +515,37 @@ pub fn run_demo(config_file: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> 
 /// I/O failures.
 pub fn run_demo_agent(args: DemoAgentArgs) -> anyhow::Result<ExitCode> {
     crate::demo::agent(&args.stage, args.issue)
+}
+
+/// The agent shim ([`crate::agent::shim`]); exits as the agent did.
+pub fn run_agent_shim(args: AgentShimArgs) -> ExitCode {
+    let code = crate::agent::shim::run(args.parent, &args.argv);
+    ExitCode::from(u8::try_from(code).unwrap_or(125))
+}
+
+/// The agent runner of a worker: containment decided and reported (the
+/// mode, and each limit that cannot be applied, with why), calls recorded
+/// in the ledger, credentials and tokens redacted from what agents print.
+fn agent_runner(resolved: &Resolved, secrets: Vec<String>) -> anyhow::Result<ProcessRunner> {
+    let agent = &resolved.config.agent;
+    let containment = Containment::setup(
+        Limits {
+            memory_max: agent.memory_max,
+            tasks_max: agent.tasks_max,
+        },
+        PathBuf::from("/proc/self/exe"),
+    );
+    let slug = &resolved.layout.slug;
+    tracing::info!(repo_slug = %slug, mode = ?containment.mode(), "{}", containment.describe());
+    for note in containment.notes() {
+        tracing::warn!(repo_slug = %slug, "agent containment: {note}");
+    }
+    let ledger = CallLedger::open(
+        &resolved.layout.agent_calls_file(),
+        &resolved.layout.sessions_file(),
+    )
+    .context("cannot open the agent call ledger")?;
+    Ok(ProcessRunner::new(containment)
+        .with_ledger(ledger)
+        .with_secrets(secrets))
 }

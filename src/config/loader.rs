@@ -611,6 +611,22 @@ const OPTIONAL_KEYS: &[&str] = &[
     "quality_command",
     "agent.output",
     "agent.prompts_dir",
+    "agent.memory_max",
+    "agent.tasks_max",
+    "agent.daily_budget_usd",
+    "agent.triage.model",
+    "agent.plan.model",
+    "agent.implement.model",
+    "agent.review.model",
+    "agent.hitl.model",
+];
+
+/// Optional keys whose value is a number: an environment value for them is
+/// parsed as TOML (an integer or a float), not taken as a string.
+const OPTIONAL_NUMBERS: &[(&str, &str)] = &[
+    ("agent.memory_max", "1"),
+    ("agent.tasks_max", "1"),
+    ("agent.daily_budget_usd", "1.0"),
 ];
 
 /// `limits.max_workers` → `HYDRAFLOW_LIMITS_MAX_WORKERS`.
@@ -649,7 +665,12 @@ fn set_dotted(t: &mut Table, dotted: &str, value: Value) {
 /// Parse an environment value for `key`: strings are taken as they are,
 /// anything else is parsed as a TOML value of the default's type.
 fn env_value(defaults: &Table, key: &str, raw: &str) -> Result<Value, String> {
-    let default = lookup(defaults, key);
+    let number = OPTIONAL_NUMBERS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, sample)| toml::from_str::<Table>(&format!("v = {sample}")).ok())
+        .and_then(|t| t.get("v").cloned());
+    let default = lookup(defaults, key).or(number.as_ref());
     match default {
         None | Some(Value::String(_)) => Ok(Value::String(raw.to_owned())),
         Some(expected) => {
@@ -912,8 +933,9 @@ mod tests {
         assert_eq!(c.main_branch, "main");
         assert_eq!(c.dashboard.listen, "127.0.0.1:5555");
         assert_eq!(c.supervisor.listen, "127.0.0.1:8765");
-        assert_eq!(c.agent.implement.model.as_deref(), Some("opus"));
-        assert_eq!(c.agent.review.model.as_deref(), Some("sonnet"));
+        // Models per stage are the claude preset's defaults (agent::runner), not configuration.
+        assert_eq!(c.agent.implement.model, None);
+        assert_eq!(c.agent.daily_budget_usd, None);
     }
 
     #[test]

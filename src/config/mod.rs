@@ -270,6 +270,16 @@ pub struct AgentConfig {
     pub allow_token: bool,
     /// Extra environment variables for agents.
     pub env: BTreeMap<String, String>,
+    /// More variables of the worker's environment passed to agents, beyond
+    /// the built-in allow-list: names, or prefixes ending in `*` (`AWS_*`).
+    pub pass_env: Vec<String>,
+    /// `memory.max` of each agent call's cgroup, in bytes (cgroup mode only).
+    pub memory_max: Option<u64>,
+    /// `pids.max` of each agent call's cgroup (cgroup mode only).
+    pub tasks_max: Option<u64>,
+    /// Pause the pipeline once the agents' reported cost of the current UTC
+    /// day reaches this many US dollars; it resumes the next day.
+    pub daily_budget_usd: Option<f64>,
     /// Triage stage overrides.
     pub triage: StageAgent,
     /// Plan stage overrides.
@@ -291,11 +301,15 @@ impl Default for AgentConfig {
             prompts_dir: None,
             allow_token: false,
             env: BTreeMap::new(),
-            triage: StageAgent::with_model("sonnet"),
-            plan: StageAgent::with_model("opus"),
-            implement: StageAgent::with_model("opus"),
-            review: StageAgent::with_model("sonnet"),
-            hitl: StageAgent::with_model("opus"),
+            pass_env: Vec::new(),
+            memory_max: None,
+            tasks_max: None,
+            daily_budget_usd: None,
+            triage: StageAgent::default(),
+            plan: StageAgent::default(),
+            implement: StageAgent::default(),
+            review: StageAgent::default(),
+            hitl: StageAgent::default(),
         }
     }
 }
@@ -307,7 +321,9 @@ pub struct StageAgent {
     /// Preset for this stage ([`PRESETS`]).
     #[serde(deserialize_with = "maybe_one_of_presets")]
     pub preset: Option<String>,
-    /// Model name passed as `{model}` / `--model`.
+    /// Model name passed as `{model}` / `--model`. Unset: the `claude`
+    /// preset uses `opus` for plan, implement and HITL and `sonnet` for
+    /// triage and review; `codex` and `command` pass none.
     pub model: Option<String>,
     /// argv template for this stage.
     pub command: Option<Vec<String>>,
@@ -316,15 +332,6 @@ pub struct StageAgent {
     pub output: Option<String>,
     /// Extra arguments appended to a preset's command line.
     pub extra_args: Vec<String>,
-}
-
-impl StageAgent {
-    fn with_model(model: &str) -> Self {
-        StageAgent {
-            model: Some(model.into()),
-            ..StageAgent::default()
-        }
-    }
 }
 
 /// `events.jsonl` rotation limits.

@@ -3,7 +3,7 @@
 //! are one-line adapters into them, served on an already-bound listener.
 //!
 //! Routes: `GET /healthz`, `/api/state`, `/api/pipeline`,
-//! `/api/events?since=N`, `/api/sessions`, `/api/runtimes`,
+//! `/api/events?since=N`, `/api/sessions`, `/api/costs`, `/api/runtimes`,
 //! `/api/runtimes/{slug}`, `POST /api/runtimes/{slug}/start|stop`,
 //! `GET /api/hitl`, `POST /api/hitl/{n}/correct {"correction": "…"}`,
 //! `/skip`, `/close`, and the WebSocket `/ws?since=N` (history, then live
@@ -265,6 +265,24 @@ pub mod api {
             .map_err(|e| ApiError::internal(e.to_string()))
     }
 
+    /// `GET /api/costs`: the agents' cost per issue and per UTC day (from
+    /// `agent-calls.jsonl`), today's total and `agent.daily_budget_usd`.
+    ///
+    /// # Errors
+    /// 500 when `agent-calls.jsonl` cannot be read.
+    pub fn costs(rt: &RepoRuntime) -> Result<Value, ApiError> {
+        let costs = crate::store::sessions::costs(&rt.layout().agent_calls_file())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+        Ok(json!({
+            "per_issue": costs.per_issue,
+            "calls_per_issue": costs.calls_per_issue,
+            "per_day": costs.per_day,
+            "today": {"day": today, "usd": costs.per_day.get(&today).copied().unwrap_or(0.0)},
+            "daily_budget_usd": rt.resolved().config.agent.daily_budget_usd,
+        }))
+    }
+
     /// One entry of `GET /api/runtimes`.
     pub async fn runtime_info(rt: &RepoRuntime) -> Value {
         json!({
@@ -391,6 +409,13 @@ async fn sessions(
     q: Q,
 ) -> Api<Vec<crate::store::sessions::SessionRecord>> {
     Ok(Json(api::sessions(&*api::runtime(
+        &s.registry,
+        query(q)?.repo.as_deref(),
+    )?)?))
+}
+
+async fn costs(State(s): State<AppState>, q: Q) -> Api<Value> {
+    Ok(Json(api::costs(&*api::runtime(
         &s.registry,
         query(q)?.repo.as_deref(),
     )?)?))
@@ -534,6 +559,7 @@ pub fn router(registry: Arc<RepoRuntimeRegistry>) -> Router {
         .route("/api/pipeline", get(pipeline))
         .route("/api/events", get(events))
         .route("/api/sessions", get(sessions))
+        .route("/api/costs", get(costs))
         .route("/api/runtimes", get(runtimes))
         .route("/api/runtimes/{slug}", get(runtime_one))
         .route("/api/runtimes/{slug}/start", post(runtime_start))

@@ -118,7 +118,7 @@ impl PauseCause {
         match self.kind {
             PauseKind::Storage => (Duration::from_secs(1), Duration::from_secs(30)),
             PauseKind::ForgeAuth => (Duration::from_secs(60), Duration::from_secs(1800)),
-            PauseKind::AgentAuth => (Duration::from_secs(300), Duration::from_secs(1800)),
+            PauseKind::AgentAuth => (Duration::from_secs(60), Duration::from_secs(1800)),
             PauseKind::AgentUnavailable => (Duration::from_secs(60), Duration::from_secs(1800)),
             PauseKind::RateLimit | PauseKind::UsageLimit | PauseKind::Budget => {
                 (Duration::from_secs(3600), Duration::from_secs(24 * 3600))

@@ -324,6 +324,19 @@ pub enum AgentActivity {
         exit_code: Option<i32>,
         /// Killed by the timeout.
         timed_out: bool,
+        /// `success`, or the failure's class (`attempt`, `later`, `pause`;
+        /// see `agent::failure`).
+        outcome: &'static str,
+        /// The failure's cause, in the agent's words.
+        cause: Option<String>,
+        /// Wall and CPU time, memory peak (see `agent::contain`).
+        resources: crate::agent::contain::Resources,
+        /// Model tokens.
+        usage: crate::agent::Usage,
+        /// Cost in US dollars, as the agent reported it.
+        cost_usd: Option<f64>,
+        /// The model the agent reported.
+        model: Option<String>,
     },
 }
 

@@ -17,7 +17,8 @@
 //! runs the scenario again in a fresh world, stops the pipeline right after
 //! effect `k` (the effect done, nothing after it: the task is parked and
 //! dropped), builds a new pipeline from what is on disk, and runs it to the
-//! end. After each, [`check_invariants`] must hold.
+//! end; and again with a second crash right after the restarted
+//! pipeline's first, second or third effect. After each, [`check_invariants`] must hold.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -683,11 +684,8 @@ impl AgentRunner for ScriptedRunner {
         });
         Ok(AgentOutcome {
             exit_code: Some(0),
-            timed_out: false,
             transcript,
-            is_error: false,
-            block: None,
-            stderr_tail: String::new(),
+            ..AgentOutcome::default()
         })
     }
 }
@@ -707,7 +705,14 @@ struct World {
 
 impl World {
     fn new(scenario: Scenario) -> World {
-        let tmp = tempfile::tempdir().expect("temp dir");
+        // On a tmpfs when there is one: the runs are many, and fsync is slow.
+        let shm = Path::new("/dev/shm");
+        let tmp = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .expect("temp dir");
         let repo_path = tmp.path().join("repo");
         let mut opts = RepositoryInitOptions::new();
         opts.initial_head("main");
@@ -1016,18 +1021,32 @@ async fn campaign(scenario: Scenario) -> usize {
     let points = clean.count.load(Ordering::SeqCst);
     let names = lock(&clean.effects).clone();
     for k in 1..=points {
-        let world = World::new(scenario);
-        let crash = Crash::new(Some(k));
-        assert!(
-            run(&world, &crash).await,
-            "{scenario:?}: crash point {k} was not reached"
-        );
-        let restart = Crash::new(None);
-        assert!(!run(&world, &restart).await);
-        check_invariants(
-            &world,
-            &format!("{scenario:?}, crashed after effect {k} ({})", names[k - 1]),
-        );
+        // Crashed once, and crashed again right after one of the restarted
+        // worker's first side effects (a crash during recovery).
+        for again in [None, Some(1), Some(2), Some(3)] {
+            let world = World::new(scenario);
+            let crash = Crash::new(Some(k));
+            assert!(
+                run(&world, &crash).await,
+                "{scenario:?}: crash point {k} was not reached"
+            );
+            if let Some(j) = again {
+                // (Finishing without another effect is fine too.)
+                run(&world, &Crash::new(Some(j))).await;
+            }
+            let restart = Crash::new(None);
+            assert!(!run(&world, &restart).await);
+            check_invariants(
+                &world,
+                &format!(
+                    "{scenario:?}, crashed after effect {k} ({}){}",
+                    names[k - 1],
+                    again.map_or(String::new(), |j| format!(
+                        " and again after the recovery's effect {j}"
+                    ))
+                ),
+            );
+        }
     }
     points
 }
@@ -1037,7 +1056,10 @@ async fn every_crash_point_of_every_scenario_resumes_cleanly() {
     let mut total = 0;
     for scenario in Scenario::ALL {
         let points = campaign(scenario).await;
-        println!("{scenario:?}: {points} crash points, each resumed");
+        println!(
+            "{scenario:?}: {points} crash points, each resumed alone and with a second crash during recovery ({} runs)",
+            points * 4
+        );
         total += points;
     }
     println!(

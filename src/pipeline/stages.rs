@@ -28,7 +28,7 @@ use crate::agent::contract::{self, PlanResult, Verdict};
 use crate::agent::parse::DisplayLine;
 use crate::agent::prompts::{self, PromptContext, PromptKind};
 use crate::agent::runner::{CallRequest, build_call};
-use crate::agent::{AgentBlock, AgentError, AgentOutcome, Stage};
+use crate::agent::{AgentError, AgentFailure, AgentOutcome, Stage};
 use crate::forge::{ChecksState, Comment, Issue, PullRequestState, ReviewEvent};
 use crate::git::WorktreeInfo;
 use crate::layout::Layout;
@@ -127,12 +127,15 @@ async fn run_agent(
         timeout: Duration::from_secs(ctx.config.agent_timeout),
         extra_env: ctx.extra_agent_env.clone(),
     };
-    let call = build_call(&ctx.config.agent, request).map_err(|e| {
-        Failure::Pause(PauseCause::new(
-            PauseKind::AgentUnavailable,
-            format!("agent configuration: {e}"),
-        ))
-    })?;
+    let call = build_call(&ctx.config.agent, request).map_err(|e| agent_error(ctx, e))?;
+    let over = crate::store::sessions::over_budget(
+        &ctx.layout.agent_calls_file(),
+        ctx.config.agent.daily_budget_usd,
+        chrono::Utc::now(),
+    );
+    if let Some(f) = crate::agent::failure::budget_pause(over, ctx.config.agent.daily_budget_usd) {
+        return Err(agent_failure(ctx, f));
+    }
     ctx.publish(PipelineEvent::AgentActivity(AgentActivity::Started {
         issue: n,
         stage,
@@ -154,83 +157,67 @@ async fn run_agent(
     let result = ctx.runner.run(&call, &on_line).await;
     ctx.effect_done("agent").await;
     let outcome = result.map_err(|e| agent_error(ctx, e))?;
+    // Every classification of the outcome is agent::failure's.
+    let failure = outcome.failure();
     ctx.publish(PipelineEvent::AgentActivity(AgentActivity::Finished {
         issue: n,
         stage,
         exit_code: outcome.exit_code,
         timed_out: outcome.timed_out,
+        outcome: failure.as_ref().map_or("success", AgentFailure::class),
+        cause: failure.as_ref().map(|f| f.cause().to_string()),
+        resources: outcome.resources,
+        usage: outcome.usage,
+        cost_usd: outcome.cost_usd,
+        model: outcome.model.clone(),
     }));
-    if let Some(block) = &outcome.block {
-        return Err(Failure::Pause(match block {
-            AgentBlock::UsageLimit { message, resets_at } => {
-                let now = chrono::Utc::now().timestamp().max(0) as u64;
-                let secs = resets_at
-                    .filter(|t| *t > now)
-                    .map_or(3600, |t| t - now)
-                    .clamp(60, 24 * 3600);
-                PauseCause {
-                    reason: format!("agent usage limit reached: {message}"),
-                    kind: PauseKind::UsageLimit,
-                    until: Some(std::time::SystemTime::now() + Duration::from_secs(secs)),
+    match failure {
+        None => Ok(outcome),
+        Some(f) => Err(agent_failure(ctx, f)),
+    }
+}
+
+/// The pipeline's failure for an agent's ([`crate::agent::failure`]).
+fn agent_failure(ctx: &Pipeline, f: AgentFailure) -> Failure {
+    use crate::agent::PauseKind as Agent;
+    match f {
+        AgentFailure::Attempt { cause } => Failure::Attempt(cause),
+        // The CLIs retry the model API themselves first; then the poll interval.
+        AgentFailure::Later { cause, retry_after } => Failure::Later {
+            cause,
+            after: retry_after.unwrap_or_else(|| ctx.poll_interval()),
+        },
+        AgentFailure::Pause {
+            reason,
+            kind,
+            until,
+        } => Failure::Pause(PauseCause {
+            reason,
+            kind: match kind {
+                Agent::Auth => PauseKind::AgentAuth,
+                Agent::UsageLimit => PauseKind::UsageLimit,
+                Agent::Budget => PauseKind::Budget,
+                Agent::RootRefusal | Agent::MissingBinary | Agent::Config => {
+                    PauseKind::AgentUnavailable
                 }
-            }
-            AgentBlock::Auth { message } => PauseCause::new(
-                PauseKind::AgentAuth,
-                format!("agent authentication failed: {message}"),
-            ),
-        }));
+            },
+            until: until.map(|t| std::time::UNIX_EPOCH + Duration::from_secs(t)),
+        }),
     }
-    if outcome.timed_out {
-        return Err(Failure::Attempt(format!(
-            "agent timed out after {} s and was killed",
-            ctx.config.agent_timeout
-        )));
-    }
-    if outcome.exit_code != Some(0) {
-        let text = if outcome.stderr_tail.trim().is_empty() {
-            &outcome.transcript
-        } else {
-            &outcome.stderr_tail
-        };
-        let tail = last_line(text);
-        return Err(Failure::Attempt(match outcome.exit_code {
-            Some(code) => format!("agent exited with code {code}: {tail}"),
-            None => format!("agent was killed by a signal: {tail}"),
-        }));
-    }
-    if outcome.is_error {
-        return Err(Failure::Attempt(format!(
-            "agent reported an error: {}",
-            last_line(&outcome.transcript)
-        )));
-    }
-    Ok(outcome)
 }
 
 /// An agent that could not run: its program is missing (pause), or
 /// HydraFlow could not write its transcript (storage, never an attempt).
 fn agent_error(ctx: &Pipeline, e: AgentError) -> Failure {
     match e {
-        AgentError::Spawn { program, source } => Failure::Pause(PauseCause::new(
-            PauseKind::AgentUnavailable,
-            format!(
-                "cannot start agent {program:?}: {source}; install it or set agent.command (hydraflow config check)"
-            ),
-        )),
-        AgentError::Config(m) => Failure::Pause(PauseCause::new(
-            PauseKind::AgentUnavailable,
-            format!("agent configuration: {m}"),
-        )),
         AgentError::Io(e) if is_storage_io(&e) => {
             Failure::Storage(format!("cannot write the agent's transcript: {e}"))
         }
         AgentError::Io(e) => match ctx.storage_fault() {
             Some(fault) => Failure::Storage(fault),
-            None => Failure::Later {
-                cause: format!("agent i/o failed: {e}"),
-                after: ctx.poll_interval(),
-            },
+            None => agent_failure(ctx, AgentError::Io(e).failure()),
         },
+        e => agent_failure(ctx, e.failure()),
     }
 }
 

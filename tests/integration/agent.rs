@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use hydraflow::agent::parse::{DisplayLine, LineKind};
 use hydraflow::agent::runner::{AgentRunner, CallRequest, ProcessRunner, build_call_with_env};
-use hydraflow::agent::{AgentBlock, AgentCall, AgentError, AgentOutcome, OutputFormat, Stage};
+use hydraflow::agent::{
+    AgentCall, AgentError, AgentFailure, AgentOutcome, OutputFormat, PauseKind, Stage,
+};
 use hydraflow::config::AgentConfig;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -41,7 +43,7 @@ fn call(dir: &Path, script: &str, output: OutputFormat, timeout: Duration) -> Ag
 async fn run(call: &AgentCall) -> Result<(AgentOutcome, Vec<DisplayLine>), AgentError> {
     let lines = Mutex::new(Vec::new());
     let sink = |l: &DisplayLine| lines.lock().expect("lock").push(l.clone());
-    let outcome = ProcessRunner.run(call, &sink).await?;
+    let outcome = ProcessRunner::default().run(call, &sink).await?;
     Ok((outcome, lines.into_inner().expect("lock")))
 }
 
@@ -235,10 +237,11 @@ async fn agent_usage_limit_on_stderr_is_recognised() -> TestResult {
     let c = call(dir.path(), script, OutputFormat::Plain, MINUTE);
     let (outcome, _) = run(&c).await?;
     assert_eq!(
-        outcome.block,
-        Some(AgentBlock::UsageLimit {
-            message: "Claude AI usage limit reached|1750000000".into(),
-            resets_at: Some(1_750_000_000),
+        outcome.failure(),
+        Some(AgentFailure::Pause {
+            reason: "agent usage limit reached: Claude AI usage limit reached|1750000000".into(),
+            kind: PauseKind::UsageLimit,
+            until: Some(1_750_000_000),
         })
     );
     assert!(!outcome.succeeded());
@@ -312,17 +315,55 @@ async fn agent_environment_is_clean() -> TestResult {
     parent.push(("CLAUDECODE".into(), "1".into()));
     parent.push(("GH_TOKEN".into(), "secret".into()));
     parent.push(("KEEP_ME".into(), "yes".into()));
+    parent.push(("DROP_ME".into(), "yes".into()));
+    parent.push(("CLAUDE_CODE_MAX_RETRIES".into(), "2".into()));
+    parent.push(("ANTHROPIC_BASE_URL".into(), "http://127.0.0.1:9".into()));
+    parent.push(("https_proxy".into(), "http://proxy:3128".into()));
+    let mut config = config;
+    config.pass_env = vec!["KEEP_*".into()];
     let c = build_call_with_env(&config, request(dir.path(), "p"), parent)?;
     let (outcome, _) = run(&c).await?;
     let env: Vec<&str> = outcome.transcript.lines().collect();
-    for gone in ["GIT_DIR=", "CLAUDECODE=", "GH_TOKEN="] {
+    for gone in ["GIT_DIR=", "CLAUDECODE=", "GH_TOKEN=", "DROP_ME="] {
         assert!(
             !env.iter().any(|l| l.starts_with(gone)),
             "{gone} leaked: {env:?}"
         );
     }
-    for kept in ["KEEP_ME=yes", "HYDRAFLOW_STAGE=review", "HYDRAFLOW_ISSUE=9"] {
+    for kept in [
+        "KEEP_ME=yes",
+        "HYDRAFLOW_STAGE=review",
+        "HYDRAFLOW_ISSUE=9",
+        "CLAUDE_CODE_MAX_RETRIES=2",
+        "ANTHROPIC_BASE_URL=http://127.0.0.1:9",
+        "https_proxy=http://proxy:3128",
+    ] {
         assert!(env.contains(&kept), "{kept} missing: {env:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_secrets_are_redacted_from_everything_it_prints() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let secret = "sk-ant-api03-very-secret-value";
+    let script = format!(
+        "echo '{{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"key {secret}\"}}'\necho 'stderr {secret}' >&2\n"
+    );
+    let c = call(dir.path(), &script, OutputFormat::ClaudeStreamJson, MINUTE);
+    let lines = Mutex::new(Vec::new());
+    let sink = |l: &DisplayLine| lines.lock().expect("lock").push(l.text.clone());
+    let runner = ProcessRunner::default().with_secrets(vec![secret.to_string(), "short".into()]);
+    let outcome = runner.run(&c, &sink).await?;
+    assert_eq!(outcome.transcript, "key [redacted]");
+    assert_eq!(outcome.stderr_tail, "stderr [redacted]\n");
+    let raw = std::fs::read_to_string(dir.path().join("logs/issue-5.jsonl"))?;
+    let saved = std::fs::read_to_string(&c.transcript_path)?;
+    for text in [raw, saved]
+        .iter()
+        .chain(lines.lock().expect("lock").iter())
+    {
+        assert!(!text.contains(secret), "{text}");
     }
     Ok(())
 }

@@ -182,6 +182,15 @@ async fn worker_api_over_its_unix_socket() {
     .await;
     check(
         get.clone(),
+        "/api/costs",
+        None,
+        ok,
+        "/daily_budget_usd",
+        json!(null),
+    )
+    .await;
+    check(
+        get.clone(),
         "/api/runtimes",
         None,
         ok,

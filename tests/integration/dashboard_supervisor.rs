@@ -428,6 +428,14 @@ async fn headless_chromium_shows_repositories_and_a_live_event() {
             r#"[...document.querySelectorAll('#events li.event[data-slug="beta"]')].some(li => li.textContent.includes('Live issue from the test'))"#,
         )
         .await;
+    // The selected repository's agent cost: today's total and the budget.
+    browser.eval(r#"select("beta"); true"#).await;
+    browser
+        .until(
+            "the agent cost of the selected repository",
+            r#"document.getElementById('costs').textContent.includes('today (') && document.getElementById('costs').textContent.includes('no daily budget')"#,
+        )
+        .await;
     let shot = browser
         .call(
             "Page.captureScreenshot",

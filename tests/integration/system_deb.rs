@@ -236,7 +236,7 @@ fn main_log(c: &Container, slug: &str) -> String {
 }
 
 /// The exposure score `systemd-analyze security` prints for `unit`.
-fn security_score(c: &Container, unit: &str) -> f64 {
+pub(crate) fn security_score(c: &Container, unit: &str) -> f64 {
     let out = sh(
         c,
         &format!("systemd-analyze security --no-pager {unit} 2>&1"),

@@ -233,6 +233,12 @@ impl Container {
         container
     }
 
+    /// The container's network namespace (`/proc/<init>/ns/net`), for a
+    /// test server that must listen on the container's loopback.
+    pub fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.init_pid))
+    }
+
     /// The host path of the container's system bus socket.
     pub fn bus_socket(&self) -> PathBuf {
         self.dir.path().join("dbus/system_bus_socket")
