@@ -142,6 +142,7 @@ const NON_KEY_ENV: &[&str] = &[
     "HYDRAFLOW_CAMPAIGN_BIN",
     "HYDRAFLOW_CAMPAIGN_RUNS",
     "HYDRAFLOW_CAMPAIGN_SEED",
+    "HYDRAFLOW_AGENT_CLIS",
 ];
 
 /// What [`load`] made of the layers.

@@ -93,14 +93,18 @@ pub fn base_branch_hint(repo: &git2::Repository, missing: &str) -> String {
 }
 
 /// Check that `path` is the top directory of a git checkout (or a bare repository), as the
-/// local forge needs before an issue is filed for it.
+/// local forge needs before an issue is filed for it. One owned by another user counts.
 ///
 /// # Errors
 /// [`GitError::NotARepository`] saying what to give instead: the checkout's top directory
 /// when `path` is inside one, else a checkout or a supervised instance.
 pub fn check_checkout(path: &std::path::Path) -> Result<(), GitError> {
-    if git2::Repository::open(path).is_ok() {
-        return Ok(());
+    match git2::Repository::open(path) {
+        Ok(_) => return Ok(()),
+        // A repository another user owns (root filing an issue for an instance's checkout,
+        // which belongs to the instance's user): it is one, which is all this checks.
+        Err(e) if e.code() == git2::ErrorCode::Owner => return Ok(()),
+        Err(_) => {}
     }
     let message = match git2::Repository::discover(path)
         .ok()

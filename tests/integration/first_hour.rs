@@ -22,6 +22,16 @@ case "$1" in
 esac
 "#;
 
+/// `cmd` without the caller's `HYDRAFLOW_*` variables (whose warnings would be in stderr).
+fn clean(mut cmd: Command) -> Command {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HYDRAFLOW_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -310,17 +320,37 @@ fn issue_add_outside_a_checkout_fails() {
             ),
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_hydraflow"))
+        let out = clean(Command::new(env!("CARGO_BIN_EXE_hydraflow")))
             .args(["issue", "add", "--title", "x", "--config"])
             .arg(&p.config)
             .current_dir(dir)
-            .env_remove("HYDRAFLOW_HOME")
             .output()
             .expect("run");
         assert!(!out.status.success());
         assert_eq!(text(&out.stderr), expected);
         assert!(!dir.join(".hydraflow").exists(), "nothing written");
     }
+}
+
+/// Root files an issue for a checkout another user owns (a packaged instance's, which belongs
+/// to its dynamic user): git's ownership check does not make it "not a git repository".
+#[test]
+#[ignore = "needs root (chown): run as root with cargo test -- --include-ignored (.ci/run does)"]
+fn root_files_an_issue_for_a_checkout_another_user_owns() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test changes owners and must run as root"
+    );
+    let p = Project::new(OK_AGENT, "");
+    let chown = Command::new("chown")
+        .args(["-R", "4242:4242"])
+        .arg(p.repo())
+        .status()
+        .expect("chown");
+    assert!(chown.success());
+    let out = p.run(&["issue", "add", "--title", "From root"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "created issue #1: From root\n");
 }
 
 /// `.hydraflow/` inside the checkout stays out of `git status`: an entry in the repository's
