@@ -35,8 +35,9 @@ pub fn data_owner(layout: &Layout) -> anyhow::Result<Option<(u32, u32)>> {
     Ok(None)
 }
 
-/// Give every root-owned file and directory under `dir` (symbolic links not followed) to
-/// `owner` ([`data_owner`]); nothing when `owner` is `None` or `dir` does not exist.
+/// Give every root-owned file and directory under `dir` (itself resolved when it is a symbolic
+/// link; links below it not followed) to `owner` ([`data_owner`]); nothing when `owner` is
+/// `None` or `dir` does not exist.
 ///
 /// A worker that meets one of these files before it is handed over cannot read it and
 /// retries on its next poll.
@@ -44,9 +45,15 @@ pub fn data_owner(layout: &Layout) -> anyhow::Result<Option<(u32, u32)>> {
 /// # Errors
 /// A directory that cannot be listed or an entry whose owner cannot be changed, named.
 pub fn restore_owner(owner: Option<(u32, u32)>, dir: &Path) -> anyhow::Result<()> {
-    match owner {
-        Some((uid, gid)) => hand_over(dir, uid, gid),
-        None => Ok(()),
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    // `dir` itself may be a symbolic link (systemd's `/var/lib/hydraflow/<slug>` to
+    // `/var/lib/private/hydraflow/<slug>`): start from where it points.
+    match std::fs::canonicalize(dir) {
+        Ok(real) => hand_over(&real, uid, gid),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("cannot resolve {}", dir.display())),
     }
 }
 
@@ -128,5 +135,25 @@ mod tests {
             assert_eq!((meta.uid(), meta.gid()), (4242, 4343), "{p}");
         }
         assert_eq!(std::fs::metadata("/etc/passwd").unwrap().uid(), 0);
+
+        // As under systemd's DynamicUser=: the instance directory is a symbolic link to the
+        // private one; what root writes through it is handed over all the same.
+        let private = root.join("private/inst");
+        std::fs::create_dir_all(&private).unwrap();
+        std::os::unix::fs::lchown(&private, Some(4242), Some(4343)).unwrap();
+        std::os::unix::fs::symlink(&private, root.join("inst")).unwrap();
+        let layout = Layout {
+            slug: crate::layout::Slug::new("inst").unwrap(),
+            ..layout
+        };
+        let owner = data_owner(&layout).unwrap();
+        assert_eq!(owner, Some((4242, 4343)));
+        std::fs::create_dir_all(root.join("inst/forge/issues")).unwrap();
+        std::fs::write(root.join("inst/forge/issues/2.json"), "{}").unwrap();
+        restore_owner(owner, &layout.repo_dir()).unwrap();
+        for p in ["forge", "forge/issues", "forge/issues/2.json"] {
+            let meta = std::fs::symlink_metadata(private.join(p)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (4242, 4343), "{p}");
+        }
     }
 }
