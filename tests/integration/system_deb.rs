@@ -32,7 +32,7 @@ output = "plain"
 /// marker in the instance's state directory and hangs: the test kills the worker there
 /// (step 5). Later calls, the restarted worker's, run the demo agent.
 const HELD_AGENT: &str = r#"#!/bin/sh
-marker="$HYDRAFLOW_HOME/held-$2"
+marker="$HOME/held-$2"
 if [ "$1" = implement ] && [ "$2" != 1 ] && [ ! -e "$marker" ]; then
     : >"$marker"
     sleep 600
@@ -108,8 +108,8 @@ fn wait_sh(c: &Container, what: &str, limit: Duration, script: &str) -> String {
         }
         if start.elapsed() > limit {
             let status = c.exec(&["sh", "-c", "systemctl --no-pager status 'hydraflow*' ; journalctl --no-pager -n 80 -u 'hydraflow*'; \
-                 ls -la /var/lib/private/hydraflow/*/ /var/lib/private/hydraflow/*/*/logs; \
-                 tail -n 20 /var/lib/private/hydraflow/*/*/sessions.jsonl"]);
+                 ls -la /var/lib/private/hydraflow/*/ /var/lib/private/hydraflow/*/logs; \
+                 tail -n 20 /var/lib/private/hydraflow/*/sessions.jsonl"]);
             panic!(
                 "gave up waiting for {what} after {limit:?}: {}{}\n{}",
                 String::from_utf8_lossy(&out.stdout),
