@@ -1,4 +1,4 @@
-//! Repository slugs and the on-disk data layout decided by ADR-0010.
+//! Repository slugs and the on-disk data layout (docs/design/data-layout.md).
 //!
 //! `data_root` is `$HYDRAFLOW_HOME` when set, else `<repo>/.hydraflow`; every
 //! per-repository artifact lives under `data_root/<slug>/`, and worktrees live
@@ -78,7 +78,7 @@ impl Slug {
         Ok(Slug(s.to_owned()))
     }
 
-    /// The slug of a GitHub `owner/name`: `/` becomes `-` (ADR-0009/0010).
+    /// The slug of a GitHub `owner/name`: `/` becomes `-` (docs/design/data-layout.md).
     ///
     /// # Errors
     /// [`SlugError`] when the result is not a valid slug.
@@ -126,7 +126,8 @@ impl<'de> serde::Deserialize<'de> for Slug {
 }
 
 /// Every path of one repository's data, derived from `data_root`, the slug and
-/// `worktree_base` (ADR-0010). Creating the directories is [`Layout::create_dirs`].
+/// `worktree_base` (docs/design/data-layout.md). Creating the directories is
+/// [`Layout::create_dirs`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     /// The repository slug.

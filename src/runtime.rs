@@ -1,7 +1,7 @@
 //! `RepoRuntime` bundles one repository's configuration, state tracker,
 //! event bus, issue store, session log and orchestrator into one lifecycle
-//! unit; `RepoRuntimeRegistry` holds runtimes by slug (ADR-0006, ADR-0038).
-//! In production a worker process registers exactly one slug (ADR-0009);
+//! unit; `RepoRuntimeRegistry` holds runtimes by slug (docs/design/process-model.md).
+//! In production a worker process registers exactly one slug;
 //! the registry exists so the API can list and address runtimes uniformly.
 
 use std::collections::BTreeMap;
@@ -251,7 +251,7 @@ impl RepoRuntime {
     }
 }
 
-/// Runtimes by slug (ADR-0038): one per process in production.
+/// Runtimes by slug: one per process in production (docs/design/process-model.md).
 #[derive(Debug, Default)]
 pub struct RepoRuntimeRegistry {
     runtimes: RwLock<BTreeMap<Slug, Arc<RepoRuntime>>>,

@@ -1,5 +1,5 @@
 //! Agents: coding-agent CLIs run as child processes, one call per stage task
-//! (spec §4). `runner` spawns the process in its own process group with a
+//! (docs/design/agents.md). `runner` spawns the process in its own process group with a
 //! timeout that kills the group and streams stdout line by line; `parse`
 //! turns Claude Code `stream-json`, Codex `--json` and plain text into display
 //! lines and a final transcript; `prompts` renders the stage prompts;

@@ -715,7 +715,7 @@ struct Resolved {
 }
 
 /// The `claude` preset's model for a stage without one: `opus` to plan,
-/// implement and apply corrections, `sonnet` to triage and review (spec §7).
+/// implement and apply corrections, `sonnet` to triage and review (docs/design/agents.md).
 fn claude_default_model(stage: Stage) -> &'static str {
     match stage {
         Stage::Plan | Stage::Implement | Stage::Hitl => "opus",

@@ -1,6 +1,6 @@
 //! Loading the configuration in layers with provenance: built-in defaults,
 //! the global file, the instance file, then `HYDRAFLOW_<KEY>` environment
-//! variables (spec §7). Every file is parsed strictly on its own first, so an
+//! variables (docs/design/configuration.md). Every file is parsed strictly on its own first, so an
 //! unknown key or a wrong type is reported with the file, line and key.
 
 use std::collections::BTreeMap;
@@ -766,7 +766,7 @@ pub fn state_dir(supervisor: &super::SupervisorConfig, env: &[(String, String)])
 /// `owner/name` with `/` → `-`, else the checkout's directory name. The data
 /// root of a configured instance (`--instance`) is the supervisor's state
 /// directory ([`state_dir`]), so that its data are `<state dir>/<slug>/`;
-/// otherwise `$HYDRAFLOW_HOME`, else `<checkout>/.hydraflow` (ADR-0010). A
+/// otherwise `$HYDRAFLOW_HOME`, else `<checkout>/.hydraflow` (docs/design/data-layout.md). A
 /// GitHub repository without a checkout is cloned into `<data root>/<slug>/checkout`.
 ///
 /// # Errors

@@ -1,4 +1,4 @@
-//! Configuration: the typed schema, its defaults (spec §7), and loading in
+//! Configuration: the typed schema, its defaults (docs/design/configuration.md), and loading in
 //! layers — built-in defaults, the global `hydraflow.toml`, the per-instance
 //! `repos/<slug>.toml`, then `HYDRAFLOW_<KEY>` environment overrides — with
 //! the source of every value recorded for `hydraflow config show`.
@@ -14,7 +14,7 @@ pub const DEFAULT_CONFIG_FILE: &str = "/etc/hydraflow/hydraflow.toml";
 pub const DEFAULT_REPOS_DIR: &str = "/etc/hydraflow/repos";
 /// Environment variable naming the global configuration file.
 pub const CONFIG_ENV: &str = "HYDRAFLOW_CONFIG";
-/// Environment variable naming the data root (ADR-0010).
+/// Environment variable naming the data root (docs/design/data-layout.md).
 pub const HOME_ENV: &str = "HYDRAFLOW_HOME";
 
 /// Which forge the worker talks to.
@@ -43,7 +43,8 @@ pub struct Config {
     pub forge: ForgeKind,
     /// The base branch pull requests target.
     pub main_branch: String,
-    /// Where worktrees go; default `<repo_path>/../hydraflow-worktrees` (ADR-0010).
+    /// Where worktrees go; default `<repo_path>/../hydraflow-worktrees`
+    /// (docs/design/data-layout.md).
     pub worktree_base: Option<PathBuf>,
     /// Directory of per-instance files (`<repos_dir>/<slug>.toml`); global file only.
     pub repos_dir: PathBuf,
@@ -139,7 +140,7 @@ impl Default for Limits {
     }
 }
 
-/// When an issue escalates to a human (spec §2).
+/// When an issue escalates to a human (docs/design/pipeline.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Escalation {
@@ -167,7 +168,7 @@ impl Default for Escalation {
     }
 }
 
-/// Pipeline label names (spec §2).
+/// Pipeline label names (docs/design/pipeline.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Labels {
@@ -249,7 +250,7 @@ fn maybe_one_of_outputs<'de, D: serde::Deserializer<'de>>(
     one_of(d, "agent output format", OUTPUTS).map(Some)
 }
 
-/// Agent presets and per-stage command lines (spec §4).
+/// Agent presets and per-stage command lines (docs/design/agents.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {

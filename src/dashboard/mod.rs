@@ -1,4 +1,4 @@
-//! The dashboards (spec §9, ADR-0008): each worker's API on a Unix socket
+//! The dashboards (docs/design/dashboard.md): each worker's API on a Unix socket
 //! in its runtime directory ([`worker`]), and the supervisor's dashboard on
 //! TCP that lists every repository, proxies to each worker's socket, fans
 //! in their events and serves the web page ([`supervisor`]).

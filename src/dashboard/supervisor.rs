@@ -1,4 +1,4 @@
-//! The supervisor's dashboard (ADR-0008) on TCP (127.0.0.1:5555 by
+//! The supervisor's dashboard (docs/design/dashboard.md) on TCP (127.0.0.1:5555 by
 //! default): `GET /api/repos` (every registered repository with its unit
 //! state and its worker's health, or why it is down), `/repos/{slug}/…`
 //! proxied to that worker's Unix socket, `GET /ws?repo=__all__|<slug>`

@@ -1,4 +1,4 @@
-//! A worker's API (spec §9): plain functions over the
+//! A worker's API (docs/design/dashboard.md): plain functions over the
 //! [`RepoRuntimeRegistry`] in [`api`], and an axum router whose handlers
 //! are one-line adapters into them, served on an already-bound listener.
 //!

@@ -45,7 +45,7 @@ use crate::config::Config;
 /// (the API answers 422 "body is too long (maximum is 65536 characters)").
 pub const COMMENT_LIMIT: usize = 65_536;
 
-/// Environment variables consulted for the token, in order (spec §7).
+/// Environment variables consulted for the token, in order (docs/design/configuration.md).
 pub const TOKEN_ENV_VARS: [&str; 3] = ["HYDRAFLOW_GH_TOKEN", "GH_TOKEN", "GITHUB_TOKEN"];
 
 /// Name of the systemd credential holding the token.

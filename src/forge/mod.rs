@@ -1,6 +1,6 @@
 //! The forge: where issues, labels, comments, pull requests, checks, reviews
 //! and merges live. [`Forge`] is shaped after the GitHub REST API operations
-//! the pipeline needs (spec §8); `local` implements it on disk with a real
+//! the pipeline needs (docs/design/forge.md); `local` implements it on disk with a real
 //! git squash merge, and `github` implements it over GitHub's REST API with octocrab.
 //!
 //! **Invariant:** the pipeline reaches a forge only through this trait.
@@ -307,7 +307,7 @@ impl ForgeError {
 /// Result of a forge call.
 pub type ForgeResult<T> = Result<T, ForgeError>;
 
-/// The operations the pipeline needs from a forge (spec §8). Issue and pull
+/// The operations the pipeline needs from a forge (docs/design/forge.md). Issue and pull
 /// request numbers are the forge's own; label names are exact.
 #[async_trait]
 pub trait Forge: Send + Sync {

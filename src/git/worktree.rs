@@ -1,6 +1,6 @@
 //! Per-issue worktrees at `<worktree_base>/<slug>/issue-<N>` on branch
-//! `agent/issue-<N>` (ADR-0010, spec §5). Create and destroy are serialised
-//! per repository slug.
+//! `agent/issue-<N>` (docs/design/data-layout.md, docs/design/pipeline.md).
+//! Create and destroy are serialised per repository slug.
 //!
 //! git2 is blocking: every operation runs in [`tokio::task::spawn_blocking`]
 //! and opens its own [`git2::Repository`] inside the closure.

@@ -1,5 +1,5 @@
 //! The pipeline's events as one typed enum. Each variant serialises to the
-//! `type` and `data` of an `events.jsonl` record (spec §6), the same shape
+//! `type` and `data` of an `events.jsonl` record (docs/design/persistence.md), the same shape
 //! the dashboard has always read: `PhaseChange { issue, from, to }` becomes
 //! `{"type": "phase_change", "data": {"issue": 7, "from": "plan", "to":
 //! "implement"}}`. Call sites build a variant; only [`publish`] touches JSON.

@@ -1,4 +1,4 @@
-//! Labels as the state machine (spec §2): which stage an issue is in, and the
+//! Labels as the state machine (docs/design/pipeline.md): which stage an issue is in, and the
 //! swap that moves it (add the new label first, then remove every other
 //! pipeline label; removing an absent label is success).
 

@@ -1,6 +1,6 @@
 //! The pipeline of one repository: the issue store (per-stage FIFO queues fed
-//! by the poller), labels as the state machine (spec §2), the five stage
-//! loops and the orchestrator that runs them (spec §3), and the HITL spool
+//! by the poller), labels as the state machine, the five stage loops and the
+//! orchestrator that runs them (docs/design/pipeline.md), and the HITL spool
 //! through which the CLI hands commands to a running worker.
 //!
 //! How it is layered (each module uses only those listed after it):

@@ -1,7 +1,7 @@
 //! The orchestrator: the poller (which also probes a pause and wakes on
 //! the local forge's changes), the HITL spool watcher, the delayed-retry
 //! timer, garbage collection and the five stage loops as concurrent tokio
-//! tasks, each stage with its own concurrency limit (spec §3). A loop that
+//! tasks, each stage with its own concurrency limit (docs/design/pipeline.md). A loop that
 //! crashes is restarted and the crash published.
 //!
 //! At start, before the first poll, every issue whose record holds a

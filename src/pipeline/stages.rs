@@ -1,4 +1,4 @@
-//! The work of each stage on one issue (spec §3). A stage reads, runs its
+//! The work of each stage on one issue (docs/design/pipeline.md). A stage reads, runs its
 //! agent and decides; every outside side effect it then wants (labels,
 //! comments, pushes, pull requests, reviews, merges, closes, worktree
 //! removal) goes into a step journal that [`super::journal`] carries out,

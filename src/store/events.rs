@@ -1,5 +1,5 @@
 //! The event bus: an in-memory broadcast for live subscribers plus the
-//! append-only `events.jsonl`, one record per line in the spec's shape
+//! append-only `events.jsonl`, one record per line in the original's shape
 //! `{"id","type","timestamp","data","session_id","repo"}`, rotated by size
 //! and age.
 
@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 use super::StoreError;
 use crate::config::EventsConfig;
 
-/// Event types (the original's names, spec §6).
+/// Event types (the original's names; docs/design/persistence.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventType {
@@ -195,7 +195,7 @@ impl EventBus {
     /// Record and broadcast an event. A failed write is logged, never returned:
     /// the pipeline does not stop because the event log is full.
     ///
-    /// `data` should be a JSON object (the spec's shape); it is stored as given.
+    /// `data` should be a JSON object (the original's shape); it is stored as given.
     pub fn publish(&self, kind: EventType, data: serde_json::Value) -> Event {
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         let event = Event {

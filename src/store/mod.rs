@@ -1,4 +1,4 @@
-//! Persistence of one repository's worker (spec §6, ADR-0010): the state
+//! Persistence of one repository's worker (docs/design/persistence.md): the state
 //! tracker (`state.json`, atomic writes with rotated backups), the event bus
 //! (broadcast + append-only `events.jsonl`, rotated by size and age) and the
 //! session log (`sessions.jsonl`).

@@ -33,7 +33,7 @@ pub enum SessionStatus {
     Completed,
 }
 
-/// One session record (spec §6).
+/// One session record (docs/design/persistence.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
     /// `<slug>-<timestamp>`.
@@ -52,7 +52,7 @@ pub struct SessionRecord {
     pub issues_failed: u64,
     /// Active or completed.
     pub status: SessionStatus,
-    /// Totals of the session's agent calls (added to the spec's shape;
+    /// Totals of the session's agent calls (added to the original's shape;
     /// missing in records of older versions).
     #[serde(default)]
     pub agents: AgentTotals,

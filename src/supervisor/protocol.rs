@@ -1,7 +1,6 @@
 //! Wire types of the supervisor's TCP control protocol: one JSON object per line in, one JSON
-//! object per line out (docs: the original's protocol as described in ARCHITECTURE.md and the
-//! project's supervisor protocol spec). Field names and error texts of the original are kept;
-//! added fields are additive.
+//! object per line out (docs/design/protocol.md). Field names and error texts of the original
+//! are kept; added fields are additive.
 //!
 //! **Invariant:** the wire format lives in this module alone; the server and the client only
 //! call [`Request::parse`], [`Response::to_line`] and the reply types here.

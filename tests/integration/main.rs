@@ -4,6 +4,7 @@ mod agent_containment;
 mod crash_campaign;
 mod dashboard_api;
 mod dashboard_supervisor;
+mod docs;
 mod fake_github;
 mod first_hour;
 mod git_fixture;

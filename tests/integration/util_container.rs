@@ -1,5 +1,5 @@
-//! A booted Debian 12 container for system tests (docs: /work/shared/spec/systemd.md, "Testing
-//! against a real systemd"): a copy of the cached rootfs (built by
+//! A booted Debian 12 container for system tests (docs/design/systemd.md, "Testing
+//! against the real thing"): a copy of the cached rootfs (built by
 //! `tests/system/prepare-host.sh`), booted with `systemd-nspawn --boot --private-network` (only its own
 //! loopback, so ports such as the supervisor's 127.0.0.1:8765 clash neither with the host's nor
 //! with another test's) from a scratch cgroup,
