@@ -22,7 +22,8 @@ pub struct RepoEntry {
     pub path: String,
     /// The slug (instance name).
     pub slug: String,
-    /// The original's per-repository dashboard port; always 0 here.
+    /// The original's per-repository dashboard port; 0 in the file (replies carry the
+    /// supervisor dashboard's port).
     #[serde(default)]
     pub port: u16,
     /// See the protocol's `dashboard_url`.
