@@ -390,29 +390,6 @@ fn conflict_paths(index: &git2::Index) -> ForgeResult<Vec<String>> {
     Ok(paths)
 }
 
-/// Whether `refname` is checked out in the main checkout or any valid worktree.
-fn checked_out_anywhere(repo: &Repository, refname: &str) -> bool {
-    let head_is = |r: &Repository| {
-        r.find_reference("HEAD")
-            .ok()
-            .and_then(|h| h.symbolic_target().ok().flatten().map(|t| t == refname))
-            .unwrap_or(false)
-    };
-    if head_is(repo) {
-        return true;
-    }
-    let Ok(names) = repo.worktrees() else {
-        return true;
-    };
-    names.iter().filter_map(|n| n.ok().flatten()).any(|name| {
-        repo.find_worktree(name)
-            .ok()
-            .filter(|wt| wt.validate().is_ok())
-            .and_then(|wt| Repository::open_from_worktree(&wt).ok())
-            .is_some_and(|r| head_is(&r))
-    })
-}
-
 impl LocalForge {
     /// Open (creating) `layout.forge_dir()` for the checkout at `repo_path`.
     ///
@@ -887,7 +864,7 @@ impl LocalForge {
         write_json(&self.pull_file(number), &record)?;
 
         let head_ref = format!("refs/heads/{}", record.head);
-        if checked_out_anywhere(&repo, &head_ref) {
+        if crate::git::checked_out(&repo, &head_ref) {
             tracing::info!(branch = %record.head, "head branch is checked out: leaving it");
         } else if let Ok(mut branch) = repo.find_branch(&record.head, BranchType::Local)
             && let Err(e) = branch.delete()

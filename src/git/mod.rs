@@ -51,6 +51,42 @@ pub enum GitError {
     },
 }
 
+/// A [`GitError::Git`] maker that says what was being done.
+pub(crate) fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
+    let context = context.into();
+    move |source| GitError::Git { context, source }
+}
+
+/// A [`GitError::Io`] maker that says what was being done.
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> GitError {
+    let context = context.into();
+    move |source| GitError::Io { context, source }
+}
+
+/// Whether `refname` (`refs/heads/…`) is checked out in the main checkout
+/// of `repo` or in any of its valid worktrees (when in doubt, yes).
+pub fn checked_out(repo: &git2::Repository, refname: &str) -> bool {
+    let head_is = |r: &git2::Repository| {
+        r.find_reference("HEAD")
+            .ok()
+            .and_then(|h| h.symbolic_target().ok().flatten().map(|t| t == refname))
+            .unwrap_or(false)
+    };
+    if head_is(repo) {
+        return true;
+    }
+    let Ok(names) = repo.worktrees() else {
+        return true;
+    };
+    names.iter().filter_map(|n| n.ok().flatten()).any(|name| {
+        repo.find_worktree(name)
+            .ok()
+            .filter(|wt| wt.validate().is_ok())
+            .and_then(|wt| git2::Repository::open_from_worktree(&wt).ok())
+            .is_some_and(|r| head_is(&r))
+    })
+}
+
 /// Name and e-mail used for commits when the repository configuration has no
 /// `user.name`/`user.email`.
 pub const FALLBACK_SIGNATURE: (&str, &str) = ("HydraFlow", "hydraflow@localhost");

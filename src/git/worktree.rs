@@ -11,7 +11,7 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use git2::{BranchType, DiffFormat, ErrorCode, IndexAddOption, Repository, StatusOptions};
 
-use super::GitError;
+use super::{GitError, git, io};
 use crate::layout::Layout;
 
 /// A worktree ready for an agent.
@@ -55,16 +55,6 @@ where
             context: "git task did not finish".into(),
             source: std::io::Error::other(e),
         })?
-}
-
-fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
-    let context = context.into();
-    move |source| GitError::Git { context, source }
-}
-
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> GitError {
-    let context = context.into();
-    move |source| GitError::Io { context, source }
 }
 
 fn open_repo(path: &Path) -> Result<Repository, GitError> {
@@ -241,30 +231,6 @@ fn agent_branches(repo: &Repository) -> Result<Vec<(u64, String)>, GitError> {
         }
     }
     Ok(out)
-}
-
-/// Whether `refname` is checked out in the main checkout or a valid worktree
-/// (when in doubt, yes).
-fn checked_out(repo: &Repository, refname: &str) -> bool {
-    let head_is = |r: &Repository| {
-        r.find_reference("HEAD")
-            .ok()
-            .and_then(|h| h.symbolic_target().ok().flatten().map(|t| t == refname))
-            .unwrap_or(false)
-    };
-    if head_is(repo) {
-        return true;
-    }
-    let Ok(names) = repo.worktrees() else {
-        return true;
-    };
-    names.iter().filter_map(|n| n.ok().flatten()).any(|name| {
-        repo.find_worktree(name)
-            .ok()
-            .filter(|wt| wt.validate().is_ok())
-            .and_then(|wt| Repository::open_from_worktree(&wt).ok())
-            .is_some_and(|r| head_is(&r))
-    })
 }
 
 impl Worktrees {
@@ -620,7 +586,7 @@ impl Worktrees {
             let repo = open_repo(&repo_path)?;
             let mut deleted = Vec::new();
             for (issue, name) in agent_branches(&repo)? {
-                if !is_done(issue) || checked_out(&repo, &format!("refs/heads/{name}")) {
+                if !is_done(issue) || super::checked_out(&repo, &format!("refs/heads/{name}")) {
                     continue;
                 }
                 if let Ok(mut branch) = repo.find_branch(&name, BranchType::Local) {

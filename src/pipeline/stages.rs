@@ -571,6 +571,21 @@ async fn decide_fix(
     fix_round(ctx, issue, fix).await
 }
 
+/// What follows a merge: label fixed, release, close, remove the worktree
+/// and the branch.
+fn merged_effects(ctx: &Pipeline) -> [Effect; 4] {
+    [
+        Effect::Swap {
+            to: ctx.labels.names().fixed.clone(),
+        },
+        Effect::Release,
+        Effect::Close,
+        Effect::DestroyWorktree {
+            delete_branch: true,
+        },
+    ]
+}
+
 /// The pull request was merged (by HydraFlow or a human): label fixed,
 /// release, close, remove the worktree and branch.
 pub(crate) async fn finish_merged(
@@ -585,19 +600,10 @@ pub(crate) async fn finish_merged(
         pr,
         sha: None,
     }));
-    let effects = vec![
-        Effect::Swap {
-            to: ctx.labels.names().fixed.clone(),
-        },
-        Effect::Release,
-        Effect::Close,
-        Effect::DestroyWorktree {
-            delete_branch: true,
-        },
-    ];
     let then = After::Done {
         outcome: Outcome::Merged,
     };
+    let effects = merged_effects(ctx).to_vec();
     let then = journal::start(ctx, issue, stage, effects, then, |_| ()).await?;
     Ok(Next::after(&then))
 }
@@ -796,20 +802,11 @@ async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, Failure> {
             decide_fix(ctx, issue, FixKind::ConflictFix, message).await
         }
         Some(true) => {
-            let effects = vec![
-                Effect::Merge {
-                    pr: pr_number,
-                    title: format!("Fixes #{n}: {}", issue.title),
-                },
-                Effect::Swap {
-                    to: ctx.labels.names().fixed.clone(),
-                },
-                Effect::Release,
-                Effect::Close,
-                Effect::DestroyWorktree {
-                    delete_branch: true,
-                },
-            ];
+            let mut effects = vec![Effect::Merge {
+                pr: pr_number,
+                title: format!("Fixes #{n}: {}", issue.title),
+            }];
+            effects.extend(merged_effects(ctx));
             let then = After::Done {
                 outcome: Outcome::Merged,
             };
