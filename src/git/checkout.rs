@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use git2::{Delta, DiffOptions, ErrorCode, ObjectType, Oid, Repository, Tree};
 
-use super::GitError;
+use super::{GitError, git, io};
 
 /// Mode of a gitlink (a submodule's commit) in a tree or the index.
 const GITLINK: u32 = 0o160000;
@@ -63,16 +63,6 @@ type Entry = (Oid, u32);
 struct Change {
     old: Option<Entry>,
     new: Option<Entry>,
-}
-
-fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
-    let context = context.into();
-    move |source| GitError::Git { context, source }
-}
-
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> GitError {
-    let context = context.into();
-    move |source| GitError::Io { context, source }
 }
 
 fn bytes_path(bytes: &[u8]) -> PathBuf {

@@ -11,7 +11,7 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use git2::{BranchType, DiffFormat, ErrorCode, IndexAddOption, Repository, StatusOptions};
 
-use super::GitError;
+use super::{GitError, git, io};
 use crate::layout::Layout;
 
 /// A worktree ready for an agent.
@@ -57,16 +57,6 @@ where
         })?
 }
 
-fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
-    let context = context.into();
-    move |source| GitError::Git { context, source }
-}
-
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> GitError {
-    let context = context.into();
-    move |source| GitError::Io { context, source }
-}
-
 fn open_repo(path: &Path) -> Result<Repository, GitError> {
     Repository::open(path).map_err(|e| GitError::NotARepository {
         path: path.to_path_buf(),
@@ -88,7 +78,10 @@ fn branch_tip<'r>(repo: &'r Repository, name: &str) -> Result<Option<git2::Commi
 }
 
 fn base_tip<'r>(repo: &'r Repository, base: &str) -> Result<git2::Commit<'r>, GitError> {
-    branch_tip(repo, base)?.ok_or_else(|| GitError::NoBaseBranch(base.to_owned()))
+    branch_tip(repo, base)?.ok_or_else(|| GitError::NoBaseBranch {
+        branch: base.to_owned(),
+        hint: super::base_branch_hint(repo, base),
+    })
 }
 
 /// Prune registrations whose working directory is gone (never locked ones).
@@ -238,30 +231,6 @@ fn agent_branches(repo: &Repository) -> Result<Vec<(u64, String)>, GitError> {
         }
     }
     Ok(out)
-}
-
-/// Whether `refname` is checked out in the main checkout or a valid worktree
-/// (when in doubt, yes).
-fn checked_out(repo: &Repository, refname: &str) -> bool {
-    let head_is = |r: &Repository| {
-        r.find_reference("HEAD")
-            .ok()
-            .and_then(|h| h.symbolic_target().ok().flatten().map(|t| t == refname))
-            .unwrap_or(false)
-    };
-    if head_is(repo) {
-        return true;
-    }
-    let Ok(names) = repo.worktrees() else {
-        return true;
-    };
-    names.iter().filter_map(|n| n.ok().flatten()).any(|name| {
-        repo.find_worktree(name)
-            .ok()
-            .filter(|wt| wt.validate().is_ok())
-            .and_then(|wt| Repository::open_from_worktree(&wt).ok())
-            .is_some_and(|r| head_is(&r))
-    })
 }
 
 impl Worktrees {
@@ -617,7 +586,7 @@ impl Worktrees {
             let repo = open_repo(&repo_path)?;
             let mut deleted = Vec::new();
             for (issue, name) in agent_branches(&repo)? {
-                if !is_done(issue) || checked_out(&repo, &format!("refs/heads/{name}")) {
+                if !is_done(issue) || super::checked_out(&repo, &format!("refs/heads/{name}")) {
                     continue;
                 }
                 if let Ok(mut branch) = repo.find_branch(&name, BranchType::Local) {

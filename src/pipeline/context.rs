@@ -78,23 +78,34 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
-/// What the pipeline is built from; see [`crate::pipeline::OrchestratorParts`].
-pub(crate) struct Parts {
+/// What the orchestrator needs; built by [`crate::runtime::RepoRuntime`].
+pub struct OrchestratorParts {
+    /// The effective configuration.
     pub config: Config,
+    /// The data layout.
     pub layout: Layout,
+    /// `owner/name` or the slug; used in prompts.
     pub repo_name: String,
+    /// The forge.
     pub forge: Arc<dyn Forge>,
+    /// The agent runner.
     pub runner: Arc<dyn AgentRunner>,
+    /// The worktrees.
     pub worktrees: Worktrees,
+    /// The state tracker.
     pub state: Arc<StateTracker>,
+    /// The event bus.
     pub events: Arc<EventBus>,
+    /// The issue store.
     pub store: Arc<IssueStore>,
+    /// Extra environment for agents (a token when the config allows it).
     pub extra_agent_env: Vec<(String, String)>,
-    pub hook: Option<Arc<dyn EffectHook>>,
 }
 
 impl Pipeline {
-    pub fn new(parts: Parts) -> Pipeline {
+    /// The pipeline of `parts`; `hook` sees every side effect (the
+    /// simulation's crash injector; `None` in production).
+    pub fn new(parts: OrchestratorParts, hook: Option<Arc<dyn EffectHook>>) -> Pipeline {
         let (pause, _) = watch::channel(None);
         Pipeline {
             labels: LabelSet::new(&parts.config.labels),
@@ -108,7 +119,7 @@ impl Pipeline {
             events: parts.events,
             store: parts.store,
             extra_agent_env: parts.extra_agent_env,
-            hook: parts.hook,
+            hook,
             pause,
             heartbeats: Mutex::new(HashMap::new()),
             polled: AtomicBool::new(false),
@@ -259,15 +270,10 @@ impl Pipeline {
             return Some(e.to_string());
         }
         let dir = self.layout.worktrees_dir();
-        if dir.is_dir() {
-            let probe = tempfile::tempfile_in(&dir).and_then(|mut f| {
-                use std::io::Write as _;
-                f.write_all(&[0u8; 4096])?;
-                f.sync_all()
-            });
-            if let Err(e) = probe {
-                return Some(format!("cannot write in {}: {e}", dir.display()));
-            }
+        if dir.is_dir()
+            && let Err(e) = crate::store::atomic::probe_dir(&dir)
+        {
+            return Some(format!("cannot write in {}: {e}", dir.display()));
         }
         None
     }
@@ -275,6 +281,21 @@ impl Pipeline {
     /// Whether the loops are stopping.
     pub fn stopping(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    /// The message of a task that panicked (or was cancelled).
+    pub fn panic_message(e: tokio::task::JoinError) -> String {
+        if e.is_cancelled() {
+            return "cancelled".into();
+        }
+        match e.try_into_panic() {
+            Ok(p) => p
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into()),
+            Err(e) => e.to_string(),
+        }
     }
 
     /// Whether the first poll completed.

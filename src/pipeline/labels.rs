@@ -40,29 +40,24 @@ impl LabelSet {
 
     /// Every pipeline label (stages, HITL, fixed), the ones a swap clears.
     pub fn pipeline(&self) -> Vec<String> {
-        let l = &self.labels;
-        vec![
-            l.find.clone(),
-            l.plan.clone(),
-            l.ready.clone(),
-            l.review.clone(),
-            l.hitl.clone(),
-            l.hitl_active.clone(),
-            l.fixed.clone(),
-        ]
+        let mut labels = self.listed();
+        labels.push(self.labels.fixed.clone());
+        labels
     }
 
     /// The labels the poller lists issues by (every stage and HITL label).
     pub fn listed(&self) -> Vec<String> {
         let l = &self.labels;
-        vec![
-            l.find.clone(),
-            l.plan.clone(),
-            l.ready.clone(),
-            l.review.clone(),
-            l.hitl.clone(),
-            l.hitl_active.clone(),
+        [
+            &l.find,
+            &l.plan,
+            &l.ready,
+            &l.review,
+            &l.hitl,
+            &l.hitl_active,
         ]
+        .map(String::clone)
+        .to_vec()
     }
 
     /// The label of a stage.

@@ -18,22 +18,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use super::context::{Parts, Pipeline};
+pub use super::context::OrchestratorParts;
+use super::context::Pipeline;
 use super::decide::{PauseCause, PauseKind};
 use super::events::{ErrorEvent, HitlUpdate, OrchestratorStatus, PipelineEvent};
-use super::issue_store::{Depths, IssueStore};
+use super::issue_store::Depths;
 use super::journal;
 use super::labels::Route;
 use super::spool;
 use super::task::{self, escalated_by_hand};
 use crate::agent::Stage;
-use crate::agent::runner::AgentRunner;
 use crate::config::Config;
-use crate::forge::{Forge, ForgeError};
-use crate::git::Worktrees;
-use crate::layout::Layout;
-use crate::store::events::EventBus;
-use crate::store::state::{HitlCommand, Phase, StateTracker};
+use crate::forge::ForgeError;
+use crate::store::state::{HitlCommand, Phase};
 
 /// Consecutive failures of one loop that raise a `system_alert`.
 const ALERT_AFTER_FAILURES: u32 = 5;
@@ -46,30 +43,6 @@ const GC_INTERVAL: Duration = Duration::from_secs(3600);
 /// Changes of the local forge closer together than this wake one poll.
 const WAKE_DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// What the orchestrator needs; built by [`crate::runtime::RepoRuntime`].
-pub struct OrchestratorParts {
-    /// The effective configuration.
-    pub config: Config,
-    /// The data layout.
-    pub layout: Layout,
-    /// `owner/name` or the slug.
-    pub repo_name: String,
-    /// The forge.
-    pub forge: Arc<dyn Forge>,
-    /// The agent runner.
-    pub runner: Arc<dyn AgentRunner>,
-    /// The worktrees.
-    pub worktrees: Worktrees,
-    /// The state tracker.
-    pub state: Arc<StateTracker>,
-    /// The event bus.
-    pub events: Arc<EventBus>,
-    /// The issue store.
-    pub store: Arc<IssueStore>,
-    /// Extra environment for agents (a token when the config allows it).
-    pub extra_agent_env: Vec<(String, String)>,
-}
-
 /// Builds and starts the loops.
 #[derive(Debug)]
 pub struct Orchestrator;
@@ -77,19 +50,7 @@ pub struct Orchestrator;
 impl Orchestrator {
     /// Start the poller, spool watcher, timers and stage loops.
     pub fn start(parts: OrchestratorParts) -> OrchestratorHandle {
-        let ctx = Arc::new(Pipeline::new(Parts {
-            config: parts.config,
-            layout: parts.layout,
-            repo_name: parts.repo_name,
-            forge: parts.forge,
-            runner: parts.runner,
-            worktrees: parts.worktrees,
-            state: parts.state,
-            events: parts.events,
-            store: parts.store,
-            extra_agent_env: parts.extra_agent_env,
-            hook: None,
-        }));
+        let ctx = Arc::new(Pipeline::new(parts, None));
         ctx.publish(PipelineEvent::OrchestratorStatus(
             OrchestratorStatus::Running {
                 forge: ctx.forge.name(),
@@ -312,7 +273,7 @@ async fn supervise(ctx: Arc<Pipeline>, status: watch::Sender<String>) {
                 let Some(joined) = joined else { break };
                 let (id, message) = match joined {
                     Ok((id, ())) => (id, "loop ended".to_owned()),
-                    Err(e) => (e.id(), panic_message(e)),
+                    Err(e) => (e.id(), Pipeline::panic_message(e)),
                 };
                 let Some(l) = ids.remove(&id) else { continue };
                 if ctx.stopping() {
@@ -359,20 +320,6 @@ async fn supervise(ctx: Arc<Pipeline>, status: watch::Sender<String>) {
         if ctx.stopping() && set.is_empty() {
             break;
         }
-    }
-}
-
-fn panic_message(e: tokio::task::JoinError) -> String {
-    if e.is_cancelled() {
-        return "cancelled".into();
-    }
-    match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic".into()),
-        Err(e) => e.to_string(),
     }
 }
 

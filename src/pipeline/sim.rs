@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use git2::{BranchType, IndexAddOption, Repository, RepositoryInitOptions, Signature};
 use tokio::sync::Notify;
 
-use super::context::{EffectHook, Parts, Pipeline};
+use super::context::{EffectHook, OrchestratorParts, Pipeline};
 use super::issue_store::IssueStore;
 use super::orchestrator::{
     collect_garbage, poll_once, probe, release_due, resume_interrupted, take_spooled,
@@ -805,19 +805,21 @@ impl World {
         let worktrees = Worktrees::open(&self.repo, &self.layout, "main").expect("worktrees");
         *lock(&self.forge.hook) = Some(Arc::clone(crash));
         let hook: Arc<dyn EffectHook> = crash.clone();
-        Arc::new(Pipeline::new(Parts {
-            config: self.config.clone(),
-            layout: self.layout.clone(),
-            repo_name: "sim".into(),
-            forge: self.forge.clone(),
-            runner: self.runner.clone(),
-            worktrees,
-            state: Arc::new(state),
-            events: Arc::new(events),
-            store: Arc::new(IssueStore::new()),
-            extra_agent_env: Vec::new(),
-            hook: Some(hook),
-        }))
+        Arc::new(Pipeline::new(
+            OrchestratorParts {
+                config: self.config.clone(),
+                layout: self.layout.clone(),
+                repo_name: "sim".into(),
+                forge: self.forge.clone(),
+                runner: self.runner.clone(),
+                worktrees,
+                state: Arc::new(state),
+                events: Arc::new(events),
+                store: Arc::new(IssueStore::new()),
+                extra_agent_env: Vec::new(),
+            },
+            Some(hook),
+        ))
     }
 
     /// A human answers an escalated issue (once per issue).

@@ -27,7 +27,7 @@ use super::journal;
 use crate::agent::contract::{self, PlanResult, Verdict};
 use crate::agent::parse::DisplayLine;
 use crate::agent::prompts::{self, PromptContext, PromptKind};
-use crate::agent::runner::{CallRequest, build_call};
+use crate::agent::runner::{CallRequest, QualityOutcome, build_call};
 use crate::agent::{AgentError, AgentFailure, AgentOutcome, Stage};
 use crate::forge::{ChecksState, Comment, Issue, PullRequestState, ReviewEvent};
 use crate::git::WorktreeInfo;
@@ -407,26 +407,20 @@ async fn quality_check(ctx: &Pipeline, cwd: &std::path::Path) -> Result<(), Fail
     let Some(command) = &ctx.config.quality_command else {
         return Ok(());
     };
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(command)
-        .current_dir(cwd)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(ctx.config.agent_timeout), cmd.output())
-        .await
-        .map_err(|_| Failure::Attempt(format!("quality command {command:?} timed out")))?
-        .map_err(|e| Failure::Attempt(format!("cannot run quality command {command:?}: {e}")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let text = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
-        Err(Failure::Attempt(format!(
-            "quality command {command:?} failed ({}): {}",
-            out.status,
-            last_line(&text)
-        )))
+    let timeout = Duration::from_secs(ctx.config.agent_timeout);
+    match ctx.runner.run_quality(command, cwd, timeout).await {
+        Ok(QualityOutcome::Passed) => Ok(()),
+        Ok(QualityOutcome::TimedOut) => Err(Failure::Attempt(format!(
+            "quality command {command:?} timed out after {} s",
+            timeout.as_secs()
+        ))),
+        Ok(QualityOutcome::Failed { status, output }) => Err(Failure::Attempt(format!(
+            "quality command {command:?} failed ({status}): {}",
+            last_line(&output)
+        ))),
+        Err(e) => Err(Failure::Attempt(format!(
+            "cannot run quality command {command:?}: {e}"
+        ))),
     }
 }
 
@@ -571,6 +565,21 @@ async fn decide_fix(
     fix_round(ctx, issue, fix).await
 }
 
+/// What follows a merge: label fixed, release, close, remove the worktree
+/// and the branch.
+fn merged_effects(ctx: &Pipeline) -> [Effect; 4] {
+    [
+        Effect::Swap {
+            to: ctx.labels.names().fixed.clone(),
+        },
+        Effect::Release,
+        Effect::Close,
+        Effect::DestroyWorktree {
+            delete_branch: true,
+        },
+    ]
+}
+
 /// The pull request was merged (by HydraFlow or a human): label fixed,
 /// release, close, remove the worktree and branch.
 pub(crate) async fn finish_merged(
@@ -585,19 +594,10 @@ pub(crate) async fn finish_merged(
         pr,
         sha: None,
     }));
-    let effects = vec![
-        Effect::Swap {
-            to: ctx.labels.names().fixed.clone(),
-        },
-        Effect::Release,
-        Effect::Close,
-        Effect::DestroyWorktree {
-            delete_branch: true,
-        },
-    ];
     let then = After::Done {
         outcome: Outcome::Merged,
     };
+    let effects = merged_effects(ctx).to_vec();
     let then = journal::start(ctx, issue, stage, effects, then, |_| ()).await?;
     Ok(Next::after(&then))
 }
@@ -796,20 +796,11 @@ async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, Failure> {
             decide_fix(ctx, issue, FixKind::ConflictFix, message).await
         }
         Some(true) => {
-            let effects = vec![
-                Effect::Merge {
-                    pr: pr_number,
-                    title: format!("Fixes #{n}: {}", issue.title),
-                },
-                Effect::Swap {
-                    to: ctx.labels.names().fixed.clone(),
-                },
-                Effect::Release,
-                Effect::Close,
-                Effect::DestroyWorktree {
-                    delete_branch: true,
-                },
-            ];
+            let mut effects = vec![Effect::Merge {
+                pr: pr_number,
+                title: format!("Fixes #{n}: {}", issue.title),
+            }];
+            effects.extend(merged_effects(ctx));
             let then = After::Done {
                 outcome: Outcome::Merged,
             };

@@ -45,7 +45,7 @@ pub(crate) async fn process(ctx: Arc<Pipeline>, stage: Stage, issue: Issue) {
         Err(e) if e.is_panic() => (
             Err(Failure::Attempt(format!(
                 "stage task panicked: {}",
-                panic_message(e)
+                Pipeline::panic_message(e)
             ))),
             copy,
         ),
@@ -351,20 +351,6 @@ async fn escalate(
     })
     .await?;
     Ok(Next::after(&then))
-}
-
-fn panic_message(e: tokio::task::JoinError) -> String {
-    if e.is_cancelled() {
-        return "cancelled".into();
-    }
-    match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic".into()),
-        Err(e) => e.to_string(),
-    }
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);
