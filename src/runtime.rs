@@ -169,6 +169,11 @@ impl RepoRuntime {
         &self.store
     }
 
+    /// The forge.
+    pub fn forge(&self) -> &Arc<dyn Forge> {
+        &self.forge
+    }
+
     /// Start the orchestrator's loops (no-op when running).
     pub async fn start(&self) {
         let mut slot = self.orchestrator.lock().await;
@@ -214,6 +219,18 @@ impl RepoRuntime {
             .await
             .as_ref()
             .is_some_and(OrchestratorHandle::is_idle)
+    }
+
+    /// A webhook delivery for this repository (`POST /api/wake`): poll now;
+    /// false when the loops are stopped.
+    pub async fn webhook_delivered(&self) -> bool {
+        match self.orchestrator.lock().await.as_ref() {
+            Some(o) => {
+                o.webhook_delivered();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Changes of the status line while running.

@@ -15,6 +15,7 @@ pub mod issue;
 pub mod ownership;
 pub mod supervisor_cmd;
 pub mod target;
+pub mod webhook_cmd;
 pub mod worker;
 
 /// HydraFlow turns labelled issues into merged pull requests: coding-agent
@@ -99,6 +100,9 @@ pub enum Command {
     Repo(supervisor_cmd::RepoCommand),
     /// Check that the supervisor answers.
     Ping,
+    /// GitHub webhooks received by the supervisor.
+    #[command(subcommand)]
+    Webhook(webhook_cmd::WebhookCommand),
     /// Write manual pages or shell completions (used when building packages).
     #[command(subcommand, hide = true)]
     Generate(generate::GenerateCommand),
@@ -147,6 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Supervisor(args) => supervisor_cmd::run_supervisor(&cli.config, args),
         Command::Repo(cmd) => supervisor_cmd::run_repo(&cli.config, cmd),
         Command::Ping => supervisor_cmd::run_ping(&cli.config),
+        Command::Webhook(cmd) => webhook_cmd::run(&cli.config, cmd),
         Command::Generate(cmd) => generate::run(cmd),
     }
 }
@@ -163,6 +168,7 @@ fn prints_for_a_pipe(command: &Command) -> bool {
             | Command::Hitl(_)
             | Command::Repo(_)
             | Command::Ping
+            | Command::Webhook(_)
             | Command::Generate(_)
     )
 }

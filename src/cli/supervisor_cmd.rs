@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::config::{Config, DEFAULT_CONFIG_FILE};
 use crate::layout::Slug;
 use crate::supervisor::protocol::{
-    Action, Added, Registered, RepoList, RepoRef, RepoStatus, RepoTarget, Request,
+    Action, Added, ForgeStatuses, Registered, RepoList, RepoRef, RepoStatus, RepoTarget, Request,
 };
 use crate::supervisor::{self, client, server::ServerOptions};
 
@@ -76,7 +76,7 @@ pub enum RepoCommand {
 }
 
 /// The global configuration with `HYDRAFLOW_*` overrides (no instance file).
-fn load_config(path: &Path) -> anyhow::Result<Config> {
+pub(crate) fn load_config(path: &Path) -> anyhow::Result<Config> {
     let req = crate::config::loader::LoadRequest {
         global_file: Some(path),
         global_optional: path == Path::new(DEFAULT_CONFIG_FILE),
@@ -228,7 +228,10 @@ pub fn run_repo(config_file: &Path, cmd: RepoCommand) -> anyhow::Result<ExitCode
         }
         RepoCommand::List => {
             let list: RepoList = call(config_file, Action::ListRepos, false)?;
-            print!("{}", table(&list));
+            // Asked of the workers: a supervisor too old to know the action shows none.
+            let forges: ForgeStatuses = call(config_file, Action::ForgeStatus, false)
+                .unwrap_or(ForgeStatuses { forges: Vec::new() });
+            print!("{}", table(&list, &forges));
         }
         RepoCommand::Status { target } => {
             let status: RepoStatus =
@@ -254,25 +257,45 @@ pub fn run_ping(config_file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The `repo list` table.
-fn table(list: &RepoList) -> String {
-    let mut rows = vec![[
-        "SLUG".to_owned(),
-        "REPO".to_owned(),
-        "STATE".to_owned(),
-        "SINCE".to_owned(),
-        "RESTARTS".to_owned(),
-    ]];
+/// The `repo list` table: the registration and instance, then the forge as the worker
+/// reports it (identity, REST budget left of the window, when the window resets in UTC).
+fn table(list: &RepoList, forges: &ForgeStatuses) -> String {
+    const COLUMNS: usize = 8;
+    let mut rows = vec![
+        [
+            "SLUG", "REPO", "STATE", "SINCE", "RESTARTS", "IDENTITY", "BUDGET", "RESETS",
+        ]
+        .map(str::to_owned),
+    ];
     for r in &list.repos {
+        let forge = forges.forges.iter().find(|f| f.slug == r.slug);
+        let identity = match forge {
+            Some(f) if f.forge.as_deref() == Some("local") => "local forge".to_owned(),
+            Some(f) => f.identity.clone().unwrap_or_else(|| "-".into()),
+            None => "-".into(),
+        };
+        let budget = forge
+            .and_then(|f| Some(format!("{}/{}", f.remaining?, f.limit?)))
+            .unwrap_or_else(|| "-".into());
+        let resets = forge
+            .and_then(|f| f.reset_at)
+            .and_then(|s| chrono::DateTime::from_timestamp(i64::try_from(s).ok()?, 0))
+            .map_or_else(
+                || "-".into(),
+                |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+            );
         rows.push([
             r.slug.clone(),
             r.repo.clone().unwrap_or_else(|| r.path.clone()),
             format!("{} ({})", r.active_state, r.sub_state),
             r.active_since.clone().unwrap_or_else(|| "-".into()),
             r.n_restarts.to_string(),
+            identity,
+            budget,
+            resets,
         ]);
     }
-    let widths: Vec<usize> = (0..5)
+    let widths: Vec<usize> = (0..COLUMNS)
         .map(|i| {
             rows.iter()
                 .map(|row| row[i].chars().count())

@@ -167,6 +167,8 @@ pub const PATH_KEYS: &[&str] = &[
     "repos_dir",
     "agent.prompts_dir",
     "supervisor.state_dir",
+    "github.app_key_file",
+    "webhook.secret_file",
 ];
 
 /// Load and merge the layers, then check the result. Every problem is reported, not only
@@ -333,6 +335,10 @@ fn out_of_range(config: &Config) -> Vec<(&'static str, String)> {
         ("data_poll_interval", config.data_poll_interval),
         ("agent_timeout", config.agent_timeout),
         ("ci_poll_interval", config.ci_poll_interval),
+        (
+            "github.fallback_poll_interval",
+            config.github.fallback_poll_interval,
+        ),
     ] {
         if value == 0 {
             errors.push((
@@ -364,6 +370,22 @@ fn out_of_range(config: &Config) -> Vec<(&'static str, String)> {
         && let Err(e) = Slug::new(slug)
     {
         errors.push(("slug", e.to_string()));
+    }
+    if config.github.app_id.is_none() {
+        for (key, set) in [
+            (
+                "github.installation_id",
+                config.github.installation_id.is_some(),
+            ),
+            ("github.app_key_file", config.github.app_key_file.is_some()),
+        ] {
+            if set {
+                errors.push((
+                    key,
+                    format!("{key} is set but github.app_id is not: set the GitHub App's id, or remove {key}"),
+                ));
+            }
+        }
     }
     errors
 }
@@ -589,6 +611,8 @@ pub fn env_keys(defaults: &Table) -> BTreeMap<String, String> {
             };
             match v {
                 Value::Table(inner) if !inner.is_empty() => walk(inner, &dotted, out),
+                // A table whose keys are all optional (`webhook`): they are in OPTIONAL_KEYS.
+                Value::Table(_) => {}
                 _ => {
                     out.insert(env_name(&dotted), dotted);
                 }
@@ -620,6 +644,11 @@ const OPTIONAL_KEYS: &[&str] = &[
     "agent.implement.model",
     "agent.review.model",
     "agent.hitl.model",
+    "github.app_id",
+    "github.installation_id",
+    "github.app_key_file",
+    "webhook.listen",
+    "webhook.secret_file",
 ];
 
 /// Optional keys whose value is a number: an environment value for them is
@@ -628,6 +657,8 @@ const OPTIONAL_NUMBERS: &[(&str, &str)] = &[
     ("agent.memory_max", "1"),
     ("agent.tasks_max", "1"),
     ("agent.daily_budget_usd", "1.0"),
+    ("github.app_id", "1"),
+    ("github.installation_id", "1"),
 ];
 
 /// `limits.max_workers` → `HYDRAFLOW_LIMITS_MAX_WORKERS`.
@@ -712,6 +743,8 @@ pub fn leaves(config: &Config) -> Vec<(String, String)> {
             };
             match v {
                 Value::Table(inner) if !inner.is_empty() => walk(inner, &dotted, out),
+                // A table whose keys are all optional (`webhook`): they are in OPTIONAL_KEYS.
+                Value::Table(_) => {}
                 other => out.push((dotted, other.to_string())),
             }
         }

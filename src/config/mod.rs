@@ -80,6 +80,8 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     /// Dashboard settings.
     pub dashboard: DashboardConfig,
+    /// GitHub webhooks received by the supervisor (global file).
+    pub webhook: WebhookConfig,
 }
 
 impl Default for Config {
@@ -108,6 +110,7 @@ impl Default for Config {
             github: GithubConfig::default(),
             supervisor: SupervisorConfig::default(),
             dashboard: DashboardConfig::default(),
+            webhook: WebhookConfig::default(),
         }
     }
 }
@@ -468,4 +471,17 @@ impl Default for DashboardConfig {
         }
     }
 }
+/// GitHub webhooks (docs/design/forge.md): the supervisor verifies each
+/// delivery's signature with the secret and wakes the worker of its
+/// repository.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// A listen address of its own for `POST /github/webhook` (for a reverse
+    /// proxy); unset, the route is served on the dashboard's listener.
+    pub listen: Option<String>,
+    /// The webhook secret, when not passed as the systemd credential `github-webhook-secret`.
+    pub secret_file: Option<PathBuf>,
+}
+
 pub mod loader;

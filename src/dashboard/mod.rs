@@ -1,7 +1,8 @@
 //! The dashboards (docs/design/dashboard.md): each worker's API on a Unix socket
 //! in its runtime directory ([`worker`]), and the supervisor's dashboard on
 //! TCP that lists every repository, proxies to each worker's socket, fans
-//! in their events and serves the web page ([`supervisor`]).
+//! in their events and serves the web page ([`supervisor`]), and GitHub's
+//! webhook deliveries, which wake the worker of their repository ([`webhook`]).
 //!
 //! Where a worker's socket is: under the packaged units, the socket
 //! `hydraflow@<slug>.socket` listens on (`/run/hydraflow-dashboard/<slug>.sock`,
@@ -18,6 +19,7 @@
 pub mod auth;
 pub mod client;
 pub mod supervisor;
+pub mod webhook;
 pub mod worker;
 
 use std::os::unix::fs::PermissionsExt as _;

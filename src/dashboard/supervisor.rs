@@ -269,6 +269,32 @@ pub async fn repo_row(entry: RepoEntry) -> Value {
     })
 }
 
+/// A worker's forge as its `/healthz` reports it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerForge {
+    /// `local` or `github`.
+    pub name: String,
+    /// Who it acts as.
+    pub identity: Option<String>,
+    /// Its API budget, when known.
+    pub budget: Option<crate::forge::RateBudget>,
+}
+
+/// The forge of the worker at `socket` (its `/healthz`, within [`HEALTH_TIMEOUT`]).
+///
+/// # Errors
+/// Why the worker could not be asked, or its answer has no forge.
+pub async fn worker_forge(socket: &std::path::Path) -> Result<WorkerForge, String> {
+    let (status, body) = client::json(socket, http::Method::GET, "/healthz", None, HEALTH_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let forge = body
+        .pointer("/runtimes/0/forge")
+        .cloned()
+        .ok_or_else(|| format!("the worker answered /healthz with {status} and no forge"))?;
+    serde_json::from_value(forge).map_err(|e| format!("the worker's forge is unreadable: {e}"))
+}
+
 /// `GET /api/repos`: every repository, its workers asked in parallel.
 pub async fn repos(directory: &dyn RepoDirectory) -> Vec<Value> {
     let rows = directory.repos().await.into_iter().map(repo_row);
@@ -542,8 +568,25 @@ pub async fn serve(
     token: Option<Arc<str>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, directory, token, Router::new(), shutdown).await
+}
+
+/// [`serve`], with the routes of `outside` served beside the dashboard's
+/// and outside its access checks (the GitHub webhook route, which its
+/// signature authenticates: [`super::webhook`]).
+///
+/// # Errors
+/// I/O errors of the server.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    directory: Arc<dyn RepoDirectory>,
+    token: Option<Arc<str>>,
+    outside: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let stop = CancellationToken::new();
     let (app, _hub, fan) = router(directory, token, stop.clone());
+    let app = outside.merge(app);
     // Small responses go out at once (no Nagle delay behind a delayed ACK).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);

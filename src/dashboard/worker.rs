@@ -6,7 +6,8 @@
 //! `/api/events?since=N`, `/api/sessions`, `/api/costs`, `/api/runtimes`,
 //! `/api/runtimes/{slug}`, `POST /api/runtimes/{slug}/start|stop`,
 //! `GET /api/hitl`, `POST /api/hitl/{n}/correct {"correction": "…"}`,
-//! `/skip`, `/close`, and the WebSocket `/ws?since=N` (history, then live
+//! `/skip`, `/close`, `POST /api/wake` (a webhook delivery for the
+//! repository, relayed by the supervisor: poll the forge now), and the WebSocket `/ws?since=N` (history, then live
 //! events, one JSON event per text frame; `{"type":"dropped","count":N}`
 //! when this client fell behind). Every route but `/healthz` and
 //! `/api/runtimes*` addresses one runtime: the only one, or `?repo=<slug>`;
@@ -58,6 +59,7 @@ pub mod api {
     use super::super::ApiError;
     use crate::agent::Stage;
     use crate::config::ForgeKind;
+    use crate::forge::RateBudget;
     use crate::pipeline::issue_store::Depths;
     use crate::pipeline::spool::{self, SubmitError};
     use crate::runtime::{RepoRuntime, RepoRuntimeRegistry};
@@ -115,6 +117,32 @@ pub mod api {
         pub hitl_waiting: usize,
         /// Issues merged or closed as satisfied in this session.
         pub done: u64,
+        /// The forge, who it acts as and its API budget.
+        pub forge: ForgeInfo,
+    }
+
+    /// A runtime's forge as `/healthz` shows it (for `hydraflow repo list`
+    /// and the dashboard).
+    #[derive(Debug, Clone, Serialize)]
+    pub struct ForgeInfo {
+        /// `local` or `github`.
+        pub name: &'static str,
+        /// Who it acts as (`token`, `GitHub App 7, installation 42`); none for the local forge.
+        pub identity: Option<String>,
+        /// The REST budget the last response announced (requests left,
+        /// window, reset time in Unix seconds); none before the first
+        /// request and for the local forge.
+        pub budget: Option<RateBudget>,
+    }
+
+    /// The forge of `rt`.
+    pub fn forge_info(rt: &RepoRuntime) -> ForgeInfo {
+        let forge = rt.forge();
+        ForgeInfo {
+            name: forge.name(),
+            identity: forge.identity(),
+            budget: forge.rate_budget(),
+        }
     }
 
     /// `GET /healthz`.
@@ -142,6 +170,7 @@ pub mod api {
             queues: rt.store().depths(),
             hitl_waiting: state.issues.values().filter(|r| r.hitl().is_some()).count(),
             done: state.session.issues_succeeded,
+            forge: forge_info(rt),
         }
     }
 
@@ -283,6 +312,13 @@ pub mod api {
         }))
     }
 
+    /// `POST /api/wake`: a webhook delivery for the repository; the poller
+    /// polls now and slows to `github.fallback_poll_interval` while
+    /// deliveries arrive. `{"woke": false}` when the loops are stopped.
+    pub async fn wake(rt: &RepoRuntime) -> Value {
+        json!({"slug": rt.slug().as_str(), "woke": rt.webhook_delivered().await})
+    }
+
     /// One entry of `GET /api/runtimes`.
     pub async fn runtime_info(rt: &RepoRuntime) -> Value {
         json!({
@@ -419,6 +455,11 @@ async fn costs(State(s): State<AppState>, q: Q) -> Api<Value> {
         &s.registry,
         query(q)?.repo.as_deref(),
     )?)?))
+}
+
+async fn wake(State(s): State<AppState>, q: Q) -> Api<Value> {
+    let rt = api::runtime(&s.registry, query(q)?.repo.as_deref())?;
+    Ok(Json(api::wake(&rt).await))
 }
 
 async fn runtimes(State(s): State<AppState>) -> Json<Vec<Value>> {
@@ -560,6 +601,7 @@ pub fn router(registry: Arc<RepoRuntimeRegistry>) -> Router {
         .route("/api/events", get(events))
         .route("/api/sessions", get(sessions))
         .route("/api/costs", get(costs))
+        .route("/api/wake", post(wake))
         .route("/api/runtimes", get(runtimes))
         .route("/api/runtimes/{slug}", get(runtime_one))
         .route("/api/runtimes/{slug}/start", post(runtime_start))

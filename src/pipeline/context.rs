@@ -37,6 +37,20 @@ pub(crate) trait EffectHook: Send + Sync {
     async fn after(&self, what: &'static str);
 }
 
+/// After this long without a webhook delivery the poller goes back to
+/// `data_poll_interval` (the hook may have been removed).
+pub(crate) const WEBHOOK_QUIET: Duration = Duration::from_secs(24 * 3600);
+
+/// The poller's wait after a good poll: `normal`, or the longer of it and
+/// `fallback` when the last webhook delivery was `since_delivery` ago, less
+/// than [`WEBHOOK_QUIET`].
+fn poll_wait(normal: Duration, fallback: Duration, since_delivery: Option<Duration>) -> Duration {
+    match since_delivery {
+        Some(since) if since < WEBHOOK_QUIET => normal.max(fallback),
+        _ => normal,
+    }
+}
+
 /// Why, and until when, the pipeline is paused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Pause {
@@ -67,6 +81,8 @@ pub(crate) struct Pipeline {
     heartbeats: Mutex<HashMap<&'static str, Instant>>,
     pub polled: AtomicBool,
     pub poll_now: tokio::sync::Notify,
+    /// When a webhook delivery last woke the worker.
+    pub webhook_at: Mutex<Option<Instant>>,
     pub cancel: CancellationToken,
 }
 
@@ -124,8 +140,28 @@ impl Pipeline {
             heartbeats: Mutex::new(HashMap::new()),
             polled: AtomicBool::new(false),
             poll_now: tokio::sync::Notify::new(),
+            webhook_at: Mutex::new(None),
             cancel: CancellationToken::new(),
         }
+    }
+
+    /// A webhook delivery for this repository: poll now, and from then on
+    /// only every `github.fallback_poll_interval` (see [`Self::poll_wait`]).
+    pub fn webhook_delivered(&self) {
+        *self.webhook_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.poll_now.notify_one();
+    }
+
+    /// The wait after a good poll: `data_poll_interval`, or, while webhook
+    /// deliveries arrive (one in the last [`WEBHOOK_QUIET`]), the longer of
+    /// it and `github.fallback_poll_interval`: polling is then the fallback.
+    pub fn poll_wait(&self) -> Duration {
+        let delivered = *self.webhook_at.lock().unwrap_or_else(|p| p.into_inner());
+        poll_wait(
+            Duration::from_secs(self.config.data_poll_interval),
+            Duration::from_secs(self.config.github.fallback_poll_interval),
+            delivered.map(|at| at.elapsed()),
+        )
     }
 
     /// Record that loop `name` is alive (for the watchdog).
@@ -301,5 +337,30 @@ impl Pipeline {
     /// Whether the first poll completed.
     pub fn has_polled(&self) -> bool {
         self.polled.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod webhook_tests {
+    use super::*;
+
+    fn check(normal: u64, fallback: u64, since: Option<u64>, expected: u64) {
+        let s = Duration::from_secs;
+        assert_eq!(
+            poll_wait(s(normal), s(fallback), since.map(s)),
+            s(expected),
+            "normal {normal} fallback {fallback} since {since:?}"
+        );
+    }
+
+    #[test]
+    fn polling_slows_down_while_webhook_deliveries_arrive() {
+        check(30, 1800, None, 30);
+        check(30, 1800, Some(0), 1800);
+        check(30, 1800, Some(3600), 1800);
+        check(30, 1800, Some(24 * 3600 - 1), 1800);
+        check(30, 1800, Some(24 * 3600), 30);
+        // Never more often than data_poll_interval.
+        check(3600, 1800, Some(0), 3600);
     }
 }

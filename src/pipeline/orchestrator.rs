@@ -90,6 +90,12 @@ impl OrchestratorHandle {
         self.status.clone()
     }
 
+    /// A webhook delivery for this repository: poll now, then slow polling
+    /// down to `github.fallback_poll_interval` while deliveries arrive.
+    pub fn webhook_delivered(&self) {
+        self.ctx.webhook_delivered();
+    }
+
     /// No work left: nothing queued, in flight, delayed, journalled or
     /// spooled, not paused, and at least one poll has completed (issues
     /// waiting for a human do not count).
@@ -401,7 +407,8 @@ pub(crate) async fn resume_interrupted(ctx: &Pipeline) -> bool {
     ok
 }
 
-/// Refresh the issue store every `data_poll_interval` (at once when the
+/// Refresh the issue store every `data_poll_interval` (`github.fallback_poll_interval`
+/// while webhook deliveries arrive; at once after one, and when the
 /// local forge's issues change), after resuming what was interrupted.
 async fn poller(ctx: Arc<Pipeline>) {
     let labels = ctx.labels.specs();
@@ -436,7 +443,7 @@ async fn poller(ctx: Arc<Pipeline>) {
                         OrchestratorStatus::polled(budget),
                     ));
                 }
-                Duration::from_secs(ctx.config.data_poll_interval)
+                ctx.poll_wait()
             }
             Err(ForgeError::Auth(message)) => {
                 ctx.pause(PauseCause::new(

@@ -665,6 +665,48 @@ impl Supervisor {
 
     /// `list_repos`: every registration with `running` from the backend's `ActiveState`.
     ///
+    /// The API socket of `slug`'s worker: `/run/hydraflow-dashboard/<slug>.sock` under systemd
+    /// (`hydraflow@<slug>.socket`), `<state_dir>/<slug>/dashboard.sock` under the process backend.
+    pub fn worker_socket(&self, slug: &str) -> PathBuf {
+        if self.backend.name() == "systemd" {
+            crate::dashboard::systemd_socket_path(slug)
+        } else {
+            crate::dashboard::process_socket_path(&self.settings.state_dir, slug)
+        }
+    }
+
+    /// `forge_status`: each registered repository's forge, identity and API budget, asked of
+    /// its worker (all at once, [`crate::dashboard::supervisor::HEALTH_TIMEOUT`] each).
+    pub async fn forge_status(&self) -> protocol::ForgeStatuses {
+        let asks = self.registry.entries().into_iter().map(|e| async move {
+            let socket = self.worker_socket(&e.slug);
+            let mut status = protocol::ForgeStatus {
+                slug: e.slug,
+                forge: None,
+                identity: None,
+                remaining: None,
+                limit: None,
+                reset_at: None,
+                error: None,
+            };
+            match crate::dashboard::supervisor::worker_forge(&socket).await {
+                Ok(forge) => {
+                    status.forge = Some(forge.name);
+                    status.identity = forge.identity;
+                    if let Some(b) = forge.budget {
+                        (status.remaining, status.limit, status.reset_at) =
+                            (Some(b.remaining), Some(b.limit), Some(b.reset_at));
+                    }
+                }
+                Err(e) => status.error = Some(e),
+            }
+            status
+        });
+        protocol::ForgeStatuses {
+            forges: futures_util::future::join_all(asks).await,
+        }
+    }
+
     /// # Errors
     /// Backend errors.
     pub async fn list_repos(&self) -> Result<RepoList, SupervisorError> {
@@ -878,11 +920,13 @@ async fn bind_dashboard(config: &Config) -> Option<TcpListener> {
     }
 }
 
-/// Serve the dashboard on `listener` until `stop`.
+/// Serve the dashboard on `listener` until `stop`, with the webhook route
+/// beside it unless it has a listener of its own.
 fn start_dashboard(
     config: &Config,
     listener: TcpListener,
     supervisor: &Arc<Supervisor>,
+    webhook: Option<axum::Router>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tracing::info!(url = %supervisor.settings.dashboard_base, "dashboard listening");
@@ -891,12 +935,69 @@ fn start_dashboard(
     let stop = stop.clone();
     tokio::spawn(async move {
         let shutdown = async move { stop.cancelled().await };
+        let outside = webhook.unwrap_or_default();
         if let Err(e) =
-            crate::dashboard::supervisor::serve(listener, directory, token, shutdown).await
+            crate::dashboard::supervisor::serve_with(listener, directory, token, outside, shutdown)
+                .await
         {
             tracing::error!("the dashboard stopped: {e}");
         }
     })
+}
+
+/// The GitHub webhook receiver (`dashboard::webhook`): its secret from the
+/// credential or `webhook.secret_file`, its waker task (until `stop`), and
+/// its route, served on `webhook.listen` when set (the returned task) or
+/// else returned for the dashboard's listener.
+async fn start_webhooks(
+    config: &Config,
+    supervisor: &Arc<Supervisor>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> (Option<axum::Router>, Vec<tokio::task::JoinHandle<()>>) {
+    use crate::dashboard::webhook;
+    let secret = match webhook::secret(
+        crate::systemd::read_credential(webhook::SECRET_CREDENTIAL),
+        config.webhook.secret_file.as_deref(),
+    ) {
+        Ok(Some(secret)) => Some(secret),
+        Ok(None) => {
+            tracing::info!(
+                "GitHub webhooks are off (no secret): deliveries are refused with 503; workers poll"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::error!("GitHub webhooks are off: {e}");
+            None
+        }
+    };
+    let waker = Arc::new(webhook::Waker::default());
+    let targets: Arc<dyn webhook::Targets> = supervisor.clone();
+    let receiver = Arc::new(webhook::Receiver::new(
+        secret.as_deref(),
+        targets,
+        Arc::clone(&waker),
+    ));
+    let mut tasks = vec![tokio::spawn(waker.run(stop.child_token()))];
+    let Some(listen) = &config.webhook.listen else {
+        return (Some(webhook::router(receiver)), tasks);
+    };
+    match TcpListener::bind(listen).await {
+        Ok(listener) => {
+            tracing::info!(address = %listener.local_addr().map_or_else(|_| listen.clone(), |a| a.to_string()), "GitHub webhooks listening");
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let shutdown = async move { stop.cancelled().await };
+                if let Err(e) = webhook::serve(listener, receiver, shutdown).await {
+                    tracing::error!("the webhook listener stopped: {e}");
+                }
+            }));
+        }
+        Err(e) => tracing::error!(
+            "GitHub webhooks are not served: cannot listen on webhook.listen {listen}: {e}"
+        ),
+    }
+    (None, tasks)
 }
 
 /// Run the supervisor until `shutdown` resolves: load the registry, choose the backend, listen
@@ -959,12 +1060,20 @@ pub async fn run_daemon(
     }
     let reconcile = tokio::spawn(supervisor.clone().reconcile());
     let dashboard_stop = tokio_util::sync::CancellationToken::new();
-    let dashboard = dashboard_listener
-        .map(|listener| start_dashboard(&opts.config, listener, &supervisor, &dashboard_stop));
+    let (webhook, webhook_tasks) = start_webhooks(&opts.config, &supervisor, &dashboard_stop).await;
+    let dashboard = dashboard_listener.map(|listener| {
+        start_dashboard(
+            &opts.config,
+            listener,
+            &supervisor,
+            webhook,
+            &dashboard_stop,
+        )
+    });
     let served = server::serve(listener, supervisor.clone(), opts.server, shutdown).await;
     dashboard_stop.cancel();
-    if let Some(task) = dashboard {
-        // It holds the supervisor: it must end before the backend is dropped below.
+    // They hold the supervisor: they must end before the backend is dropped below.
+    for task in dashboard.into_iter().chain(webhook_tasks) {
         let _ = task.await;
     }
     if std::env::var_os("NOTIFY_SOCKET").is_some() {

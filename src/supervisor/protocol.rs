@@ -77,6 +77,9 @@ pub enum Action {
     RestartRepo(RepoRef),
     /// `repo_status` (extension).
     RepoStatus(RepoRef),
+    /// `forge_status` (extension): each repository's forge, identity and
+    /// API budget, asked of its worker.
+    ForgeStatus,
 }
 
 /// One parsed request line.
@@ -202,6 +205,7 @@ impl Request {
             "remove_repo" => Action::RemoveRepo(repo_ref(&obj)?),
             "restart_repo" => Action::RestartRepo(repo_ref(&obj)?),
             "repo_status" => Action::RepoStatus(repo_ref(&obj)?),
+            "forge_status" => Action::ForgeStatus,
             _ => return Err(BadRequest("unknown action".into())),
         };
         Ok(Request { action, keep_alive })
@@ -233,6 +237,7 @@ impl Request {
             Action::Ping => put("action", "ping"),
             Action::Version => put("action", "version"),
             Action::ListRepos => put("action", "list_repos"),
+            Action::ForgeStatus => put("action", "forge_status"),
             Action::AddRepo { target, slug } => {
                 put("action", "add_repo");
                 put_target(&mut put, target, slug);
@@ -389,6 +394,38 @@ pub struct Version {
     pub connections: usize,
 }
 
+/// One repository's forge as its worker reports it (`/healthz`'s `forge`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForgeStatus {
+    /// The slug.
+    pub slug: String,
+    /// `local` or `github`; none when the worker did not answer.
+    #[serde(default)]
+    pub forge: Option<String>,
+    /// Who it acts as (`token`, `GitHub App 7, installation 42`).
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// REST requests left in the window, when known.
+    #[serde(default)]
+    pub remaining: Option<u64>,
+    /// The window's size, when known.
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// When the window resets (Unix seconds), when known.
+    #[serde(default)]
+    pub reset_at: Option<u64>,
+    /// Why the worker could not be asked.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `forge_status` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForgeStatuses {
+    /// One per registered repository, by slug.
+    pub forges: Vec<ForgeStatus>,
+}
+
 /// An empty `ok` reply (`ping`, `remove_repo`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Done {}
@@ -409,6 +446,8 @@ pub enum Reply {
     Status(Box<RepoStatus>),
     /// `version`.
     Version(Version),
+    /// `forge_status`.
+    Forges(ForgeStatuses),
 }
 
 /// A reply: `{"status":"ok",…}` or `{"status":"error","error":"…"}`.

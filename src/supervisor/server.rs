@@ -58,6 +58,7 @@ pub async fn dispatch(sup: &Supervisor, action: Action, connections: usize) -> R
             .await
             .map(|s| Reply::Status(Box::new(s))),
         Action::RepoStatus(r) => sup.repo_status(r).await.map(|s| Reply::Status(Box::new(s))),
+        Action::ForgeStatus => Ok(Reply::Forges(sup.forge_status().await)),
     };
     match result {
         Ok(reply) => Response::Ok(reply),
