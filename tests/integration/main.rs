@@ -22,6 +22,7 @@ mod systemd_fake;
 mod util;
 mod util_container;
 mod util_dashboard;
+mod webhooks;
 mod worker_activation;
 mod worker_bad_input;
 mod worker_e2e;
