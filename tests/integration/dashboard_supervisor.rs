@@ -416,6 +416,12 @@ async fn headless_chromium_shows_repositories_and_a_live_event() {
         .await;
     browser
         .until(
+            "the forge column",
+            r#"document.querySelector('tr.repo[data-slug="alpha"] td.forge').textContent === 'local'"#,
+        )
+        .await;
+    browser
+        .until(
             "the WebSocket to be live",
             r#"document.getElementById('conn').textContent === 'live'"#,
         )

@@ -298,6 +298,26 @@ async fn get_status(addr: SocketAddr, path: &str) -> StatusCode {
         .status()
 }
 
+/// `GET path` with the dashboard's token: the JSON answer.
+async fn get_json(addr: SocketAddr, path: &str, token: &str) -> Value {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {token}"))
+        .body(axum::body::Body::empty())
+        .expect("request");
+    let resp = tokio::time::timeout(HANG_GUARD, tx.send_request(req))
+        .await
+        .expect("GET hung")
+        .expect("response");
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    serde_json::from_slice(&bytes).expect("JSON")
+}
+
 /// A payload of `event` for `repo`, in the shape GitHub documents for it
 /// (docs.github.com, "Webhook events and payloads"; only the fields read
 /// here and a few around them).
@@ -545,6 +565,20 @@ async fn webhook_deliveries_wake_the_right_worker() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+
+    // The dashboard's rows carry each worker's forge: identity and budget.
+    let repos = get_json(addr, "/api/repos", "dashboard-token").await;
+    for slug in ["octo-org-demo", "octo-org-other"] {
+        let row = repos["repos"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["slug"] == slug))
+            .unwrap_or_else(|| panic!("no {slug} in {repos}"));
+        let forge = &row["worker"]["health"]["runtimes"][0]["forge"];
+        assert_eq!(forge["name"], "github", "{row}");
+        assert_eq!(forge["identity"], "token", "{row}");
+        assert_eq!(forge["budget"]["limit"], 5000, "{row}");
+        assert_eq!(forge["budget"]["reset_at"], 4_102_444_800u64, "{row}");
+    }
 
     // `repo list`: each worker's identity, budget and reset time.
     let out = hydraflow(&h.config)
