@@ -16,4 +16,5 @@ pub mod runtime;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod worker;
 pub mod worker_lock;

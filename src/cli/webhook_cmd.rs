@@ -4,11 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::dashboard::webhook;
 
@@ -76,40 +75,13 @@ pub fn run(config_file: &Path, cmd: WebhookCommand) -> anyhow::Result<ExitCode> 
         )
     })?;
     let url = args.url.clone().unwrap_or_else(|| local_url(&config));
-    let mut body = json!({
-        "zen": "Design for failure.",
-        "hook_id": 0,
-        "hook": {"type": "Repository", "events": webhook::EVENTS, "active": true},
-    });
-    if let Some(repo) = &args.repo {
-        body["repository"] = json!({"full_name": repo});
-    }
-    let body = body.to_string();
-    let delivery = format!("hydraflow-test-{:016x}", fastrand::u64(..));
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
-        .new_agent();
-    let mut response = agent
-        .post(&url)
-        .header("content-type", "application/json")
-        .header("user-agent", "GitHub-Hookshot/hydraflow-webhook-test")
-        .header("x-github-event", "ping")
-        .header("x-github-delivery", &delivery)
-        .header(
-            "x-hub-signature-256",
-            webhook::signature(&secret, body.as_bytes()),
-        )
-        .send(body.as_bytes())
-        .with_context(|| format!("cannot send the ping to {url}: is the supervisor running?"))?;
-    let status = response.status();
-    let answer: Value = response
-        .body_mut()
-        .read_to_string()
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or(Value::Null);
+        .context("cannot start the async runtime")?;
+    let (status, answer, delivery) = rt
+        .block_on(webhook::send_test_ping(&url, &secret, args.repo.as_deref()))
+        .map_err(anyhow::Error::msg)?;
     if status != http::StatusCode::OK {
         bail!(
             "{url} answered the signed ping with {}",

@@ -141,6 +141,48 @@ pub async fn json(
         })?
 }
 
+/// Send `request` over TCP to `address` (`HOST:PORT`) and read the whole
+/// answer within `timeout`: the status and the body as JSON (`null` when
+/// empty or not JSON). For `hydraflow webhook test`.
+///
+/// # Errors
+/// What failed, as text: connecting, HTTP, or the time running out.
+pub async fn tcp_json(
+    address: &str,
+    request: Request<Body>,
+    timeout: Duration,
+) -> Result<(StatusCode, serde_json::Value), String> {
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        ))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("{address} did not answer within {timeout:?}"))?
+}
+
 /// A WebSocket over a worker's Unix socket.
 pub type EventSocket = tokio_tungstenite::WebSocketStream<UnixStream>;
 

@@ -568,7 +568,7 @@ pub async fn serve(
     token: Option<Arc<str>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with(listener, directory, token, Router::new(), shutdown).await
+    serve_with(listener, directory, token, None, shutdown).await
 }
 
 /// [`serve`], with the routes of `outside` served beside the dashboard's
@@ -581,12 +581,15 @@ pub async fn serve_with(
     listener: tokio::net::TcpListener,
     directory: Arc<dyn RepoDirectory>,
     token: Option<Arc<str>>,
-    outside: Router,
+    outside: Option<super::webhook::Route>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop = CancellationToken::new();
     let (app, _hub, fan) = router(directory, token, stop.clone());
-    let app = outside.merge(app);
+    let app = match outside {
+        Some(route) => route.0.merge(app),
+        None => app,
+    };
     // Small responses go out at once (no Nagle delay behind a delayed ACK).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);

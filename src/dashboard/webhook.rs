@@ -540,6 +540,130 @@ pub fn secret(
     }
 }
 
+/// The webhook route, to serve beside a listener's own routes
+/// ([`super::supervisor::serve_with`]).
+#[derive(Debug)]
+pub struct Route(pub(crate) Router);
+
+/// The receiver as the supervisor runs it: its tasks, and its route when it
+/// is to be served on the dashboard's listener.
+#[derive(Debug)]
+pub struct Service {
+    /// `POST /github/webhook` for the dashboard's listener (none with `webhook.listen`).
+    pub route: Option<Route>,
+    /// The waker, and the listener of `webhook.listen`: they end with `stop`.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Start the receiver of the supervisor: the secret from the systemd
+/// credential [`SECRET_CREDENTIAL`] or `webhook.secret_file` (none: every
+/// delivery is refused with 503, and the log says so), the waker task, and
+/// the route, served on `webhook.listen` when set or else returned for the
+/// dashboard's listener. Everything stops with `stop`.
+pub async fn start(
+    config: &crate::config::WebhookConfig,
+    targets: Arc<dyn Targets>,
+    stop: &CancellationToken,
+) -> Service {
+    let secret = match secret(
+        crate::systemd::read_credential(SECRET_CREDENTIAL),
+        config.secret_file.as_deref(),
+    ) {
+        Ok(Some(secret)) => Some(secret),
+        Ok(None) => {
+            tracing::info!(
+                "GitHub webhooks are off (no secret): deliveries are refused with 503; workers poll"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::error!("GitHub webhooks are off: {e}");
+            None
+        }
+    };
+    let waker = Arc::new(Waker::default());
+    let receiver = Arc::new(Receiver::new(
+        secret.as_deref(),
+        targets,
+        Arc::clone(&waker),
+    ));
+    let mut tasks = vec![tokio::spawn(waker.run(stop.child_token()))];
+    let Some(listen) = &config.listen else {
+        return Service {
+            route: Some(Route(router(receiver))),
+            tasks,
+        };
+    };
+    match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => {
+            let address = listener
+                .local_addr()
+                .map_or_else(|_| listen.clone(), |a| a.to_string());
+            tracing::info!(address, "GitHub webhooks listening");
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let shutdown = async move { stop.cancelled().await };
+                if let Err(e) = serve(listener, receiver, shutdown).await {
+                    tracing::error!("the webhook listener stopped: {e}");
+                }
+            }));
+        }
+        Err(e) => tracing::error!(
+            "GitHub webhooks are not served: cannot listen on webhook.listen {listen}: {e}"
+        ),
+    }
+    Service { route: None, tasks }
+}
+
+/// Send a signed `ping` delivery (as GitHub sends one when a hook is made,
+/// naming `repository` when given) to `url` (`http://HOST:PORT/PATH`);
+/// the status and JSON answer. For `hydraflow webhook test`.
+///
+/// # Errors
+/// A URL that is not `http://`, or why the endpoint could not be reached.
+pub async fn send_test_ping(
+    url: &str,
+    secret: &[u8],
+    repository: Option<&str>,
+) -> Result<(StatusCode, Value, String), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(format!(
+            "{url:?}: use the local endpoint, http://HOST:PORT{PATH} (TLS belongs to the reverse proxy)"
+        ));
+    };
+    let mut body = json!({
+        "zen": "Design for failure.",
+        "hook_id": 0,
+        "hook": {"type": "Repository", "events": EVENTS, "active": true},
+    });
+    if let Some(repo) = repository {
+        body["repository"] = json!({"full_name": repo});
+    }
+    let body = body.to_string();
+    let delivery = format!("hydraflow-test-{:016x}", fastrand::u64(..));
+    let request = http::Request::post(uri.path_and_query().map_or(PATH, |p| p.as_str()))
+        .header(http::header::HOST, authority.as_str())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(
+            http::header::USER_AGENT,
+            "GitHub-Hookshot/hydraflow-webhook-test",
+        )
+        .header("x-github-event", "ping")
+        .header("x-github-delivery", &delivery)
+        .header("x-hub-signature-256", signature(secret, body.as_bytes()))
+        .body(axum::body::Body::from(body))
+        .map_err(|e| format!("cannot build the request: {e}"))?;
+    let port = authority.port_u16().unwrap_or(80);
+    let address = format!("{}:{port}", authority.host());
+    let (status, answer) = super::client::tcp_json(&address, request, WAKE_TIMEOUT)
+        .await
+        .map_err(|e| format!("cannot send the ping to {url}: {e}: is the supervisor running?"))?;
+    Ok((status, answer, delivery))
+}
+
 /// The answer to a delivery as JSON, for `hydraflow webhook test`.
 pub fn describe(status: StatusCode, body: &Value) -> String {
     let detail = body

@@ -385,17 +385,7 @@ impl Supervisor {
         };
         let text = Self::instance_file_text(slug.as_str(), path, repo);
         std::fs::create_dir_all(&self.settings.repos_dir).map_err(err)?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".instance.")
-            .tempfile_in(&self.settings.repos_dir)
-            .map_err(err)?;
-        std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(err)?;
-        tmp.as_file().sync_all().map_err(err)?;
-        match tmp.persist_noclobber(&file) {
-            Ok(_) => Ok(true),
-            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(err(e.error)),
-        }
+        crate::store::atomic::create_atomic(&file, text.as_bytes()).map_err(err)
     }
 
     /// Remove what the supervisor wrote for `entry`: its instance file when it still reads as
@@ -879,12 +869,7 @@ pub fn port_file(state_dir: &Path) -> PathBuf {
 fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".supervisor-port.")
-        .tempfile_in(dir)?;
-    std::io::Write::write_all(&mut tmp, port.to_string().as_bytes())?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    crate::store::atomic::write_atomic(path, port.to_string().as_bytes())
 }
 
 /// The listener: the first socket passed by systemd socket activation, else `listen` bound.
@@ -926,7 +911,7 @@ fn start_dashboard(
     config: &Config,
     listener: TcpListener,
     supervisor: &Arc<Supervisor>,
-    webhook: Option<axum::Router>,
+    webhook: Option<crate::dashboard::webhook::Route>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tracing::info!(url = %supervisor.settings.dashboard_base, "dashboard listening");
@@ -935,69 +920,13 @@ fn start_dashboard(
     let stop = stop.clone();
     tokio::spawn(async move {
         let shutdown = async move { stop.cancelled().await };
-        let outside = webhook.unwrap_or_default();
         if let Err(e) =
-            crate::dashboard::supervisor::serve_with(listener, directory, token, outside, shutdown)
+            crate::dashboard::supervisor::serve_with(listener, directory, token, webhook, shutdown)
                 .await
         {
             tracing::error!("the dashboard stopped: {e}");
         }
     })
-}
-
-/// The GitHub webhook receiver (`dashboard::webhook`): its secret from the
-/// credential or `webhook.secret_file`, its waker task (until `stop`), and
-/// its route, served on `webhook.listen` when set (the returned task) or
-/// else returned for the dashboard's listener.
-async fn start_webhooks(
-    config: &Config,
-    supervisor: &Arc<Supervisor>,
-    stop: &tokio_util::sync::CancellationToken,
-) -> (Option<axum::Router>, Vec<tokio::task::JoinHandle<()>>) {
-    use crate::dashboard::webhook;
-    let secret = match webhook::secret(
-        crate::systemd::read_credential(webhook::SECRET_CREDENTIAL),
-        config.webhook.secret_file.as_deref(),
-    ) {
-        Ok(Some(secret)) => Some(secret),
-        Ok(None) => {
-            tracing::info!(
-                "GitHub webhooks are off (no secret): deliveries are refused with 503; workers poll"
-            );
-            None
-        }
-        Err(e) => {
-            tracing::error!("GitHub webhooks are off: {e}");
-            None
-        }
-    };
-    let waker = Arc::new(webhook::Waker::default());
-    let targets: Arc<dyn webhook::Targets> = supervisor.clone();
-    let receiver = Arc::new(webhook::Receiver::new(
-        secret.as_deref(),
-        targets,
-        Arc::clone(&waker),
-    ));
-    let mut tasks = vec![tokio::spawn(waker.run(stop.child_token()))];
-    let Some(listen) = &config.webhook.listen else {
-        return (Some(webhook::router(receiver)), tasks);
-    };
-    match TcpListener::bind(listen).await {
-        Ok(listener) => {
-            tracing::info!(address = %listener.local_addr().map_or_else(|_| listen.clone(), |a| a.to_string()), "GitHub webhooks listening");
-            let stop = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                let shutdown = async move { stop.cancelled().await };
-                if let Err(e) = webhook::serve(listener, receiver, shutdown).await {
-                    tracing::error!("the webhook listener stopped: {e}");
-                }
-            }));
-        }
-        Err(e) => tracing::error!(
-            "GitHub webhooks are not served: cannot listen on webhook.listen {listen}: {e}"
-        ),
-    }
-    (None, tasks)
 }
 
 /// Run the supervisor until `shutdown` resolves: load the registry, choose the backend, listen
@@ -1055,18 +984,20 @@ pub async fn run_daemon(
     })?;
     tracing::info!(%addr, port_file = %port_path.display(), "listening");
     let supervisor = Arc::new(Supervisor::new(loaded.registry, backend, settings));
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        crate::systemd::notify_ready(&format!("listening on {addr}"));
-    }
+    // A no-op off systemd.
+    crate::systemd::notify_ready(&format!("listening on {addr}"));
     let reconcile = tokio::spawn(supervisor.clone().reconcile());
     let dashboard_stop = tokio_util::sync::CancellationToken::new();
-    let (webhook, webhook_tasks) = start_webhooks(&opts.config, &supervisor, &dashboard_stop).await;
+    let targets: Arc<dyn crate::dashboard::webhook::Targets> = supervisor.clone();
+    let webhooks =
+        crate::dashboard::webhook::start(&opts.config.webhook, targets, &dashboard_stop).await;
+    let webhook_tasks = webhooks.tasks;
     let dashboard = dashboard_listener.map(|listener| {
         start_dashboard(
             &opts.config,
             listener,
             &supervisor,
-            webhook,
+            webhooks.route,
             &dashboard_stop,
         )
     });
@@ -1076,9 +1007,7 @@ pub async fn run_daemon(
     for task in dashboard.into_iter().chain(webhook_tasks) {
         let _ = task.await;
     }
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        crate::systemd::notify_stopping();
-    }
+    crate::systemd::notify_stopping();
     reconcile.abort();
     let _ = reconcile.await;
     if let Err(e) = std::fs::remove_file(&port_path) {
