@@ -221,12 +221,12 @@ impl RepoRuntime {
             .is_some_and(OrchestratorHandle::is_idle)
     }
 
-    /// A webhook delivery for this repository (`POST /api/wake`): poll now;
-    /// false when the loops are stopped.
-    pub async fn webhook_delivered(&self) -> bool {
+    /// Webhook deliveries for this repository (`POST /api/wake`): poll now
+    /// when `poll`; false when the loops are stopped.
+    pub async fn webhook_delivered(&self, poll: bool) -> bool {
         match self.orchestrator.lock().await.as_ref() {
             Some(o) => {
-                o.webhook_delivered();
+                o.webhook_delivered(poll);
                 true
             }
             None => false,

@@ -222,6 +222,12 @@ impl Seen {
 #[derive(Deserialize)]
 struct Payload {
     repository: Option<Repository>,
+    sender: Option<Sender>,
+}
+
+#[derive(Deserialize)]
+struct Sender {
+    login: String,
 }
 
 #[derive(Deserialize)]
@@ -344,6 +350,7 @@ impl Receiver {
             }
         };
         let repository = payload.repository.map(|r| r.full_name);
+        let sender = payload.sender.map(|s| s.login);
         if event == "ping" {
             let slug = repository
                 .as_deref()
@@ -366,7 +373,7 @@ impl Receiver {
             Some(target) => {
                 tracing::debug!(delivery = id, event, repository, slug = %target.slug, "webhook delivery");
                 let slug = target.slug.clone();
-                self.waker.wake(target);
+                self.waker.wake(target, sender);
                 Outcome::Woken { slug }
             }
             None => {
@@ -384,11 +391,23 @@ impl Receiver {
     }
 }
 
+/// Senders of the deliveries one wake-up stands for, at most this many
+/// (more count as someone else's change: the worker polls).
+pub const MAX_SENDERS: usize = 16;
+
+/// One queued wake-up: the worker's socket and who sent the deliveries
+/// (`None`: a delivery without a sender, or too many senders).
+#[derive(Debug)]
+struct Pending {
+    socket: PathBuf,
+    senders: Option<std::collections::BTreeSet<String>>,
+}
+
 /// Wakes workers: one pending wake-up per repository, sent by one task.
 #[derive(Debug, Default)]
 pub struct Waker {
     /// Repositories to wake, by slug (at most one entry each: deliveries coalesce).
-    pending: Mutex<BTreeMap<String, PathBuf>>,
+    pending: Mutex<BTreeMap<String, Pending>>,
     ready: Notify,
     /// Wake-ups sent (answered or not).
     sent: AtomicU64,
@@ -397,12 +416,24 @@ pub struct Waker {
 }
 
 impl Waker {
-    /// Queue a wake-up of `target` (nothing more when one is queued already).
-    pub fn wake(&self, target: Target) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(target.slug, target.socket);
+    /// Queue a wake-up of `target` for a delivery sent by `sender` (one
+    /// wake-up per repository however many deliveries: the senders are
+    /// gathered, so the worker can tell its own changes from others').
+    pub fn wake(&self, target: Target, sender: Option<String>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = pending.entry(target.slug).or_insert_with(|| Pending {
+            socket: target.socket,
+            senders: Some(std::collections::BTreeSet::new()),
+        });
+        match (&mut entry.senders, sender) {
+            (Some(senders), Some(sender))
+                if senders.len() < MAX_SENDERS || senders.contains(&sender) =>
+            {
+                senders.insert(sender);
+            }
+            (senders, _) => *senders = None,
+        }
+        drop(pending);
         self.ready.notify_one();
     }
 
@@ -431,16 +462,23 @@ impl Waker {
                 }
                 let sends = batch
                     .into_iter()
-                    .map(|(slug, socket)| self.send(slug, socket));
+                    .map(|(slug, pending)| self.send(slug, pending));
                 futures_util::future::join_all(sends).await;
             }
         }
     }
 
-    async fn send(&self, slug: String, socket: PathBuf) {
+    async fn send(&self, slug: String, pending: Pending) {
         self.sent.fetch_add(1, Ordering::Relaxed);
-        let answer =
-            super::client::json(&socket, http::Method::POST, "/api/wake", None, WAKE_TIMEOUT).await;
+        let body = json!({"senders": pending.senders});
+        let answer = super::client::json(
+            &pending.socket,
+            http::Method::POST,
+            "/api/wake",
+            Some(&body),
+            WAKE_TIMEOUT,
+        )
+        .await;
         match answer {
             Ok((status, _)) if status.is_success() => {}
             Ok((status, body)) => {
@@ -839,6 +877,31 @@ mod tests {
         assert!(
             matches!(no_id, Outcome::Refused { status, .. } if status == StatusCode::BAD_REQUEST)
         );
+    }
+
+    #[test]
+    fn a_wake_up_gathers_its_deliveries_senders() {
+        let waker = Waker::default();
+        let target = || Target {
+            slug: "s".into(),
+            socket: PathBuf::from("/x"),
+        };
+        let senders = |w: &Waker| w.pending.lock().unwrap()["s"].senders.clone();
+        waker.wake(target(), Some("bot".into()));
+        waker.wake(target(), Some("bot".into()));
+        assert_eq!(senders(&waker), Some(["bot".to_owned()].into()));
+        waker.wake(target(), Some("alice".into()));
+        assert_eq!(senders(&waker).map(|s| s.len()), Some(2));
+        // A delivery without a sender: the worker cannot tell whose change it is.
+        waker.wake(target(), None);
+        assert_eq!(senders(&waker), None);
+        waker.wake(target(), Some("bot".into()));
+        assert_eq!(senders(&waker), None, "unknown stays unknown");
+        let many = Waker::default();
+        for n in 0..=MAX_SENDERS {
+            many.wake(target(), Some(format!("user{n}")));
+        }
+        assert_eq!(senders(&many), None, "too many senders count as unknown");
     }
 
     #[test]

@@ -312,11 +312,19 @@ pub mod api {
         }))
     }
 
-    /// `POST /api/wake`: a webhook delivery for the repository; the poller
-    /// polls now and slows to `github.fallback_poll_interval` while
-    /// deliveries arrive. `{"woke": false}` when the loops are stopped.
-    pub async fn wake(rt: &RepoRuntime) -> Value {
-        json!({"slug": rt.slug().as_str(), "woke": rt.webhook_delivered().await})
+    /// `POST /api/wake {"senders": [login, …] | null}`: webhook deliveries
+    /// for the repository, sent by those logins (`null`: unknown). The
+    /// poller slows to `github.fallback_poll_interval` while deliveries
+    /// arrive, and polls now unless every sender is the forge's own login
+    /// (the worker's own change, which it knows of). `{"polled": false}`
+    /// when it did not poll, `{"woke": false}` when the loops are stopped.
+    pub async fn wake(rt: &RepoRuntime, senders: Option<Vec<String>>) -> Value {
+        let own = rt.forge().login();
+        let poll = match (&senders, &own) {
+            (Some(senders), Some(own)) => senders.iter().any(|s| s != own),
+            _ => true,
+        };
+        json!({"slug": rt.slug().as_str(), "woke": rt.webhook_delivered(poll).await, "polled": poll})
     }
 
     /// One entry of `GET /api/runtimes`.
@@ -457,9 +465,21 @@ async fn costs(State(s): State<AppState>, q: Q) -> Api<Value> {
     )?)?))
 }
 
-async fn wake(State(s): State<AppState>, q: Q) -> Api<Value> {
+/// `POST /api/wake`'s body.
+#[derive(Debug, Default, Deserialize)]
+struct WakeBody {
+    senders: Option<Vec<String>>,
+}
+
+async fn wake(
+    State(s): State<AppState>,
+    q: Q,
+    body: Result<Json<WakeBody>, JsonRejection>,
+) -> Api<Value> {
     let rt = api::runtime(&s.registry, query(q)?.repo.as_deref())?;
-    Ok(Json(api::wake(&rt).await))
+    // No body (or not JSON): senders unknown, the worker polls.
+    let senders = body.ok().and_then(|Json(b)| b.senders);
+    Ok(Json(api::wake(&rt, senders).await))
 }
 
 async fn runtimes(State(s): State<AppState>) -> Json<Vec<Value>> {

@@ -386,4 +386,12 @@ pub trait Forge: Send + Sync {
     fn identity(&self) -> Option<String> {
         None
     }
+
+    /// The login that authors what this forge posts (`hydraflow-bot`,
+    /// `my-app[bot]`), once known: a webhook delivery whose sender it is
+    /// reports the worker's own change and needs no poll. `None` while
+    /// unknown and for the local forge.
+    fn login(&self) -> Option<String> {
+        None
+    }
 }

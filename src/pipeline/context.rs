@@ -145,11 +145,14 @@ impl Pipeline {
         }
     }
 
-    /// A webhook delivery for this repository: poll now, and from then on
-    /// only every `github.fallback_poll_interval` (see [`Self::poll_wait`]).
-    pub fn webhook_delivered(&self) {
+    /// Webhook deliveries for this repository: poll now when `poll`, and
+    /// from then on only every `github.fallback_poll_interval` (see
+    /// [`Self::poll_wait`]).
+    pub fn webhook_delivered(&self, poll: bool) {
         *self.webhook_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        self.poll_now.notify_one();
+        if poll {
+            self.poll_now.notify_one();
+        }
     }
 
     /// The wait after a good poll: `data_poll_interval`, or, while webhook

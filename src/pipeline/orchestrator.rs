@@ -90,10 +90,11 @@ impl OrchestratorHandle {
         self.status.clone()
     }
 
-    /// A webhook delivery for this repository: poll now, then slow polling
-    /// down to `github.fallback_poll_interval` while deliveries arrive.
-    pub fn webhook_delivered(&self) {
-        self.ctx.webhook_delivered();
+    /// Webhook deliveries for this repository: poll now when `poll` (not
+    /// only the worker's own changes), and slow polling down to
+    /// `github.fallback_poll_interval` while deliveries arrive.
+    pub fn webhook_delivered(&self, poll: bool) {
+        self.ctx.webhook_delivered(poll);
     }
 
     /// No work left: nothing queued, in flight, delayed, journalled or

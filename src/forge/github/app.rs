@@ -68,10 +68,12 @@ struct TokenJson {
     expires_at: String,
 }
 
-/// `GET /repos/{owner}/{repo}/installation` (200): the field used.
+/// `GET /repos/{owner}/{repo}/installation` (200): the fields used.
 #[derive(Deserialize)]
 struct InstallationJson {
     id: u64,
+    /// The App's slug: its bot user is `<slug>[bot]`.
+    app_slug: Option<String>,
 }
 
 /// The App's installation on one repository, and its current token.
@@ -82,6 +84,8 @@ pub(super) struct Installation {
     owner: String,
     repo: String,
     installation_id: tokio::sync::OnceCell<u64>,
+    /// The App's bot user (`<slug>[bot]`), once the installation was looked up.
+    bot: Mutex<Option<String>>,
     cached: Mutex<Option<Minted>>,
     /// One mint at a time: concurrent callers wait for it and share its token.
     mint_lock: tokio::sync::Mutex<()>,
@@ -124,6 +128,7 @@ impl Installation {
             owner: owner.to_string(),
             repo: repo.to_string(),
             installation_id,
+            bot: Mutex::new(None),
             cached: Mutex::new(None),
             mint_lock: tokio::sync::Mutex::new(()),
         })
@@ -137,6 +142,11 @@ impl Installation {
     /// The installation's id, once configured or looked up.
     pub(super) fn installation_id(&self) -> Option<u64> {
         self.installation_id.get().copied()
+    }
+
+    /// The App's bot user, `<slug>[bot]`, once the installation was looked up.
+    pub(super) fn bot_login(&self) -> Option<String> {
+        self.bot.lock().ok().and_then(|b| b.clone())
     }
 
     /// When the cached token expires, if there is one.
@@ -272,7 +282,11 @@ impl Installation {
                 self.app_id, self.owner, self.repo
             )
         })?;
-        let id = reply.json::<InstallationJson>(&what)?.id;
+        let json = reply.json::<InstallationJson>(&what)?;
+        let id = json.id;
+        if let (Some(slug), Ok(mut bot)) = (json.app_slug, self.bot.lock()) {
+            *bot = Some(format!("{slug}[bot]"));
+        }
         tracing::info!(
             app_id = self.app_id,
             installation_id = id,

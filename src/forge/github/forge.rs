@@ -9,9 +9,9 @@ use serde_json::json;
 
 use super::json::{
     CheckRunsJson, CombinedStatusJson, CommentJson, IssueJson, LabelJson, MergeJson, PullJson,
-    ReviewJson,
+    ReviewJson, User,
 };
-use super::rest::{enc, next_link};
+use super::rest::{Reply, enc, next_link};
 use super::{COMMENT_LIMIT, GithubForge, split_comment};
 use crate::forge::{
     CheckRunView, ChecksSummary, Comment, CommitStatusView, Forge, ForgeError, ForgeResult, Issue,
@@ -20,6 +20,21 @@ use crate::forge::{
 };
 
 impl GithubForge {
+    /// Remember who authored what GitHub answered a post of ours with (its `user.login`).
+    fn learn_login(&self, reply: &Reply) {
+        #[derive(serde::Deserialize)]
+        struct Authored {
+            user: Option<User>,
+        }
+        if let Ok(Authored { user: Some(user) }) = serde_json::from_str(&reply.body)
+            && let Ok(mut login) = self.login.lock()
+            && login.is_none()
+        {
+            tracing::debug!(login = %user.login, "the forge posts as");
+            *login = Some(user.login);
+        }
+    }
+
     async fn is_collaborator(&self, login: &str) -> ForgeResult<bool> {
         if let Some(known) = self
             .collaborators
@@ -183,10 +198,12 @@ impl Forge for GithubForge {
     async fn comment(&self, number: u64, body: &str) -> ForgeResult<()> {
         let url = self.repo_url(&format!("/issues/{number}/comments"));
         for piece in split_comment(body, COMMENT_LIMIT) {
-            self.rest
+            let reply = self
+                .rest
                 .send(Method::POST, &url, Some(&json!({ "body": piece })))
                 .await?
                 .ok(&format!("commenting on issue #{number}"))?;
+            self.learn_login(&reply);
         }
         Ok(())
     }
@@ -259,7 +276,9 @@ impl Forge for GithubForge {
             return Ok(pr.into_pull());
         }
         let what = format!("creating the pull request for {}", req.head);
-        Ok(reply.ok(&what)?.json::<PullJson>(&what)?.into_pull())
+        let reply = reply.ok(&what)?;
+        self.learn_login(&reply);
+        Ok(reply.json::<PullJson>(&what)?.into_pull())
     }
 
     async fn get_pull_request(&self, number: u64) -> ForgeResult<PullRequest> {
@@ -325,7 +344,8 @@ impl Forge for GithubForge {
             ReviewEvent::Comment => "COMMENT",
         };
         let body = json!({ "event": event, "body": body });
-        self.rest
+        let reply = self
+            .rest
             .send(
                 Method::POST,
                 &self.repo_url(&format!("/pulls/{number}/reviews")),
@@ -333,6 +353,7 @@ impl Forge for GithubForge {
             )
             .await?
             .ok(&format!("reviewing pull request #{number}"))?;
+        self.learn_login(&reply);
         Ok(())
     }
 
@@ -418,5 +439,13 @@ impl Forge for GithubForge {
 
     fn identity(&self) -> Option<String> {
         Some(GithubForge::identity(self).to_string())
+    }
+
+    fn login(&self) -> Option<String> {
+        let learned = self.login.lock().ok().and_then(|l| l.clone());
+        learned.or_else(|| match &self.rest.auth {
+            super::auth::Auth::App(installation) => installation.bot_login(),
+            super::auth::Auth::Token(_) => None,
+        })
     }
 }

@@ -153,6 +153,8 @@ pub struct GithubForge {
     collaborators: Mutex<HashMap<String, bool>>,
     /// Serialises fetches into the checkout (two refreshes at once would race on its refs).
     git_lock: tokio::sync::Mutex<()>,
+    /// The login that authors what this forge posts, once a response told it.
+    login: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for GithubForge {
@@ -198,6 +200,7 @@ impl GithubForge {
             opts,
             collaborators: Mutex::new(HashMap::new()),
             git_lock: tokio::sync::Mutex::new(()),
+            login: Mutex::new(None),
         })
     }
 
