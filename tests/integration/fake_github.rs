@@ -187,6 +187,10 @@ impl FakeApp {
 pub struct FakeState {
     /// The GitHub App, once [`FakeGithub::enable_app`] made one.
     pub app: Option<FakeApp>,
+    /// Where changes are reported as webhook deliveries, if anywhere.
+    pub hook: Option<Hook>,
+    /// Deliveries sent.
+    pub deliveries: u64,
     /// The kind of credential of every git request that was let in, in
     /// arrival order: `token` or `installation`.
     pub git_credentials: Vec<&'static str>,
@@ -313,6 +317,7 @@ impl FakeGithub {
                 post(mint_token),
             )
             .route("/api/v3/installation/token", delete(revoke_token))
+            .route("/api/v3/user", get(authenticated_user))
             .layer(middleware::from_fn_with_state(state.clone(), api_layer));
         let app = Router::new()
             .route("/git/{*path}", any(git_http))
@@ -437,6 +442,61 @@ impl FakeGithub {
             .map(|a| a.tokens.clone())
             .unwrap_or_default()
     }
+}
+
+/// Where the fake sends webhook deliveries: the endpoint and the secret.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    /// `HOST:PORT` of the supervisor's listener.
+    pub addr: SocketAddr,
+    /// The hook's secret.
+    pub secret: String,
+}
+
+/// The webhook event GitHub sends after a change through `route`, if any.
+fn hook_event(route: &str) -> Option<&'static str> {
+    let rest = route.split_once("{repo}").map(|(_, r)| r)?;
+    Some(match (route.split(' ').next()?, rest) {
+        (_, "/issues/{number}/labels" | "/issues/{number}/labels/{name}" | "/issues/{number}") => {
+            "issues"
+        }
+        ("POST", "/issues/{number}/comments") => "issue_comment",
+        ("POST", "/pulls") | ("PUT", "/pulls/{number}/merge") => "pull_request",
+        ("POST", "/pulls/{number}/reviews") => "pull_request_review",
+        ("POST", "/labels") => "label",
+        _ => return None,
+    })
+}
+
+/// Send one signed delivery of `event` by `sender` to `hook`, as GitHub does
+/// after a change (the answer is not waited for by the change).
+pub async fn send_delivery(hook: Hook, event: &'static str, id: String, sender: &str) {
+    let body = json!({
+        "action": "edited",
+        "repository": {"id": 1, "name": REPO, "full_name": format!("{OWNER}/{REPO}")},
+        "sender": {"login": sender, "id": 1, "type": "User"},
+    })
+    .to_string();
+    let signature =
+        hydraflow::dashboard::webhook::signature(hook.secret.as_bytes(), body.as_bytes());
+    let Ok(stream) = tokio::net::TcpStream::connect(hook.addr).await else {
+        return;
+    };
+    let Ok((mut tx, conn)) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+    else {
+        return;
+    };
+    tokio::spawn(conn);
+    let request = axum::http::Request::post("/github/webhook")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .header("x-github-event", event)
+        .header("x-github-delivery", id)
+        .header("x-hub-signature-256", signature)
+        .body(Body::from(body))
+        .expect("delivery");
+    let _ = tx.send_request(request).await;
 }
 
 /// Who a request authenticated as: the login that authors what it posts.
@@ -612,6 +672,18 @@ async fn mint_token(
         .into_response()
 }
 
+/// `GET /user` ("Get the authenticated user"): the token's user (an
+/// installation token gets 403, as GitHub answers it).
+async fn authenticated_user(axum::Extension(Actor(actor)): axum::Extension<Actor>) -> Response {
+    if actor == APP_BOT {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Resource not accessible by integration",
+        );
+    }
+    axum::Json(user_json(actor)).into_response()
+}
+
 /// `DELETE /installation/token` ("Revoke an installation access token"),
 /// with the token itself: 204.
 async fn revoke_token(State(st): State<Shared>, headers: HeaderMap) -> Response {
@@ -760,6 +832,16 @@ async fn api_layer(
             });
             return Response::from_parts(parts, Body::empty());
         }
+    }
+    if parts.status.is_success()
+        && method != "GET"
+        && !jwt
+        && let (Some(hook), Some(event)) = (s.hook.clone(), hook_event(&route))
+    {
+        let sender = actor.unwrap_or(Actor(TOKEN_USER)).0;
+        s.deliveries += 1;
+        let id = format!("fake-{}", s.deliveries);
+        tokio::spawn(send_delivery(hook, event, id, sender));
     }
     s.log.push(Logged {
         method,

@@ -14,6 +14,7 @@ mod github_e2e;
 mod github_forge;
 mod local_forge;
 mod model_server;
+mod rest_budget;
 mod supervisor;
 mod system_agents;
 mod system_deb;

@@ -798,6 +798,11 @@ async fn the_daemon_and_the_cli_end_to_end() {
         row.starts_with("e2e-demo") && row.contains("active (running)"),
         "{list}"
     );
+    // The forge's columns: the local forge has no identity and no REST budget.
+    assert!(
+        row.contains("local forge") && row.ends_with("-  -"),
+        "{list}"
+    );
     let status = output(hydraflow(&config).args(["repo", "status", "e2e-demo"]));
     assert!(
         status.contains("unit: hydraflow@e2e-demo.service"),

@@ -206,7 +206,7 @@ impl Hooked {
 }
 
 /// The binary with the supervisor's configuration and the token, nothing else of the caller's.
-fn hydraflow(config: &Path) -> Command {
+pub(crate) fn hydraflow(config: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hydraflow"));
     for (k, _) in std::env::vars() {
         if k.starts_with("HYDRAFLOW_")

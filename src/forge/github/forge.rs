@@ -20,6 +20,40 @@ use crate::forge::{
 };
 
 impl GithubForge {
+    /// With a token, ask once who it is (`GET /user`, one request per
+    /// process), so that webhook deliveries of the worker's own changes are
+    /// known as such from the start; an App's bot login comes from its
+    /// installation instead. A failure is only logged (the login is then
+    /// learned from the first post).
+    async fn learn_own_login(&self) {
+        if !matches!(self.rest.auth, super::auth::Auth::Token(_))
+            || self.login.lock().map_or(true, |l| l.is_some())
+            || self
+                .asked_login
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let url = format!("{}/user", self.rest.api);
+        match self.rest.send(Method::GET, &url, None).await {
+            Ok(reply) if reply.status.is_success() => {
+                if let Ok(user) = reply.json::<User>("the authenticated user")
+                    && let Ok(mut login) = self.login.lock()
+                {
+                    tracing::debug!(login = %user.login, "the token is");
+                    *login = Some(user.login);
+                }
+            }
+            Ok(reply) => {
+                tracing::debug!(
+                    status = reply.status.as_u16(),
+                    "cannot tell whose the token is"
+                )
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot tell whose the token is"),
+        }
+    }
+
     /// Remember who authored what GitHub answered a post of ours with (its `user.login`).
     fn learn_login(&self, reply: &Reply) {
         #[derive(serde::Deserialize)]
@@ -79,6 +113,7 @@ impl Forge for GithubForge {
     }
 
     async fn list_issues(&self, labels: &[String]) -> ForgeResult<Vec<Issue>> {
+        self.learn_own_login().await;
         // GitHub's `labels=a,b` means "all of"; "any of" takes one listing per label.
         let mut seen = std::collections::BTreeMap::new();
         for label in labels {

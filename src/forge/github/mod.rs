@@ -155,6 +155,8 @@ pub struct GithubForge {
     git_lock: tokio::sync::Mutex<()>,
     /// The login that authors what this forge posts, once a response told it.
     login: Mutex<Option<String>>,
+    /// `GET /user` was sent (once per process).
+    asked_login: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GithubForge {
@@ -201,6 +203,7 @@ impl GithubForge {
             collaborators: Mutex::new(HashMap::new()),
             git_lock: tokio::sync::Mutex::new(()),
             login: Mutex::new(None),
+            asked_login: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
