@@ -3,6 +3,7 @@
 //! the command line and calls [`cli::run`]. See ARCHITECTURE.md for the map.
 
 pub mod agent;
+pub mod backoff;
 pub mod child;
 pub mod cli;
 pub mod config;
