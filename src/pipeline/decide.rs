@@ -318,7 +318,7 @@ mod tests {
                 origin: "hydraflow-ready".into(),
                 stage: Stage::Implement,
                 cause: "c".into(),
-                escalated_at: "t".into(),
+                escalated_at: chrono::DateTime::UNIX_EPOCH,
             },
             pending: None,
         }
