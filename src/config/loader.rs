@@ -143,6 +143,7 @@ const NON_KEY_ENV: &[&str] = &[
     "HYDRAFLOW_CAMPAIGN_RUNS",
     "HYDRAFLOW_CAMPAIGN_SEED",
     "HYDRAFLOW_AGENT_CLIS",
+    "HYDRAFLOW_TEST_OUTAGE_SECS",
 ];
 
 /// What [`load`] made of the layers.

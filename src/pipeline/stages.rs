@@ -735,7 +735,9 @@ async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, Failure> {
             let now = chrono::Utc::now();
             let Some(since) = ctx.state.issue(n).ci_wait_since else {
                 ctx.state.update_issue(n, |r| r.ci_wait_since = Some(now))?;
-                return Ok(Next::Later(Duration::from_secs(ctx.config.ci_poll_interval)));
+                return Ok(Next::Later(Duration::from_secs(
+                    ctx.config.ci_poll_interval,
+                )));
             };
             let waited = (now - since).num_seconds().max(0) as u64;
             if waited >= ctx.config.ci_check_timeout {

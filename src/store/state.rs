@@ -730,7 +730,9 @@ mod tests {
     use std::sync::Arc;
 
     fn at(rfc3339: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(rfc3339).expect("time").to_utc()
+        DateTime::parse_from_rfc3339(rfc3339)
+            .expect("time")
+            .to_utc()
     }
 
     /// Every file in `dir` with its content.
