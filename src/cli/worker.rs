@@ -208,7 +208,7 @@ async fn ensure_checkout(
 ) -> anyhow::Result<bool> {
     let dest = &resolved.repo_path;
     let slug = &resolved.layout.slug;
-    let mut wait = CLONE_RETRY_FIRST;
+    let mut waits = crate::backoff::doubling(CLONE_RETRY_FIRST, CLONE_RETRY_MAX);
     while !dest.exists() {
         eprintln!("cloning {} into {}", gh.clone_url(), dest.display());
         match gh.clone_into(dest, &resolved.config.main_branch).await {
@@ -218,6 +218,7 @@ async fn ensure_checkout(
                 | ForgeError::Transient(_)
                 | ForgeError::RateLimited { .. }),
             ) => {
+                let mut wait = waits.next().unwrap_or(CLONE_RETRY_MAX);
                 if let ForgeError::RateLimited { retry_after } = &e {
                     wait = wait.max(*retry_after);
                 }
@@ -234,7 +235,6 @@ async fn ensure_checkout(
                     _ = sigterm.recv() => return Ok(false),
                     _ = sigint.recv() => return Ok(false),
                 }
-                wait = (wait * 2).min(CLONE_RETRY_MAX);
             }
             Err(e) => {
                 return Err(e).with_context(|| format!("cannot clone into {}", dest.display()));

@@ -469,7 +469,9 @@ enum RunEnd {
 impl Actor {
     async fn run(mut self) {
         stop_survivor(&self.opts, &self.slug).await;
-        let mut delay = self.opts.restart_delay;
+        let (first, max) = (self.opts.restart_delay, self.opts.max_restart_delay);
+        let restarts = move || crate::backoff::doubling(first, max);
+        let mut delays = restarts();
         let mut first = true;
         loop {
             match self.run_once().await {
@@ -509,8 +511,9 @@ impl Actor {
                         return;
                     }
                     if ran > Duration::from_secs(60) {
-                        delay = self.opts.restart_delay;
+                        delays = restarts();
                     }
+                    let delay = delays.next().unwrap_or(self.opts.max_restart_delay);
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         cmd = self.commands.recv() => {
@@ -521,7 +524,6 @@ impl Actor {
                             return;
                         }
                     }
-                    delay = (delay * 2).min(self.opts.max_restart_delay);
                     self.publish(|s| {
                         s.n_restarts += 1;
                         s.sub_state = "start";

@@ -79,7 +79,7 @@ async fn measure(webhooks: bool) -> (Count, Count, u64) {
         format!(
             "repos_dir = {repos:?}\npoll_interval = 1\ndata_poll_interval = 5\nci_poll_interval = 1\n\
              [github]\napi_url = {api:?}\nweb_url = {web:?}\nfallback_poll_interval = 30\n\
-             [agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{stage}}\", \"{{issue}}\"]\n\
+             [agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{{{stage}}}}\", \"{{{{issue}}}}\"]\n\
              output = \"plain\"\n\
              [supervisor]\nlisten = \"127.0.0.1:0\"\nbackend = \"process\"\nstate_dir = {state:?}\n\
              [dashboard]\nlisten = \"127.0.0.1:0\"\n[webhook]\nsecret_file = {secret:?}\n",

@@ -141,7 +141,7 @@ impl Hooked {
                 "repos_dir = {repos:?}\npoll_interval = 1\ndata_poll_interval = 3600\n\
                  [github]\napi_url = {api:?}\nweb_url = {web:?}\nmax_retry_wait = 5\n\
                  fallback_poll_interval = 1800\n\
-                 [agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{stage}}\", \"{{issue}}\"]\n\
+                 [agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{{{stage}}}}\", \"{{{{issue}}}}\"]\n\
                  output = \"plain\"\n[agent.env]\nHYDRAFLOW_TEST_DIR = {dir:?}\n\
                  [supervisor]\nlisten = \"127.0.0.1:0\"\nbackend = \"process\"\nstate_dir = {state:?}\n\
                  [dashboard]\nlisten = \"127.0.0.1:0\"\ntoken = \"dashboard-token\"\n\
