@@ -21,6 +21,7 @@ use crate::layout::{Slug, SlugError};
 
 pub mod backend;
 pub mod client;
+pub mod polkit;
 pub mod process;
 pub mod protocol;
 pub mod registry;
