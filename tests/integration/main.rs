@@ -12,6 +12,7 @@ mod github_e2e;
 mod github_forge;
 mod local_forge;
 mod model_server;
+mod polkit_fake;
 mod supervisor;
 mod system_agents;
 mod system_deb;
