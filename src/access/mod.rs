@@ -110,6 +110,18 @@ impl Access {
         }
     }
 
+    /// Access by the UID and group rules: `admin_group` may read and manage, `read_group` may
+    /// read (`*`: every identified local user; empty: nobody else).
+    pub fn groups(admin_group: &str, read_group: &str) -> Access {
+        let users = Arc::new(UserDb::default());
+        let rules = rules::GroupRules {
+            admin_group: admin_group.trim().to_owned(),
+            readers: rules::Readers::from_setting(Some(read_group)),
+            users: Arc::clone(&users),
+        };
+        Access::new(Arc::new(rules), users)
+    }
+
     /// No access control: every local user may do everything (the original's behaviour).
     pub fn off() -> Access {
         Access {

@@ -433,14 +433,25 @@ async fn start_api(
             tracing::error!(error = %e, "the worker API stopped");
         }
     });
-    let config = &runtime.resolved().config.dashboard;
+    let full = &runtime.resolved().config;
+    let config = &full.dashboard;
     if let Some(address) = &config.worker_listen {
         let listener = dashboard::bind_tcp(address, config.token.as_deref()).await?;
-        let token = config.token.as_deref().map(Arc::from);
+        // The worker's own user, root, and the supervisor's groups; a token from elsewhere.
+        let guard = dashboard::auth::Guard {
+            token: config.token.as_deref().map(Arc::from),
+            access: Arc::new(match full.supervisor.authorization {
+                crate::config::Authorization::Off => crate::access::Access::off(),
+                _ => crate::access::Access::groups(
+                    &full.supervisor.admin_group,
+                    &full.supervisor.read_group,
+                ),
+            }),
+        };
         let (reg, stop2) = (Arc::clone(registry), stop.clone());
         tokio::spawn(async move {
             let shutdown = async move { stop2.cancelled().await };
-            if let Err(e) = dashboard::worker::serve_tcp(listener, reg, token, shutdown).await {
+            if let Err(e) = dashboard::worker::serve_tcp(listener, reg, guard, shutdown).await {
                 tracing::error!(error = %e, "the worker API (TCP) stopped");
             }
         });

@@ -489,7 +489,7 @@ async fn fan_in(directory: Arc<dyn RepoDirectory>, hub: Arc<Hub>, stop: Cancella
 /// runs until `stop` is cancelled.
 pub fn router(
     directory: Arc<dyn RepoDirectory>,
-    token: Option<Arc<str>>,
+    guard: super::auth::Guard,
     stop: CancellationToken,
 ) -> (Router, Arc<Hub>, tokio::task::JoinHandle<()>) {
     let hub = Arc::new(Hub::default());
@@ -506,30 +506,30 @@ pub fn router(
         .fallback(super::no_route)
         .with_state(app)
         .layer(axum::middleware::from_fn_with_state(
-            token,
-            super::auth::require_token,
+            guard,
+            super::auth::guard,
         ));
+    // Routes that authenticate themselves (a webhook's signature) go here, outside the guard.
+    let router = router.merge(Router::new());
     (router, hub, fan)
 }
 
 /// Serve the supervisor dashboard on an already-bound listener until
-/// `shutdown` completes. Bind it with [`super::bind_tcp`], which refuses a
-/// non-loopback address without a token.
+/// `shutdown` completes, letting in whom `guard` lets in. Bind it with
+/// [`super::bind_tcp`], which refuses a non-loopback address without a token.
 ///
 /// # Errors
 /// I/O errors of the server.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     directory: Arc<dyn RepoDirectory>,
-    token: Option<Arc<str>>,
+    guard: super::auth::Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop = CancellationToken::new();
-    let (app, _hub, fan) = router(directory, token, stop.clone());
-    // Small responses go out at once (no Nagle delay behind a delayed ACK).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let (app, _hub, fan) = router(directory, guard, stop.clone());
+    let listener = super::auth::NoDelay(listener);
+    let app = app.into_make_service_with_connect_info::<super::auth::Peer>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;

@@ -177,7 +177,12 @@ async fn polkit_decides_by_the_callers_uid_and_process() {
     let probe = h.state.lock().expect("lock").asked.clone();
     assert_eq!(
         probe,
-        [(std::process::id(), 0, Some(65534), "org.hydraflow.read".into())]
+        [(
+            std::process::id(),
+            0,
+            Some(65534),
+            "org.hydraflow.read".into()
+        )]
     );
     let check = |uid: u32, right: Right| {
         let polkit = &polkit;
@@ -200,7 +205,15 @@ async fn polkit_decides_by_the_callers_uid_and_process() {
     let last = asked.last().expect("asked");
     assert_eq!(last, &(4242, 0, Some(1001), "org.hydraflow.read".into()));
     // A TCP caller is checked as the supervisor's process with the caller's UID.
-    assert_eq!(asked[1], (std::process::id(), 0, Some(1001), "org.hydraflow.manage".into()));
+    assert_eq!(
+        asked[1],
+        (
+            std::process::id(),
+            0,
+            Some(1001),
+            "org.hydraflow.manage".into()
+        )
+    );
 }
 
 #[tokio::test]
