@@ -755,6 +755,11 @@ fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
         .prefix(".supervisor-port.")
         .tempfile_in(dir)?;
     std::io::Write::write_all(&mut tmp, port.to_string().as_bytes())?;
+    // Readable by every local user, as the original's was: their clients find the port here.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
@@ -1027,11 +1032,15 @@ pub async fn run_daemon(
         serving.push(addr.to_string());
     }
     if let Some(unix) = &listeners.unix {
-        let path = unix
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
-            .unwrap_or_else(|| "a Unix socket".into());
+        // Bound here under a temporary name and renamed, or passed by systemd.
+        let path = control_path
+            .clone()
+            .or_else(|| {
+                unix.local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            })
+            .map_or_else(|| "a Unix socket".into(), |p| p.display().to_string());
         tracing::info!(socket = %path, "listening");
         serving.push(path);
     }

@@ -1,3 +1,4 @@
+mod access;
 mod agent;
 mod agent_clis;
 mod agent_containment;
