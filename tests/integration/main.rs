@@ -15,6 +15,7 @@ mod local_forge;
 mod model_server;
 mod polkit_fake;
 mod supervisor;
+mod system_access;
 mod system_agents;
 mod system_deb;
 mod systemd_container;
