@@ -41,21 +41,17 @@ pub const ISSUES: [(&str, &str); 4] = [
 /// I/O and git errors.
 pub fn make_repository(path: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut opts = git2::RepositoryInitOptions::new();
-    opts.initial_head("main");
-    let repo = git2::Repository::init_opts(path, &opts)
-        .with_context(|| format!("cannot create a git repository in {}", path.display()))?;
     std::fs::write(
         path.join("README.md"),
         "# Demo repository\n\nA tiny repository that HydraFlow's demo works on.\n",
     )?;
     std::fs::write(path.join(".gitignore"), ".hydraflow/\n")?;
-    let mut index = repo.index()?;
-    index.add_all(["*"], git2::IndexAddOption::DEFAULT, None)?;
-    index.write()?;
-    let tree = repo.find_tree(index.write_tree()?)?;
-    let sig = git2::Signature::now("HydraFlow demo", "demo@hydraflow.invalid")?;
-    repo.commit(Some("HEAD"), &sig, &sig, "Initial commit", &tree, &[])?;
+    crate::git::init_with_files(
+        path,
+        "main",
+        ("HydraFlow demo", "demo@hydraflow.invalid"),
+        "Initial commit",
+    )?;
     Ok(())
 }
 
@@ -85,21 +81,10 @@ output = "plain"
 /// # Errors
 /// git and forge errors.
 pub fn print_summary(resolved: &Resolved, forge: &LocalForge) -> anyhow::Result<()> {
-    let repo = git2::Repository::open(&resolved.repo_path)?;
     let branch = &resolved.config.main_branch;
-    let mut walk = repo.revwalk()?;
-    walk.push(
-        repo.refname_to_id(&format!("refs/heads/{branch}"))
-            .with_context(|| format!("no branch {branch}"))?,
-    )?;
     eprintln!("commits on {branch}:");
-    for oid in walk.take(10) {
-        let commit = repo.find_commit(oid?)?;
-        eprintln!(
-            "  {} {}",
-            &commit.id().to_string()[..10],
-            commit.summary().ok().flatten().unwrap_or("")
-        );
+    for (sha, subject) in crate::git::log(&resolved.repo_path, branch, 10)? {
+        eprintln!("  {sha} {subject}");
     }
     eprintln!("issues:");
     for issue in forge.all_issues()? {

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod child;
 pub mod cli;
 pub mod config;
 pub mod dashboard;

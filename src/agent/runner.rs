@@ -80,7 +80,7 @@ use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 use tokio::time::{Instant, sleep_until};
 
 use super::contain::{CallScope, Containment, Resources};
@@ -118,6 +118,109 @@ pub trait AgentRunner: Send + Sync {
         call: &AgentCall,
         on_line: LineSink<'_>,
     ) -> Result<AgentOutcome, AgentError>;
+
+    /// Run the repository's quality command (`sh -c command`, e.g. `make
+    /// quality`) in `cwd` with the base environment ([`base_env`]), in its
+    /// own process group, killed whole after `timeout` and when done.
+    ///
+    /// # Errors
+    /// [`AgentError::Spawn`] when `sh` cannot start; a failing or timed-out
+    /// command is an `Ok` outcome describing it.
+    async fn run_quality(
+        &self,
+        command: &str,
+        cwd: &Path,
+        timeout: Duration,
+    ) -> Result<QualityOutcome, AgentError> {
+        run_quality(command, cwd, timeout).await
+    }
+}
+
+/// How the quality command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QualityOutcome {
+    /// It exited 0.
+    Passed,
+    /// It failed: its exit status and the last lines of its output.
+    Failed {
+        /// `exit status: 2`, `signal: 9 (SIGKILL)`, …
+        status: String,
+        /// Its stderr then stdout, last lines.
+        output: String,
+    },
+    /// It ran past the timeout and was killed with its process group.
+    TimedOut,
+}
+
+/// The environment of commands HydraFlow runs that are not agents (the
+/// quality command): the worker's variables of [`PASS_NAMES`] and the `LC_`
+/// and `XDG_` prefixes; no model keys, tokens or systemd variables.
+pub fn base_env() -> Vec<(String, String)> {
+    process_env()
+        .into_iter()
+        .filter(|(k, _)| {
+            PASS_NAMES.contains(&k.as_str()) || k.starts_with("LC_") || k.starts_with("XDG_")
+        })
+        .collect()
+}
+
+async fn run_quality(
+    command: &str,
+    cwd: &Path,
+    timeout: Duration,
+) -> Result<QualityOutcome, AgentError> {
+    let env = base_env();
+    let mut spec = crate::child::Spec::new("sh".as_ref(), &env, cwd);
+    spec.args = vec!["-c".as_ref(), command.as_ref()];
+    let mut child = crate::child::spawn(spec).map_err(|source| AgentError::Spawn {
+        program: "sh".into(),
+        source,
+    })?;
+    let group = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .map(Pid::from_raw);
+    let read = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| async move {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut bytes).await;
+        }
+        bytes
+    };
+    let stdout =
+        tokio::spawn(read(child.stdout.take().map(|p| {
+            Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>
+        })));
+    let stderr =
+        tokio::spawn(read(child.stderr.take().map(|p| {
+            Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>
+        })));
+    // The shell's own exit ends the command: what it left running in its
+    // group (holding the pipes open) is killed, so the output can be read.
+    let status = tokio::time::timeout(timeout, child.wait()).await;
+    if let Some(group) = group {
+        let _ = killpg(group, Signal::SIGKILL);
+    }
+    let status = match status {
+        Err(_) => {
+            let _ = child.wait().await;
+            return Ok(QualityOutcome::TimedOut);
+        }
+        Ok(status) => status.map_err(AgentError::Io)?,
+    };
+    let out = std::process::Output {
+        status,
+        stdout: stdout.await.unwrap_or_default(),
+        stderr: stderr.await.unwrap_or_default(),
+    };
+    if out.status.success() {
+        return Ok(QualityOutcome::Passed);
+    }
+    Ok(QualityOutcome::Failed {
+        status: out.status.to_string(),
+        output: String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout),
+    })
 }
 
 /// What the pipeline knows when it asks for an agent call.
@@ -332,39 +435,6 @@ async fn run_process(
     let scope = containment
         .prepare(call.issue, call.stage)
         .map_err(AgentError::Io)?;
-    let mut command = match &shim {
-        Some(shim) => {
-            let mut c = Command::new(shim);
-            c.arg0("hydraflow")
-                .arg("agent-shim")
-                .arg("--parent")
-                .arg(std::process::id().to_string())
-                .arg("--")
-                .arg(program)
-                .args(args);
-            c
-        }
-        None => {
-            let mut c = Command::new(program);
-            c.args(args);
-            c
-        }
-    };
-    command
-        .env_clear()
-        .envs(call.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .current_dir(&call.cwd)
-        .stdin(if call.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        // The guard below ends the call; a shim must get SIGTERM to end its
-        // descendants, not a SIGKILL that would orphan them.
-        .kill_on_drop(shim.is_none());
     let report = match &shim {
         Some(_) => Some(
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
@@ -375,47 +445,46 @@ async fn run_process(
         ),
         None => None,
     };
-    let report_fd = report.as_ref().map(|(_, w)| w.as_raw_fd());
-    let worker = nix::unistd::getpid();
-    let procs_fd = scope.procs_fd();
-    // SAFETY: the closure runs in the forked child before exec and makes
-    // only async-signal-safe system calls (write, fcntl, dup2, prctl,
-    // getppid) on descriptors opened before the fork; it allocates nothing
-    // but the error of a worker that died meanwhile.
-    unsafe {
-        command.pre_exec(move || {
-            if let Some(fd) = procs_fd {
-                // Writing 0 to cgroup.procs moves the writer: the agent runs
-                // in its call's cgroup from its first instruction.
-                if nix::libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(fd) = report_fd {
-                let r = if fd == super::shim::REPORT_FD {
-                    nix::libc::fcntl(fd, nix::libc::F_SETFD, 0)
-                } else {
-                    nix::libc::dup2(fd, super::shim::REPORT_FD)
-                };
-                if r < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            // If the worker dies (even by SIGKILL), the agent (or its shim)
-            // gets SIGTERM instead of running on as an orphan.
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                .map_err(std::io::Error::from)?;
-            // A worker that died between fork and prctl sent nothing: the
-            // child then has another parent already, and must not run.
-            if nix::unistd::getppid() != worker {
-                return Err(std::io::Error::other(
-                    "the worker exited while starting the agent",
-                ));
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().map_err(|source| AgentError::Spawn {
+    let parent = std::process::id().to_string();
+    let (exe, mut argv): (&std::ffi::OsStr, Vec<&std::ffi::OsStr>) = match &shim {
+        Some(shim) => (
+            shim.as_os_str(),
+            vec![
+                "agent-shim".as_ref(),
+                "--parent".as_ref(),
+                parent.as_ref(),
+                "--".as_ref(),
+                program.as_ref(),
+            ],
+        ),
+        None => (program.as_ref(), Vec::new()),
+    };
+    argv.extend(args.iter().map(std::ffi::OsStr::new));
+    let spec = crate::child::Spec {
+        program: exe,
+        arg0: shim.as_ref().map(|_| "hydraflow"),
+        args: argv,
+        env: &call.env,
+        cwd: &call.cwd,
+        stdio: [
+            if call.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            },
+            Stdio::piped(),
+            Stdio::piped(),
+        ],
+        // The guard below ends the call; a shim must get SIGTERM to end its
+        // descendants, not a SIGKILL that would orphan them.
+        kill_on_drop: shim.is_none(),
+        // The agent runs in its call's cgroup from its first instruction.
+        cgroup_procs: scope.procs_fd(),
+        pass_fd: report
+            .as_ref()
+            .map(|(_, w)| (w.as_raw_fd(), super::shim::REPORT_FD)),
+    };
+    let mut child = crate::child::spawn(spec).map_err(|source| AgentError::Spawn {
         program: program.clone(),
         source,
     })?;
@@ -690,11 +759,7 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(context)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(context)?;
-    io::Write::write_all(&mut tmp, bytes).map_err(context)?;
-    tmp.as_file().sync_all().map_err(context)?;
-    tmp.persist(path).map_err(|e| context(e.error))?;
-    Ok(())
+    crate::store::atomic::write_atomic(path, bytes).map_err(context)
 }
 
 /// Which agent preset a stage uses.

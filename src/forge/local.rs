@@ -53,7 +53,6 @@
 //! work on tokio's blocking pool; the inherent methods are blocking.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -303,21 +302,10 @@ fn local_git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> ForgeErr
 
 /// Replace `path` with `value` as pretty JSON, atomically.
 fn write_json<T: Serialize>(path: &Path, value: &T) -> ForgeResult<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| ForgeError::Local(format!("{} has no parent directory", path.display())))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(local_io("create a temporary file in", dir))?;
-    serde_json::to_writer_pretty(&mut tmp, value)
+    let mut bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| ForgeError::Local(format!("cannot write {}: {e}", path.display())))?;
-    tmp.write_all(b"\n").map_err(local_io("write", path))?;
-    tmp.as_file().sync_all().map_err(local_io("sync", path))?;
-    tmp.persist(path)
-        .map_err(|e| local_io("replace", path)(e.error))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(local_io("sync directory", dir))?;
-    Ok(())
+    bytes.push(b'\n');
+    crate::store::atomic::write_atomic(path, &bytes).map_err(local_io("replace", path))
 }
 
 /// Read and parse `path`; `Ok(None)` when it does not exist.

@@ -82,6 +82,68 @@ pub fn checked_out(repo: &git2::Repository, refname: &str) -> bool {
     })
 }
 
+/// Make a git repository at `path` (created if missing) whose branch
+/// `branch` holds one commit of every file already in `path`, by `author`
+/// (name, e-mail) with `message`.
+///
+/// # Errors
+/// [`GitError`] naming what failed.
+pub fn init_with_files(
+    path: &std::path::Path,
+    branch: &str,
+    author: (&str, &str),
+    message: &str,
+) -> Result<(), GitError> {
+    let context = format!("cannot create a git repository in {}", path.display());
+    std::fs::create_dir_all(path).map_err(io(&context))?;
+    let mut opts = git2::RepositoryInitOptions::new();
+    opts.initial_head(branch);
+    let repo = git2::Repository::init_opts(path, &opts).map_err(git(&context))?;
+    let mut index = repo.index().map_err(git(&context))?;
+    index
+        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .map_err(git(&context))?;
+    index.write().map_err(git(&context))?;
+    let tree = index
+        .write_tree()
+        .and_then(|id| repo.find_tree(id))
+        .map_err(git(&context))?;
+    let sig = git2::Signature::now(author.0, author.1).map_err(git(&context))?;
+    repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &[])
+        .map_err(git(&context))?;
+    Ok(())
+}
+
+/// The newest `limit` commits of `branch` in the repository at `path`, as
+/// (abbreviated SHA, subject), newest first.
+///
+/// # Errors
+/// [`GitError`] naming what failed, including a missing branch.
+pub fn log(
+    path: &std::path::Path,
+    branch: &str,
+    limit: usize,
+) -> Result<Vec<(String, String)>, GitError> {
+    let context = format!("cannot read the history of {branch} in {}", path.display());
+    let repo = git2::Repository::open(path).map_err(git(&context))?;
+    let mut walk = repo.revwalk().map_err(git(&context))?;
+    walk.push(
+        repo.refname_to_id(&format!("refs/heads/{branch}"))
+            .map_err(git(&context))?,
+    )
+    .map_err(git(&context))?;
+    let mut out = Vec::new();
+    for oid in walk.take(limit) {
+        let commit = oid
+            .and_then(|oid| repo.find_commit(oid))
+            .map_err(git(&context))?;
+        let sha = commit.id().to_string();
+        let subject = commit.summary().ok().flatten().unwrap_or("").to_owned();
+        out.push((sha[..10].to_owned(), subject));
+    }
+    Ok(out)
+}
+
 /// Name and e-mail used for commits when the repository configuration has no
 /// `user.name`/`user.email`.
 pub const FALLBACK_SIGNATURE: (&str, &str) = ("HydraFlow", "hydraflow@localhost");

@@ -270,15 +270,10 @@ impl Pipeline {
             return Some(e.to_string());
         }
         let dir = self.layout.worktrees_dir();
-        if dir.is_dir() {
-            let probe = tempfile::tempfile_in(&dir).and_then(|mut f| {
-                use std::io::Write as _;
-                f.write_all(&[0u8; 4096])?;
-                f.sync_all()
-            });
-            if let Err(e) = probe {
-                return Some(format!("cannot write in {}: {e}", dir.display()));
-            }
+        if dir.is_dir()
+            && let Err(e) = crate::store::atomic::probe_dir(&dir)
+        {
+            return Some(format!("cannot write in {}: {e}", dir.display()));
         }
         None
     }

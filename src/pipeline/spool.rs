@@ -86,10 +86,7 @@ pub fn submit(dir: &Path, entry: &SpoolEntry) -> std::io::Result<PathBuf> {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     let path = dir.join(format!("hitl-{}-{nanos}.json", entry.issue));
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-    serde_json::to_writer(&mut tmp, entry)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(&path).map_err(|e| e.error)?;
+    crate::store::atomic::write_atomic(&path, &serde_json::to_vec(entry)?)?;
     Ok(path)
 }
 

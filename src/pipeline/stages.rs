@@ -27,7 +27,7 @@ use super::journal;
 use crate::agent::contract::{self, PlanResult, Verdict};
 use crate::agent::parse::DisplayLine;
 use crate::agent::prompts::{self, PromptContext, PromptKind};
-use crate::agent::runner::{CallRequest, build_call};
+use crate::agent::runner::{CallRequest, QualityOutcome, build_call};
 use crate::agent::{AgentError, AgentFailure, AgentOutcome, Stage};
 use crate::forge::{ChecksState, Comment, Issue, PullRequestState, ReviewEvent};
 use crate::git::WorktreeInfo;
@@ -407,26 +407,20 @@ async fn quality_check(ctx: &Pipeline, cwd: &std::path::Path) -> Result<(), Fail
     let Some(command) = &ctx.config.quality_command else {
         return Ok(());
     };
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(command)
-        .current_dir(cwd)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(ctx.config.agent_timeout), cmd.output())
-        .await
-        .map_err(|_| Failure::Attempt(format!("quality command {command:?} timed out")))?
-        .map_err(|e| Failure::Attempt(format!("cannot run quality command {command:?}: {e}")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let text = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
-        Err(Failure::Attempt(format!(
-            "quality command {command:?} failed ({}): {}",
-            out.status,
-            last_line(&text)
-        )))
+    let timeout = Duration::from_secs(ctx.config.agent_timeout);
+    match ctx.runner.run_quality(command, cwd, timeout).await {
+        Ok(QualityOutcome::Passed) => Ok(()),
+        Ok(QualityOutcome::TimedOut) => Err(Failure::Attempt(format!(
+            "quality command {command:?} timed out after {} s",
+            timeout.as_secs()
+        ))),
+        Ok(QualityOutcome::Failed { status, output }) => Err(Failure::Attempt(format!(
+            "quality command {command:?} failed ({status}): {}",
+            last_line(&output)
+        ))),
+        Err(e) => Err(Failure::Attempt(format!(
+            "cannot run quality command {command:?}: {e}"
+        ))),
     }
 }
 

@@ -78,6 +78,31 @@ fn split(path: &Path) -> io::Result<(PathBuf, String)> {
     Ok((dir, name))
 }
 
+/// Check that `dir` takes a durable write: 4 KiB written to an anonymous
+/// temporary file there and synced (the file never has a name, so nothing
+/// is left behind). The storage probe of a paused pipeline.
+///
+/// # Errors
+/// The I/O error of creating, writing or syncing the file (`ENOSPC`,
+/// `EROFS`, `EACCES`, …).
+pub fn probe_dir(dir: &Path) -> io::Result<()> {
+    let mut file = tempfile::tempfile_in(dir)?;
+    file.write_all(&[0u8; 4096])?;
+    file.sync_all()
+}
+
+/// A temporary directory inside `parent` (named `.<prefix>…`), removed when
+/// dropped unless it is renamed into place first: for building a directory
+/// (a clone) that must appear whole or not at all.
+///
+/// # Errors
+/// The I/O error of creating it.
+pub fn staging_dir(parent: &Path, prefix: &str) -> io::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!(".{prefix}"))
+        .tempdir_in(parent)
+}
+
 /// Where [`write_until`] stops, to simulate a crash in tests. A stopped write
 /// leaves its temp file behind as a killed process would.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -381,3 +381,69 @@ fn sigterm_checkpoints_and_resumes() {
         Some("half-done\n")
     );
 }
+
+/// The repository's quality command: its first run fails (one attempt, the
+/// implementation runs again), the second passes and the issue merges. It
+/// runs with the base environment only (no secret of the worker's leaks in),
+/// and a process it leaves in the background is killed with its group.
+#[test]
+fn the_quality_command_gates_the_pull_request_and_is_contained() {
+    let agent = r#"#!/bin/sh
+cat > /dev/null
+case "$1" in
+  triage) echo '{"ready": true, "reasons": []}' ;;
+  plan) printf 'PLAN_START\nx\nSUMMARY: x\nPLAN_END\n' ;;
+  implement) echo "$2" > "f-$2.txt"; git add -A; git diff --cached --quiet || git commit -qm "work $2" ;;
+  review) printf 'VERDICT: APPROVE\nSUMMARY: ok\n' ;;
+esac
+"#;
+    let marks = tempfile::tempdir().expect("marks");
+    let dir = marks.path().display().to_string();
+    let quality = format!(
+        "env > {dir}/env; sleep 300 & echo $! > {dir}/sleeper; \
+         if [ -e {dir}/second ]; then test -f f-1.txt; else touch {dir}/second; echo 'lint: 1 problem' >&2; exit 1; fi"
+    );
+    let p = Project::new(agent, &format!("quality_command = {quality:?}\n"));
+    p.add_issue("Add a file", "please");
+    let out = p
+        .hydraflow(&["run", "--exit-when-idle"])
+        .env("SECRET_TOKEN", "do-not-leak")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(p.issue(1).state, IssueState::Closed);
+    assert_eq!(p.main_file("f-1.txt").as_deref(), Some("1\n"));
+    let state = p.state();
+    assert_eq!(
+        state.issues[&1].attempts, 1,
+        "the failed run counted one attempt"
+    );
+    let errors: Vec<String> = p
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == EventType::Error)
+        .map(|e| e.data["message"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        errors.iter().any(|m| m.contains("lint: 1 problem")),
+        "the command's own output is the cause: {errors:?}"
+    );
+    let env = std::fs::read_to_string(marks.path().join("env")).expect("env");
+    assert!(env.contains("PATH="), "{env}");
+    assert!(
+        !env.contains("SECRET_TOKEN"),
+        "the worker's secrets stay out: {env}"
+    );
+    let sleeper: i32 = std::fs::read_to_string(marks.path().join("sleeper"))
+        .expect("sleeper")
+        .trim()
+        .parse()
+        .expect("pid");
+    wait_for("the background sleeper to be killed", || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(sleeper), None).is_err()
+    });
+}
