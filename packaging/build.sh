@@ -1,6 +1,6 @@
 #!/bin/sh
 # Build the HydraFlow packages: the binary, its manual pages (generated from the clap
-# definitions by `hydraflow generate man`, plus the hand-written pages in man/) and shell
+# definitions by `hydraflow generate man`, which also writes the hand-written pages of man/) and shell
 # completions into packaging/out/, then the .deb with `cargo deb --no-build` and, with `rpm`
 # as an argument, the .rpm with `cargo generate-rpm`.
 #
@@ -44,9 +44,10 @@ out=packaging/out
 rm -rf "$out"
 mkdir -p "$out/man" "$out/completions"
 strip -o "$out/hydraflow" "$bin"
+# Every page, the hand-written ones of man/ too, is dated with the release: SOURCE_DATE_EPOCH
+# when set, else the newest entry of packaging/debian/changelog.
 "$bin" generate man "$out/man" >/dev/null
 "$bin" generate completions "$out/completions" >/dev/null
-cp man/*.5 man/*.8 "$out/man/"
 gzip -9n "$out"/man/*
 
 for f in $formats; do

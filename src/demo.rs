@@ -13,7 +13,9 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 
 use crate::config::loader::Resolved;
+use crate::forge::IssueState;
 use crate::forge::local::LocalForge;
+use crate::store::state::Outcome;
 
 /// The demo's issues: three to implement, one already satisfied.
 pub const ISSUES: [(&str, &str); 4] = [
@@ -87,14 +89,28 @@ pub fn print_summary(resolved: &Resolved, forge: &LocalForge) -> anyhow::Result<
         eprintln!("  {sha} {subject}");
     }
     eprintln!("issues:");
+    let state = crate::store::state::StateTracker::read_only(&resolved.layout.state_file())
+        .unwrap_or_default();
     for issue in forge.all_issues()? {
-        eprintln!(
-            "  #{} {:?} [{}] {}",
-            issue.number,
-            issue.state,
-            issue.labels.join(", "),
-            issue.title
-        );
+        let outcome = state.issues.get(&issue.number).and_then(|r| r.outcome());
+        let merged = forge
+            .pull_requests_for_head(&crate::layout::Layout::branch_name(issue.number))?
+            .into_iter()
+            .find(|p| p.state == crate::forge::PullRequestState::Merged);
+        let what = match (outcome, merged) {
+            (_, Some(pull)) => format!("merged (pull request #{})", pull.number),
+            (Some(Outcome::AlreadySatisfied), None) => "closed as already satisfied".to_owned(),
+            (Some(other), None) => format!("{other:?}").to_lowercase(),
+            (None, None) => format!(
+                "{} [{}]",
+                match issue.state {
+                    IssueState::Open => "open",
+                    IssueState::Closed => "closed",
+                },
+                issue.labels.join(", ")
+            ),
+        };
+        eprintln!("  #{} {what}: {}", issue.number, issue.title);
     }
     Ok(())
 }

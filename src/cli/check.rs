@@ -109,7 +109,8 @@ impl CheckState {
     }
 }
 
-/// Run a `check` subcommand: resolve the repository, refuse a GitHub one,
+/// Run a `check` subcommand: resolve the repository ([`super::target::resolve_data`]: a
+/// checkout registered with the supervisor is its instance), refuse a GitHub one,
 /// open its local forge and print to stdout.
 ///
 /// # Errors
@@ -118,13 +119,14 @@ pub fn run(config_file: &Path, cmd: CheckCommand) -> anyhow::Result<ExitCode> {
     let target = match &cmd {
         CheckCommand::Set { target, .. } | CheckCommand::List { target, .. } => target.clone(),
     };
-    let resolved = super::target::resolve(config_file, &target)?;
+    let resolved = super::target::resolve_data(config_file, &target)?;
     if resolved.config.forge == ForgeKind::Github {
         bail!(
             "{} uses the GitHub forge: its checks are GitHub's, reported by your CI through GitHub's check runs API; `hydraflow check` is for the local forge",
             resolved.layout.slug
         );
     }
+    let owner = super::ownership::data_owner(&resolved.layout)?;
     let forge = LocalForge::open(&resolved.layout, &resolved.repo_path).with_context(|| {
         format!(
             "cannot open the local forge of {}",
@@ -134,7 +136,7 @@ pub fn run(config_file: &Path, cmd: CheckCommand) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let result = execute(&forge, cmd, &mut out);
     // As root on a packaged instance: what the forge wrote goes to the worker's user.
-    super::ownership::restore_owner(&resolved.layout.data_root, &resolved.layout.repo_dir())?;
+    super::ownership::restore_owner(owner, &resolved.layout.repo_dir())?;
     result
 }
 

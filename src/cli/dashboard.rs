@@ -17,7 +17,7 @@ pub struct DashboardArgs {
     /// Listen address.
     #[arg(long, default_value = "127.0.0.1:5555", value_name = "HOST:PORT")]
     pub listen: String,
-    /// A worker to show, as `SLUG=SOCKET` (repeatable).
+    /// A worker to show, as `SLUG=SOCKET` (repeatable; at least one).
     #[arg(long = "worker", value_name = "SLUG=SOCKET", value_parser = parse_worker)]
     pub workers: Vec<(String, PathBuf)>,
     /// Access token (required for a non-loopback address). On a loopback address the caller's
@@ -37,8 +37,15 @@ fn parse_worker(s: &str) -> Result<(String, PathBuf), String> {
 /// Serve until SIGTERM or SIGINT.
 ///
 /// # Errors
-/// A bad address, a missing token for a non-loopback address, a failed bind.
+/// No `--worker`, a bad address, a missing token for a non-loopback address, a failed bind.
 pub fn run(args: DashboardArgs) -> anyhow::Result<ExitCode> {
+    if args.workers.is_empty() {
+        anyhow::bail!(
+            "no worker to show: give --worker SLUG=SOCKET for each one (a worker started with \
+             `hydraflow run` listens on <checkout>/.hydraflow/<slug>/dashboard.sock), or open the \
+             dashboard the supervisor serves for its repositories"
+        );
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -13,7 +13,9 @@ use clap_complete::Shell;
 /// What to generate.
 #[derive(Debug, Subcommand)]
 pub enum GenerateCommand {
-    /// Write hydraflow.1 and one hydraflow-<subcommand>.1 per subcommand into DIR.
+    /// Write hydraflow.1, one hydraflow-<subcommand>.1 per subcommand and the hand-written
+    /// pages of man/ (hydraflow.toml.5, hydraflow@.service.8, hydraflow-supervisor.8) into DIR,
+    /// all dated with the release (SOURCE_DATE_EPOCH, else packaging/debian/changelog).
     Man {
         /// The output directory (created when missing).
         dir: PathBuf,
@@ -61,7 +63,55 @@ pub fn write_man_pages(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut cmd = command();
     cmd.build();
     write_page(dir, &cmd, "hydraflow", &mut written)?;
+    let date = page_date();
+    for (name, text) in HAND_WRITTEN {
+        let file = dir.join(name);
+        std::fs::write(&file, with_date(text, &date))
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        written.push(file);
+    }
     Ok(written)
+}
+
+/// The hand-written manual pages (man/), by file name.
+const HAND_WRITTEN: [(&str, &str); 3] = [
+    (
+        "hydraflow.toml.5",
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/man/hydraflow.toml.5")),
+    ),
+    (
+        "hydraflow@.service.8",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/man/hydraflow@.service.8"
+        )),
+    ),
+    (
+        "hydraflow-supervisor.8",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/man/hydraflow-supervisor.8"
+        )),
+    ),
+];
+
+/// `page` with the date of its `.TH` line (its third argument, man(7)) replaced by `date`.
+fn with_date(page: &str, date: &str) -> String {
+    let mut out = String::with_capacity(page.len());
+    for line in page.split_inclusive('\n') {
+        match line.strip_prefix(".TH ") {
+            Some(rest) => {
+                let mut args: Vec<&str> = rest.splitn(4, ' ').collect();
+                if args.len() == 4 {
+                    args[2] = date;
+                }
+                out.push_str(".TH ");
+                out.push_str(&args.join(" "));
+            }
+            None => out.push_str(line),
+        }
+    }
+    out
 }
 
 fn write_page(
@@ -91,16 +141,34 @@ fn write_page(
     Ok(())
 }
 
-/// The date of the pages: `$SOURCE_DATE_EPOCH` (reproducible builds) when set, else today.
+/// The package's release date, which the pages carry: `$SOURCE_DATE_EPOCH` (reproducible
+/// builds) when set, else the date of the newest entry of packaging/debian/changelog (its
+/// trailer line, ` -- NAME <MAIL>  DATE` with an RFC 2822 date, deb-changelog(5)).
 fn page_date() -> String {
-    std::env::var("SOURCE_DATE_EPOCH")
+    let from_epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|s| s.parse::<i64>().ok())
-        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0));
+    let from_changelog = || {
+        CHANGELOG
+            .lines()
+            .find_map(|l| l.strip_prefix(" -- "))
+            .and_then(|l| l.split_once(">  "))
+            .and_then(|(_, date)| chrono::DateTime::parse_from_rfc2822(date.trim()).ok())
+            .map(|d| d.with_timezone(&chrono::Utc))
+    };
+    from_epoch
+        .or_else(from_changelog)
         .unwrap_or_else(chrono::Utc::now)
         .format("%Y-%m-%d")
         .to_string()
 }
+
+/// The Debian changelog, whose newest entry dates the release.
+const CHANGELOG: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/packaging/debian/changelog"
+));
 
 /// Write bash, zsh and fish completions into `dir`; returns the files written.
 ///
@@ -147,6 +215,17 @@ mod tests {
         );
         let top = std::fs::read_to_string(dir.path().join("hydraflow.1")).unwrap();
         assert!(top.contains(".TH hydraflow 1"), "{top}");
+    }
+
+    #[test]
+    fn the_date_of_a_page_is_replaced() {
+        let check =
+            |page: &str, expected: &str| assert_eq!(with_date(page, "2030-02-03"), expected);
+        check(
+            ".TH HYDRAFLOW.TOML 5 2025-01-01 \"hydraflow\" \"HydraFlow Manual\"\n.SH NAME\n",
+            ".TH HYDRAFLOW.TOML 5 2030-02-03 \"hydraflow\" \"HydraFlow Manual\"\n.SH NAME\n",
+        );
+        check(".SH NAME\n.TH not first\n", ".SH NAME\n.TH not first\n");
     }
 
     /// hydraflow.toml(5) documents every key with its default and its environment variable.

@@ -68,7 +68,8 @@ pub fn run(config_file: &Path, cmd: HitlCommandArgs) -> anyhow::Result<ExitCode>
         HitlCommandArgs::Skip { target, number } => (target, number, HitlCommand::Skip),
         HitlCommandArgs::Close { target, number } => (target, number, HitlCommand::Close),
     };
-    let resolved = super::target::resolve(config_file, &target)?;
+    let resolved = super::target::resolve_data(config_file, &target)?;
+    let owner = super::ownership::data_owner(&resolved.layout)?;
     let state = read_state(&resolved.layout.state_file())?;
     let path = spool::submit_command(
         &resolved.layout.spool_dir(),
@@ -76,7 +77,7 @@ pub fn run(config_file: &Path, cmd: HitlCommandArgs) -> anyhow::Result<ExitCode>
         number,
         command.clone(),
     )?;
-    super::ownership::restore_owner(&resolved.layout.data_root, &resolved.layout.repo_dir())?;
+    super::ownership::restore_owner(owner, &resolved.layout.repo_dir())?;
     let what = match command {
         HitlCommand::Correct { .. } => "correction",
         HitlCommand::Skip => "skip",
@@ -97,7 +98,7 @@ fn read_state(path: &Path) -> anyhow::Result<State> {
 }
 
 fn list(config_file: &Path, target: &TargetArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let resolved = super::target::resolve(config_file, target)?;
+    let resolved = super::target::resolve_data(config_file, target)?;
     let state = read_state(&resolved.layout.state_file())?;
     let waiting: Vec<_> = state
         .issues

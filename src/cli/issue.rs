@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 
 use super::TargetArgs;
+use crate::config::ForgeKind;
 use crate::forge::local::LocalForge;
 use crate::forge::{ForgeError, Issue, IssueState, PullRequest};
 use crate::layout::Layout;
@@ -72,10 +73,12 @@ pub enum IssueCommand {
 }
 
 /// Run an `issue` subcommand: resolve the repository
-/// ([`super::target::resolve`]), open its local forge and print to stdout.
+/// ([`super::target::resolve_data`]: a checkout registered with the supervisor is its
+/// instance), open its local forge and print to stdout.
 ///
 /// # Errors
-/// Configuration, I/O, or an unknown issue number.
+/// Configuration, I/O, an unknown issue number, a repository on GitHub, or a directory that
+/// is not a git checkout.
 pub fn run(config_file: &Path, cmd: IssueCommand) -> anyhow::Result<ExitCode> {
     let target = match &cmd {
         IssueCommand::Add { target, .. }
@@ -83,18 +86,30 @@ pub fn run(config_file: &Path, cmd: IssueCommand) -> anyhow::Result<ExitCode> {
         | IssueCommand::Show { target, .. }
         | IssueCommand::Label { target, .. } => target.clone(),
     };
-    let resolved = super::target::resolve(config_file, &target)?;
+    let resolved = super::target::resolve_data(config_file, &target)?;
+    if resolved.config.forge != ForgeKind::Local {
+        anyhow::bail!(
+            "{} uses the {:?} forge: hydraflow issue files and shows issues of the local forge \
+             only; file this one on GitHub",
+            resolved.layout.slug,
+            resolved.config.forge
+        );
+    }
+    crate::git::check_checkout(&resolved.repo_path)?;
+    let owner = super::ownership::data_owner(&resolved.layout)?;
     let forge = LocalForge::open(&resolved.layout, &resolved.repo_path).with_context(|| {
         format!(
             "cannot open the local forge of {}",
             resolved.repo_path.display()
         )
     })?;
+    // `<checkout>/.hydraflow` stays out of the user's `git status`.
+    crate::git::exclude_from_status(&resolved.repo_path, &resolved.layout.data_root)?;
     let mut out = std::io::stdout().lock();
     let calls = crate::store::sessions::read_calls(&resolved.layout.agent_calls_file())?;
     let result = execute(&forge, &resolved.config.labels.find, &calls, cmd, &mut out);
     // As root on a packaged instance: what the forge wrote goes to the worker's user.
-    super::ownership::restore_owner(&resolved.layout.data_root, &resolved.layout.repo_dir())?;
+    super::ownership::restore_owner(owner, &resolved.layout.repo_dir())?;
     result
 }
 

@@ -28,7 +28,7 @@ pub mod worker;
     max_term_width = 100
 )]
 pub struct Cli {
-    /// Global configuration file.
+    /// Global configuration file (relative paths in it are relative to its directory).
     #[arg(
         long,
         global = true,
@@ -130,6 +130,9 @@ pub struct TargetArgs {
 /// # Errors
 /// Whatever the command failed with; `main` prints the chain.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if prints_for_a_pipe(&cli.command) {
+        default_sigpipe();
+    }
     match cli.command {
         Command::Worker(args) => worker::run_worker(&cli.config, args),
         Command::Run(args) => worker::run_foreground(&cli.config, args),
@@ -145,5 +148,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Repo(cmd) => supervisor_cmd::run_repo(&cli.config, cmd),
         Command::Ping => supervisor_cmd::run_ping(&cli.config),
         Command::Generate(cmd) => generate::run(cmd),
+    }
+}
+
+/// Commands whose output is read by people and pipelines (`hydraflow config show | head`),
+/// as opposed to the long-running ones (worker, supervisor, dashboard, demo), which write to
+/// sockets and must see `EPIPE` as an error instead of dying.
+fn prints_for_a_pipe(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Config(_)
+            | Command::Check(_)
+            | Command::Issue(_)
+            | Command::Hitl(_)
+            | Command::Repo(_)
+            | Command::Ping
+            | Command::Generate(_)
+    )
+}
+
+/// Let a closed stdout end the process quietly, as it ends `cat` or `ls`: SIGPIPE gets its
+/// default action back (the Rust runtime ignores it, which turns a closed pipe into a panic
+/// of `println!`).
+fn default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called from `main` before any thread exists; SIG_DFL installs no handler code.
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        eprintln!("hydraflow: warning: cannot restore SIGPIPE: {e}");
     }
 }

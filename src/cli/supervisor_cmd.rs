@@ -84,7 +84,11 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
         overrides: Vec::new(),
         env: std::env::vars().collect(),
     };
-    Ok(crate::config::loader::load(&req)?.0)
+    let loaded = crate::config::loader::load(&req)?;
+    for warning in &loaded.warnings {
+        eprintln!("hydraflow: warning: {warning}");
+    }
+    Ok(loaded.config)
 }
 
 /// Run the supervisor daemon until SIGTERM or SIGINT.
@@ -205,7 +209,10 @@ pub fn run_repo(config_file: &Path, cmd: RepoCommand) -> anyhow::Result<ExitCode
             } else {
                 "already running"
             };
-            println!("{}: {verb}; log: {}", added.slug, added.log_file);
+            println!(
+                "{}: {verb}; dashboard: {}; log: {}",
+                added.slug, added.dashboard_url, added.log_file
+            );
         }
         RepoCommand::Register { target, slug } => {
             let action = Action::RegisterRepo {

@@ -262,6 +262,11 @@ fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Exit
     if options.print_paths {
         print_paths(&resolved, log_file.as_deref());
     }
+    // `<checkout>/.hydraflow` stays out of the user's `git status`.
+    if let Err(e) = crate::git::exclude_from_status(&resolved.repo_path, &resolved.layout.data_root)
+    {
+        tracing::warn!(error = %e, "cannot keep the data directory out of git status");
+    }
     let activated = dashboard_fd(passed);
     // One thread runs the loops: the worker waits on agents, git and the
     // forge, and git2's blocking calls go to tokio's blocking pool. This
@@ -271,11 +276,8 @@ fn run_daemon(resolved: Resolved, options: DaemonOptions) -> anyhow::Result<Exit
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let code = rt.block_on(daemon(resolved.clone(), options, activated))?;
+    let code = rt.block_on(daemon(resolved, options, activated))?;
     rt.shutdown_timeout(Duration::from_secs(1));
-    if options.print_paths {
-        print_paths(&resolved, log_file.as_deref());
-    }
     Ok(code)
 }
 

@@ -73,6 +73,21 @@ pub enum ConfigError {
     /// The slug is not valid.
     #[error(transparent)]
     Slug(#[from] SlugError),
+    /// More than one of the above, each on its own line (`hydraflow config check` lists them
+    /// all).
+    #[error("{} configuration errors:\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Several(Vec<ConfigError>),
+}
+
+impl ConfigError {
+    /// One error, or [`ConfigError::Several`]; `None` for none.
+    fn from_all(mut errors: Vec<ConfigError>) -> Option<ConfigError> {
+        match errors.len() {
+            0 => None,
+            1 => errors.pop(),
+            _ => Some(ConfigError::Several(errors)),
+        }
+    }
 }
 
 /// The effective configuration of one repository and where it lives.
@@ -88,6 +103,9 @@ pub struct Resolved {
     pub repo_path: PathBuf,
     /// Paths of this repository's data.
     pub layout: Layout,
+    /// Things that are not errors but probably mistakes (an unknown `HYDRAFLOW_*` variable),
+    /// for the caller to print or log.
+    pub warnings: Vec<String>,
 }
 
 /// The layers to merge; later layers win.
@@ -113,61 +131,98 @@ const NON_KEY_ENV: &[&str] = &[
     "HYDRAFLOW_LOG",
     "HYDRAFLOW_STAGE",
     "HYDRAFLOW_ISSUE",
+    // The test and benchmark harnesses' own variables.
+    "HYDRAFLOW_TEST_CACHE",
+    "HYDRAFLOW_TEST_DIR",
+    "HYDRAFLOW_SCREENSHOT_DIR",
+    "HYDRAFLOW_SYSTEMD_TEST_CHILD",
+    "HYDRAFLOW_BENCH_BIN",
+    "HYDRAFLOW_BENCH_QUICK",
+    "HYDRAFLOW_NO_LINK_ORDER",
+    "HYDRAFLOW_CAMPAIGN_BIN",
+    "HYDRAFLOW_CAMPAIGN_RUNS",
+    "HYDRAFLOW_CAMPAIGN_SEED",
+    "HYDRAFLOW_AGENT_CLIS",
 ];
 
-/// The merged configuration, the source of each key set, and the files read.
-pub type Loaded = (Config, BTreeMap<String, Source>, Vec<PathBuf>);
+/// What [`load`] made of the layers.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The merged configuration.
+    pub config: Config,
+    /// Source of each dotted key that was set (absent = default).
+    pub sources: BTreeMap<String, Source>,
+    /// Files that were read, in order (absolute).
+    pub files: Vec<PathBuf>,
+    /// Probable mistakes that are not errors (see [`Resolved::warnings`]).
+    pub warnings: Vec<String>,
+}
 
-/// Load and merge the layers, then check the result.
+/// Keys whose values are paths: a relative path in a file is taken relative to the directory
+/// of that file (the supervisor, its workers and the command line all run in different
+/// directories); from the environment or the command line, relative to the current directory.
+pub const PATH_KEYS: &[&str] = &[
+    "repo_path",
+    "worktree_base",
+    "repos_dir",
+    "agent.prompts_dir",
+    "supervisor.state_dir",
+];
+
+/// Load and merge the layers, then check the result. Every problem is reported, not only
+/// the first: each file is checked key by key, then each variable, then the merged values.
 ///
 /// # Errors
-/// [`ConfigError`] naming the file, line and key, or the variable.
+/// [`ConfigError`] naming the file, line and key, or the variable; [`ConfigError::Several`]
+/// when there is more than one.
 pub fn load(req: &LoadRequest<'_>) -> Result<Loaded, ConfigError> {
     let mut merged = to_table(&Config::default());
     let mut sources = BTreeMap::new();
     let mut files = Vec::new();
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
 
-    if let Some(path) = req.global_file {
-        match std::fs::read_to_string(path) {
+    if let Some(given) = req.global_file {
+        let path = std::path::absolute(given).unwrap_or_else(|_| given.to_owned());
+        match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let table = parse_file(path, &text)?;
+                let (table, bad) = parse_file(&path, &text);
+                errors.extend(bad);
                 merge_layer(
                     &mut merged,
                     &table,
-                    &Source::File(path.to_owned()),
+                    &Source::File(path.clone()),
                     &mut sources,
                     "",
                 );
-                files.push(path.to_owned());
+                files.push(path);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && req.global_optional => {}
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
+            Err(source) => errors.push(ConfigError::Read { path, source }),
         }
     }
 
     if let Some(slug) = req.instance {
-        let so_far: Config = Value::Table(merged.clone())
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Semantic(e.to_string()))?;
-        let path = so_far.repos_dir.join(format!("{slug}.toml"));
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let table = parse_file(&path, &text)?;
-        merge_layer(
-            &mut merged,
-            &table,
-            &Source::File(path.clone()),
-            &mut sources,
-            "",
-        );
-        files.push(path);
+        let repos_dir = match lookup(&merged, "repos_dir").and_then(Value::as_str) {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from(super::DEFAULT_REPOS_DIR),
+        };
+        let path = repos_dir.join(format!("{slug}.toml"));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let (table, bad) = parse_file(&path, &text);
+                errors.extend(bad);
+                merge_layer(
+                    &mut merged,
+                    &table,
+                    &Source::File(path.clone()),
+                    &mut sources,
+                    "",
+                );
+                files.push(path);
+            }
+            Err(source) => errors.push(ConfigError::Read { path, source }),
+        }
     }
 
     let defaults = to_table(&Config::default());
@@ -177,17 +232,21 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Loaded, ConfigError> {
             continue;
         }
         let Some(key) = keys.get(var.as_str()) else {
-            tracing::warn!(variable = %var, "ignoring environment variable: it names no configuration key");
+            warnings.push(unknown_variable(var, &keys));
             continue;
         };
-        let parsed = env_value(&defaults, key, value).map_err(|message| ConfigError::Env {
-            var: var.clone(),
-            value: value.clone(),
-            key: key.clone(),
-            message,
-        })?;
-        set_dotted(&mut merged, key, parsed);
-        sources.insert(key.clone(), Source::Env(var.clone()));
+        match env_value(&defaults, key, value) {
+            Ok(parsed) => {
+                set_dotted(&mut merged, key, parsed);
+                sources.insert(key.clone(), Source::Env(var.clone()));
+            }
+            Err(message) => errors.push(ConfigError::Env {
+                var: var.clone(),
+                value: value.clone(),
+                key: key.clone(),
+                message,
+            }),
+        }
     }
 
     for (key, value, option) in &req.overrides {
@@ -195,18 +254,68 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Loaded, ConfigError> {
         sources.insert(key.clone(), Source::CommandLine(option.clone()));
     }
 
-    let config: Config = Value::Table(merged)
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Semantic(e.to_string()))?;
-    check(&config)?;
-    Ok((config, sources, files))
+    match Value::Table(merged).try_into::<Config>() {
+        Ok(config) => {
+            // Each named with where its value came from.
+            errors.extend(out_of_range(&config).into_iter().map(|(key, message)| {
+                ConfigError::Semantic(match sources.get(key) {
+                    Some(Source::Default) | None => message,
+                    Some(source) => format!("{source}: {message}"),
+                })
+            }));
+            match ConfigError::from_all(errors) {
+                Some(err) => Err(err),
+                None => Ok(Loaded {
+                    config,
+                    sources,
+                    files,
+                    warnings,
+                }),
+            }
+        }
+        Err(e) => {
+            errors.push(ConfigError::Semantic(e.to_string().trim_end().to_owned()));
+            Err(ConfigError::from_all(errors).unwrap_or_else(|| unreachable!()))
+        }
+    }
+}
+
+/// The warning for `HYDRAFLOW_<X>` that names no key, with the nearest variable that does.
+fn unknown_variable(var: &str, keys: &BTreeMap<String, String>) -> String {
+    let nearest = keys
+        .iter()
+        .min_by_key(|(name, _)| strsim::levenshtein(name, var));
+    match nearest {
+        Some((name, key)) => format!(
+            "environment variable {var} names no configuration key and is ignored: did you mean {name} ({key})?"
+        ),
+        None => format!("environment variable {var} names no configuration key and is ignored"),
+    }
 }
 
 /// Check values that the types alone do not constrain.
 ///
 /// # Errors
-/// [`ConfigError::Semantic`] naming the key and the allowed range.
+/// The first of [`check_all`]'s errors.
 pub fn check(config: &Config) -> Result<(), ConfigError> {
+    match check_all(config).into_iter().next() {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+/// Every value that the types alone do not constrain and that is out of range, each as a
+/// [`ConfigError::Semantic`] naming the key and what is allowed.
+pub fn check_all(config: &Config) -> Vec<ConfigError> {
+    out_of_range(config)
+        .into_iter()
+        .map(|(_, message)| ConfigError::Semantic(message))
+        .collect()
+}
+
+/// The values [`check_all`] refuses, as (dotted key, message).
+fn out_of_range(config: &Config) -> Vec<(&'static str, String)> {
+    let mut errors = Vec::new();
     let limits = [
         ("limits.max_triagers", config.limits.max_triagers),
         ("limits.max_planners", config.limits.max_planners),
@@ -216,9 +325,7 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
     ];
     for (key, value) in limits {
         if !(1..=10).contains(&value) {
-            return Err(ConfigError::Semantic(format!(
-                "{key} = {value} is out of range: use 1 to 10"
-            )));
+            errors.push((key, format!("{key} = {value} is out of range: use 1 to 10")));
         }
     }
     for (key, value) in [
@@ -228,35 +335,37 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
         ("ci_poll_interval", config.ci_poll_interval),
     ] {
         if value == 0 {
-            return Err(ConfigError::Semantic(format!(
-                "{key} = 0 is not allowed: use a number of seconds of at least 1"
-            )));
+            errors.push((
+                key,
+                format!("{key} = 0 is not allowed: use a number of seconds of at least 1"),
+            ));
         }
     }
     if config.max_issue_attempts == 0 {
-        return Err(ConfigError::Semantic(
+        errors.push((
+            "max_issue_attempts",
             "max_issue_attempts = 0 is not allowed: use at least 1".into(),
         ));
     }
     if config.forge == super::ForgeKind::Github {
         match &config.repo {
             Some(r) if valid_owner_name(r) => {}
-            Some(r) => {
-                return Err(ConfigError::Semantic(format!(
-                    "repo = {r:?} is not valid: use \"owner/name\""
-                )));
-            }
-            None => {
-                return Err(ConfigError::Semantic(
-                    "forge = \"github\" needs repo = \"owner/name\"".into(),
-                ));
-            }
+            Some(r) => errors.push((
+                "repo",
+                format!("repo = {r:?} is not valid: use \"owner/name\""),
+            )),
+            None => errors.push((
+                "forge",
+                "forge = \"github\" needs repo = \"owner/name\"".into(),
+            )),
         }
     }
-    if let Some(slug) = &config.slug {
-        Slug::new(slug)?;
+    if let Some(slug) = &config.slug
+        && let Err(e) = Slug::new(slug)
+    {
+        errors.push(("slug", e.to_string()));
     }
-    Ok(())
+    errors
 }
 
 /// Whether `s` looks like a GitHub `owner/name`.
@@ -280,16 +389,158 @@ fn to_table(config: &Config) -> Table {
     }
 }
 
-fn parse_file(path: &Path, text: &str) -> Result<Table, ConfigError> {
-    // Strict parse against the schema first, for messages with line and key.
-    toml::from_str::<Config>(text).map_err(|e| ConfigError::Invalid {
+/// Parse one file: its table with the keys that fit the schema (relative paths anchored at
+/// the file's directory, see [`PATH_KEYS`]), and an error for each key that does not, naming
+/// the file, line and key. A syntax error makes the whole file one error.
+fn parse_file(path: &Path, text: &str) -> (Table, Vec<ConfigError>) {
+    let invalid = |message: String| ConfigError::Invalid {
         path: path.to_owned(),
-        message: e.to_string().trim_end().to_owned(),
-    })?;
-    toml::from_str::<Table>(text).map_err(|e| ConfigError::Invalid {
-        path: path.to_owned(),
-        message: e.to_string().trim_end().to_owned(),
+        message,
+    };
+    let mut table = match toml::from_str::<Table>(text) {
+        Ok(table) => table,
+        Err(e) => {
+            return (
+                Table::new(),
+                vec![invalid(e.to_string().trim_end().to_owned())],
+            );
+        }
+    };
+    let mut errors = Vec::new();
+    if toml::from_str::<Config>(text).is_err() {
+        let mut bad = Vec::new();
+        // Check every key on its own, so that each wrong one is reported with its line.
+        if let Ok(doc) = toml::de::DeTable::parse(text) {
+            let mut leaves = Vec::new();
+            spanned_leaves(doc.get_ref(), &mut Vec::new(), &mut leaves);
+            for (keys, value) in leaves {
+                let single = nest(&keys, value);
+                let checked = <Config as serde::Deserialize>::deserialize(
+                    toml::de::Deserializer::from(single),
+                );
+                if let Err(e) = checked {
+                    let at = e.span().map_or(0, |s| s.start);
+                    let line = text[..at.min(text.len())].matches('\n').count() + 1;
+                    let dotted: Vec<&str> = keys.iter().map(|k| k.get_ref().as_ref()).collect();
+                    let parent = dotted[..dotted.len().saturating_sub(1)].join(".");
+                    let message = match unknown_key(e.message(), &parent) {
+                        Some(message) => format!("line {line}: {message}"),
+                        None => format!("line {line}, key {}: {}", dotted.join("."), e.message()),
+                    };
+                    bad.push((line, message));
+                    remove_dotted(&mut table, &dotted);
+                }
+            }
+        }
+        bad.sort();
+        errors.extend(bad.into_iter().map(|(_, message)| invalid(message)));
+    }
+    if let Some(dir) = path.parent() {
+        anchor_paths(&mut table, dir);
+    }
+    (table, errors)
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" for a key in table `parent` as
+/// "unknown key `parent.x`: did you mean `parent.a`?" (the nearest by edit distance); `None`
+/// for any other message.
+fn unknown_key(message: &str, parent: &str) -> Option<String> {
+    let (field, expected) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once("`, expected "))?;
+    let full = |name: &str| {
+        if parent.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{parent}.{name}")
+        }
+    };
+    let nearest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .min_by_key(|candidate| strsim::levenshtein(candidate, field));
+    Some(match nearest {
+        Some(name) => format!(
+            "unknown key `{}`: did you mean `{}`?",
+            full(field),
+            full(name)
+        ),
+        None => format!("unknown key `{}`", full(field)),
     })
+}
+
+type SpannedKey<'i> = toml::Spanned<toml::de::DeString<'i>>;
+type SpannedValue<'i> = toml::Spanned<toml::de::DeValue<'i>>;
+
+/// Every leaf of `table` (a value that is not a non-empty table) with its key path.
+fn spanned_leaves<'i>(
+    table: &toml::de::DeTable<'i>,
+    prefix: &mut Vec<SpannedKey<'i>>,
+    out: &mut Vec<(Vec<SpannedKey<'i>>, SpannedValue<'i>)>,
+) {
+    for (key, value) in table {
+        prefix.push(key.clone());
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) if !inner.is_empty() => {
+                spanned_leaves(inner, prefix, out);
+            }
+            _ => out.push((prefix.clone(), value.clone())),
+        }
+        prefix.pop();
+    }
+}
+
+/// A document holding only `value` at the key path `keys`, with the original spans.
+fn nest<'i>(
+    keys: &[SpannedKey<'i>],
+    value: SpannedValue<'i>,
+) -> toml::Spanned<toml::de::DeTable<'i>> {
+    let span = value.span();
+    let mut inner = value;
+    for key in keys.iter().skip(1).rev() {
+        let mut table = toml::de::DeTable::new();
+        table.insert(key.clone(), inner);
+        inner = toml::Spanned::new(span.clone(), toml::de::DeValue::Table(table));
+    }
+    let mut top = toml::de::DeTable::new();
+    if let Some(first) = keys.first() {
+        top.insert(first.clone(), inner);
+    }
+    toml::Spanned::new(0..0, top)
+}
+
+fn remove_dotted(table: &mut Table, keys: &[&str]) {
+    match keys {
+        [] => {}
+        [last] => {
+            table.remove(*last);
+        }
+        [first, rest @ ..] => {
+            if let Some(Value::Table(inner)) = table.get_mut(*first) {
+                remove_dotted(inner, rest);
+            }
+        }
+    }
+}
+
+/// Make the relative [`PATH_KEYS`] values of a file's table relative to `dir`.
+fn anchor_paths(table: &mut Table, dir: &Path) {
+    for key in PATH_KEYS {
+        let parts: Vec<&str> = key.split('.').collect();
+        let mut cur = Some(&mut *table);
+        for part in &parts[..parts.len() - 1] {
+            cur = cur
+                .and_then(|t| t.get_mut(*part))
+                .and_then(Value::as_table_mut);
+        }
+        let Some(Value::String(value)) = cur.and_then(|t| t.get_mut(parts[parts.len() - 1])) else {
+            continue;
+        };
+        if !value.is_empty() && Path::new(value.as_str()).is_relative() {
+            *value = dir.join(value.as_str()).display().to_string();
+        }
+    }
 }
 
 /// Merge `layer` into `base`: tables merge key by key, anything else replaces.
@@ -485,12 +736,38 @@ pub struct Target {
     pub repo: Option<String>,
 }
 
+/// The supervisor's state directory: `[supervisor] state_dir`, else `$HYDRAFLOW_HOME`, else
+/// `$HOME/.hydraflow` (`env` is the process environment as (name, value) pairs). A supervised
+/// instance `<slug>` keeps its data in `<state dir>/<slug>/`, whichever backend runs it: the
+/// one rule the supervisor and `hydraflow issue|hitl --instance` share.
+pub fn state_dir(supervisor: &super::SupervisorConfig, env: &[(String, String)]) -> PathBuf {
+    let var = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| PathBuf::from(v))
+            .filter(|p| !p.as_os_str().is_empty())
+    };
+    let dir = supervisor
+        .state_dir
+        .clone()
+        .or_else(|| var(super::HOME_ENV))
+        .unwrap_or_else(|| {
+            var("HOME")
+                .unwrap_or_else(|| PathBuf::from("/"))
+                .join(".hydraflow")
+        });
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
 /// Resolve the configuration, slug, checkout and data layout of `target`.
 ///
 /// The global file is optional only when it is the default path. The slug is
 /// the instance name, else `slug` from the configuration, else the GitHub
 /// `owner/name` with `/` → `-`, else the checkout's directory name. The data
-/// root is `$HYDRAFLOW_HOME`, else `<checkout>/.hydraflow` (docs/design/data-layout.md).
+/// root of a configured instance (`--instance`) is the supervisor's state
+/// directory ([`state_dir`]), so that its data are `<state dir>/<slug>/`;
+/// otherwise `$HYDRAFLOW_HOME`, else `<checkout>/.hydraflow` (docs/design/data-layout.md). A
+/// GitHub repository without a checkout is cloned into `<data root>/<slug>/checkout`.
 ///
 /// # Errors
 /// [`ConfigError`] for invalid files, slugs or paths.
@@ -518,16 +795,21 @@ pub fn resolve(
     let home = env
         .iter()
         .find(|(k, _)| k == super::HOME_ENV)
-        .map(|(_, v)| PathBuf::from(v))
+        .map(|(_, v)| cwd.join(v))
         .filter(|p| !p.as_os_str().is_empty());
     let req = LoadRequest {
         global_file: Some(global_file),
         global_optional: global_file == Path::new(super::DEFAULT_CONFIG_FILE),
         instance: target.instance.as_ref(),
         overrides,
-        env,
+        env: env.clone(),
     };
-    let (config, sources, files) = load(&req)?;
+    let Loaded {
+        config,
+        sources,
+        files,
+        warnings,
+    } = load(&req)?;
 
     let slug = match (&target.instance, &config.slug, &config.repo) {
         (Some(s), _, _) => s.clone(),
@@ -544,7 +826,12 @@ pub fn resolve(
         }
     };
 
-    // Where `run --repo owner/name` keeps both the clone and the data.
+    // A configured instance keeps its data where the supervisor keeps it.
+    let instance_root = target
+        .instance
+        .is_some()
+        .then(|| state_dir(&config.supervisor, &env));
+    // Where a GitHub repository without a checkout is cloned: next to its data.
     let mut clone_root = None;
     let repo_path = match (&config.repo_path, &path_arg) {
         (Some(p), _) => cwd.join(p),
@@ -558,9 +845,14 @@ pub fn resolve(
                     .unwrap_or_default()
             )));
         }
-        (None, None) if config.forge == super::ForgeKind::Github && target.repo.is_some() => {
-            // `run --repo owner/name`: the checkout is cloned into the data root.
-            let root = home.clone().unwrap_or_else(|| cwd.join(".hydraflow"));
+        (None, None)
+            if config.forge == super::ForgeKind::Github
+                && (target.instance.is_some() || target.repo.is_some()) =>
+        {
+            let root = instance_root
+                .clone()
+                .or_else(|| home.clone())
+                .unwrap_or_else(|| cwd.join(".hydraflow"));
             let checkout = root.join(slug.as_str()).join("checkout");
             clone_root = Some(root);
             checkout
@@ -568,7 +860,8 @@ pub fn resolve(
         (None, None) => cwd.to_owned(),
     };
     let repo_path = std::fs::canonicalize(&repo_path).unwrap_or(repo_path);
-    let data_root = home
+    let data_root = instance_root
+        .or(home)
         .or(clone_root)
         .unwrap_or_else(|| repo_path.join(".hydraflow"));
     let worktree_base = match &config.worktree_base {
@@ -588,6 +881,7 @@ pub fn resolve(
         sources,
         files,
         repo_path,
+        warnings,
     })
 }
 
@@ -625,7 +919,7 @@ mod tests {
                 .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
                 .collect(),
         };
-        load(&req).map(|(c, s, _)| (c, s))
+        load(&req).map(|l| (l.config, l.sources))
     }
 
     #[test]
@@ -725,10 +1019,22 @@ mod tests {
 
     #[test]
     fn semantic_checks() {
+        // Each names the file its value came from.
         let e = error_of("[limits]\nmax_workers = 11\n", None, &[]);
-        assert_eq!(e, "limits.max_workers = 11 is out of range: use 1 to 10");
+        assert!(
+            e.ends_with("/hydraflow.toml: limits.max_workers = 11 is out of range: use 1 to 10"),
+            "{e}"
+        );
         let e = error_of("forge = \"github\"\n", None, &[]);
-        assert_eq!(e, "forge = \"github\" needs repo = \"owner/name\"");
+        assert!(
+            e.ends_with("/hydraflow.toml: forge = \"github\" needs repo = \"owner/name\""),
+            "{e}"
+        );
+        let e = error_of("", None, &[("HYDRAFLOW_LIMITS_MAX_WORKERS", "0")]);
+        assert_eq!(
+            e,
+            "environment HYDRAFLOW_LIMITS_MAX_WORKERS: limits.max_workers = 0 is out of range: use 1 to 10"
+        );
         let e = error_of("forge = \"github\"\nrepo = \"nope\"\n", None, &[]);
         assert!(e.contains("use \"owner/name\""), "{e}");
         let e = error_of("forge = \"gitlab\"\n", None, &[]);

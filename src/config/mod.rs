@@ -211,17 +211,59 @@ impl Default for Labels {
     }
 }
 
+/// The agent presets `agent.preset` may name.
+pub const PRESETS: &[&str] = &["claude", "codex", "command"];
+/// The output formats `agent.output` may name.
+pub const OUTPUTS: &[&str] = &["plain", "claude-stream-json", "codex-json"];
+
+/// A string that must be one of `allowed`: the error (which toml places at the value's line
+/// and key) names the value and what is allowed.
+fn one_of<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    what: &str,
+    allowed: &[&str],
+) -> Result<String, D::Error> {
+    let value = String::deserialize(d)?;
+    if allowed.contains(&value.as_str()) {
+        return Ok(value);
+    }
+    let (last, rest) = allowed.split_last().unwrap_or((&"", &[]));
+    Err(serde::de::Error::custom(format!(
+        "{what} {value:?} is not known: use {} or {last}",
+        rest.join(", ")
+    )))
+}
+
+fn one_of_presets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    one_of(d, "agent preset", PRESETS)
+}
+
+fn maybe_one_of_presets<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    one_of(d, "agent preset", PRESETS).map(Some)
+}
+
+fn maybe_one_of_outputs<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    one_of(d, "agent output format", OUTPUTS).map(Some)
+}
+
 /// Agent presets and per-stage command lines (docs/design/agents.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// `claude`, `codex` or `command`; each stage may override it.
+    /// `claude`, `codex` or `command` ([`PRESETS`]); each stage may override it.
+    #[serde(deserialize_with = "one_of_presets")]
     pub preset: String,
     /// argv template for the `command` preset. Placeholders: `{prompt}`,
     /// `{prompt_file}`, `{model}`, `{stage}`, `{issue}`, `{cwd}`. Without
     /// `{prompt}` or `{prompt_file}` the prompt goes to stdin.
     pub command: Vec<String>,
-    /// How to read the command's stdout: `plain`, `claude-stream-json` or `codex-json`.
+    /// How to read the command's stdout: `plain`, `claude-stream-json` or `codex-json`
+    /// ([`OUTPUTS`]).
+    #[serde(deserialize_with = "maybe_one_of_outputs")]
     pub output: Option<String>,
     /// Directory of prompt templates overriding the built-in ones (`<stage>.md`).
     pub prompts_dir: Option<PathBuf>,
@@ -277,7 +319,8 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct StageAgent {
-    /// Preset for this stage.
+    /// Preset for this stage ([`PRESETS`]).
+    #[serde(deserialize_with = "maybe_one_of_presets")]
     pub preset: Option<String>,
     /// Model name passed as `{model}` / `--model`. Unset: the `claude`
     /// preset uses `opus` for plan, implement and HITL and `sonnet` for
@@ -285,7 +328,8 @@ pub struct StageAgent {
     pub model: Option<String>,
     /// argv template for this stage.
     pub command: Option<Vec<String>>,
-    /// Output format for this stage.
+    /// Output format for this stage ([`OUTPUTS`]).
+    #[serde(deserialize_with = "maybe_one_of_outputs")]
     pub output: Option<String>,
     /// Extra arguments appended to a preset's command line.
     pub extra_args: Vec<String>,
@@ -381,8 +425,9 @@ pub struct SupervisorConfig {
     pub backend: SupervisorBackend,
     /// Seconds `add_repo` waits for an instance to become active (READY=1) or fail.
     pub start_timeout: u64,
-    /// The supervisor's state directory (registry, port file, process-backend instance homes);
-    /// default `$HYDRAFLOW_HOME`, else `~/.hydraflow`.
+    /// The supervisor's state directory: the registry, the port file, and `<slug>/`, the data
+    /// of each instance (a configured instance's data root, with either backend); default
+    /// `$HYDRAFLOW_HOME`, else `~/.hydraflow` (see [`loader::state_dir`]).
     pub state_dir: Option<PathBuf>,
     /// argv the process backend runs for an instance, before `--instance <slug>`;
     /// default: this executable and `worker`.

@@ -68,9 +68,10 @@ pub fn systemd_socket_path(slug: &str) -> PathBuf {
 }
 
 /// Where the supervisor finds the worker of `slug` under the process
-/// backend, which runs it with `HYDRAFLOW_HOME=<state_dir>/<slug>`.
+/// backend: `<state_dir>/<slug>/dashboard.sock`, the worker's
+/// `data_root/<slug>/` being its instance directory.
 pub fn process_socket_path(state_dir: &Path, slug: &str) -> PathBuf {
-    state_dir.join(slug).join(slug).join(SOCKET_NAME)
+    state_dir.join(slug).join(SOCKET_NAME)
 }
 
 /// Bind a Unix socket at `path` readable and writable only by this user (and

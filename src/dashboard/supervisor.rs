@@ -99,7 +99,7 @@ impl RepoDirectory for StaticRepos {
 /// `/run/hydraflow-dashboard/<slug>.sock` under systemd (made by
 /// `hydraflow@<slug>.socket`, owned by the supervisor's user, passed to the
 /// worker by socket activation) and
-/// `<state_dir>/<slug>/<slug>/dashboard.sock` under the process backend.
+/// `<state_dir>/<slug>/dashboard.sock` under the process backend.
 #[async_trait]
 impl RepoDirectory for crate::supervisor::Supervisor {
     async fn repos(&self) -> Vec<RepoEntry> {
@@ -281,6 +281,22 @@ async fn api_repos(State(s): State<AppState>) -> Json<Value> {
 
 async fn page() -> Html<&'static str> {
     Html(PAGE)
+}
+
+/// `/repos/{slug}/`: the page with that repository selected (the protocol's `dashboard_url`,
+/// which the original's `hf open` opens); a slug that is not registered is a 404.
+async fn repo_page(
+    State(s): State<AppState>,
+    Path(slug): Path<String>,
+) -> Result<Html<&'static str>, ApiError> {
+    find(&*s.directory, &slug).await?;
+    Ok(Html(PAGE))
+}
+
+/// `/repos/{slug}`: on to `/repos/{slug}/` (a relative redirect, so it works behind a prefix).
+async fn repo_page_slash(Path(slug): Path<String>) -> axum::response::Redirect {
+    let segment = percent_encoding::utf8_percent_encode(&slug, percent_encoding::NON_ALPHANUMERIC);
+    axum::response::Redirect::permanent(&format!("{segment}/"))
 }
 
 /// Request headers not passed to a worker (hop-by-hop, and the access
@@ -501,6 +517,8 @@ pub fn router(
     let router = Router::new()
         .route("/", get(page))
         .route("/api/repos", get(api_repos))
+        .route("/repos/{slug}", get(repo_page_slash))
+        .route("/repos/{slug}/", get(repo_page))
         .route("/repos/{slug}/{*rest}", any(proxy))
         .route("/ws", get(ws))
         .fallback(super::no_route)

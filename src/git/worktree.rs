@@ -78,7 +78,10 @@ fn branch_tip<'r>(repo: &'r Repository, name: &str) -> Result<Option<git2::Commi
 }
 
 fn base_tip<'r>(repo: &'r Repository, base: &str) -> Result<git2::Commit<'r>, GitError> {
-    branch_tip(repo, base)?.ok_or_else(|| GitError::NoBaseBranch(base.to_owned()))
+    branch_tip(repo, base)?.ok_or_else(|| GitError::NoBaseBranch {
+        branch: base.to_owned(),
+        hint: super::base_branch_hint(repo, base),
+    })
 }
 
 /// Prune registrations whose working directory is gone (never locked ones).

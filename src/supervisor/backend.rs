@@ -47,7 +47,8 @@ impl InstanceStatus {
 pub enum BackendError {
     /// The job ended with a result other than `done`/`skipped`, or the process exited before READY=1.
     #[error(
-        "{unit} failed to start: job result {job_result}, service result {service_result}{detail}"
+        "{unit} failed to start: job result {job_result}, service result {service_result}{detail}{}",
+        output_suffix(output)
     )]
     StartFailed {
         /// The unit name.
@@ -58,6 +59,9 @@ pub enum BackendError {
         service_result: String,
         /// Extra detail, e.g. "; see <log file>" (may be empty).
         detail: String,
+        /// The last lines the instance wrote before it ended (process backend; empty when
+        /// unknown), see [`output_suffix`].
+        output: Vec<String>,
     },
     /// The instance did not become active within the time allowed.
     #[error("{unit} did not become active within {after:?}{detail}")]
@@ -82,6 +86,14 @@ pub enum BackendError {
     /// The backend itself is unavailable (D-Bus gone, permission denied, cannot spawn).
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// `output` as the end of a message: `"; its last output:\n  <line>\n  <line>"`, or nothing.
+pub fn output_suffix(output: &[String]) -> String {
+    if output.is_empty() {
+        return String::new();
+    }
+    format!("; its last output:\n  {}", output.join("\n  "))
 }
 
 /// Starts, stops and inspects worker instances.

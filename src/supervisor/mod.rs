@@ -43,16 +43,11 @@ pub const PORT_FILE_ENV: &str = "HF_SUPERVISOR_PORT_FILE";
 pub const DEFAULT_PORT: u16 = 8765;
 
 /// The supervisor's state directory: `[supervisor] state_dir`, else `$HYDRAFLOW_HOME`, else
-/// `~/.hydraflow` (the system unit sets `HYDRAFLOW_HOME=/var/lib/hydraflow`).
+/// `~/.hydraflow` (the packaged configuration sets `/var/lib/hydraflow`); absolute. Instance
+/// `<slug>` keeps its data in `<state dir>/<slug>/` ([`crate::config::loader::state_dir`]).
 pub fn state_dir(config: &SupervisorConfig) -> PathBuf {
-    if let Some(dir) = &config.state_dir {
-        return dir.clone();
-    }
-    if let Some(home) = std::env::var_os(crate::config::HOME_ENV).filter(|v| !v.is_empty()) {
-        return PathBuf::from(home);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/".into());
-    Path::new(&home).join(".hydraflow")
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    crate::config::loader::state_dir(config, &env)
 }
 
 /// Why an action failed; the text is the `error` of the reply. The original's wording is kept
@@ -65,9 +60,9 @@ pub enum SupervisorError {
     /// The checkout path is not a directory.
     #[error("Repo path is not a directory: {0}")]
     NotADirectory(String),
-    /// No registration matches.
-    #[error("Repo not found")]
-    NotFound,
+    /// No registration matches what the client named (a slug, `owner/name` or path).
+    #[error("Repo not found: {0} is not registered (see hydraflow repo list)")]
+    NotFound(String),
     /// `repo` is not `owner/name`.
     #[error(
         "repository \"{0}\" is not valid: expected owner/name with letters, digits, '.', '_' or '-'"
@@ -103,13 +98,23 @@ pub enum SupervisorError {
         source: std::io::Error,
     },
     /// The worker exited before it was ready (process backend).
-    #[error("Repo process exited with code {code}; see {log}")]
+    #[error(
+        "Repo process exited with code {code}; see {log}{}",
+        backend::output_suffix(output)
+    )]
     Exited {
         /// The exit code.
         code: i32,
         /// The log file.
         log: String,
+        /// The last lines the worker wrote (its error), when known.
+        output: Vec<String>,
     },
+    /// The slug is the name of one of the supervisor's own files in its state directory.
+    #[error(
+        "instance name \"{0}\" is reserved for the supervisor's own files: choose another slug (repo_slug)"
+    )]
+    ReservedSlug(String),
     /// The instance did not become active in time.
     #[error("Timed out waiting for repo {slug} to become active within {secs} s; see {log}")]
     Timeout {
@@ -134,18 +139,27 @@ pub struct Settings {
     pub repos_dir: PathBuf,
     /// How long `add_repo` and `restart_repo` wait for an instance.
     pub start_timeout: Duration,
-    /// Base URL of the supervisor's dashboard (`http://127.0.0.1:5555`).
+    /// Base URL of the supervisor's dashboard (`http://127.0.0.1:5555`): `dashboard_url` is
+    /// `<dashboard_base>/repos/<slug>/`.
     pub dashboard_base: String,
+    /// The port the dashboard listens on (the protocol's `port`); 0 when it does not listen.
+    pub dashboard_port: u16,
 }
 
 impl Settings {
-    /// Settings from the global configuration.
-    pub fn from_config(config: &Config) -> Settings {
+    /// Settings from the global configuration, for a dashboard listening on `dashboard`
+    /// (`None`: not served).
+    pub fn from_config(config: &Config, dashboard: Option<SocketAddr>) -> Settings {
+        let repos_dir = std::path::absolute(&config.repos_dir).unwrap_or(config.repos_dir.clone());
         Settings {
             state_dir: state_dir(&config.supervisor),
-            repos_dir: config.repos_dir.clone(),
+            repos_dir,
             start_timeout: Duration::from_secs(config.supervisor.start_timeout),
-            dashboard_base: format!("http://{}", config.dashboard.listen),
+            dashboard_base: match dashboard {
+                Some(addr) => format!("http://{addr}"),
+                None => format!("http://{}", config.dashboard.listen),
+            },
+            dashboard_port: dashboard.map_or(0, |a| a.port()),
         }
     }
 }
@@ -249,7 +263,7 @@ impl Supervisor {
             self.settings
                 .state_dir
                 .join(slug)
-                .join("worker.log")
+                .join(process::LOG_FILE)
                 .display()
                 .to_string()
         } else {
@@ -263,6 +277,19 @@ impl Supervisor {
 
     /// Resolve what the client named into (path, repo, slug).
     fn resolve_target(
+        &self,
+        target: &RepoTarget,
+        slug: Option<Slug>,
+    ) -> Result<(String, Option<String>, Slug), SupervisorError> {
+        let resolved = self.resolve_target_unchecked(target, slug)?;
+        let name = resolved.2.as_str();
+        if name == PORT_FILE || name.starts_with(registry::STATE_FILE) {
+            return Err(SupervisorError::ReservedSlug(name.to_owned()));
+        }
+        Ok(resolved)
+    }
+
+    fn resolve_target_unchecked(
         &self,
         target: &RepoTarget,
         slug: Option<Slug>,
@@ -312,24 +339,17 @@ impl Supervisor {
                     .or_else(|| self.registry.find(path))
             }
         };
-        found.ok_or(SupervisorError::NotFound)
+        found.ok_or_else(|| SupervisorError::NotFound(r.to_string()))
     }
 
-    /// Write `<repos_dir>/<slug>.toml` unless it exists (an administrator's file is kept).
-    fn ensure_instance_file(
-        &self,
-        slug: &Slug,
-        path: &str,
-        repo: Option<&str>,
-    ) -> Result<(), SupervisorError> {
-        let file = self.settings.repos_dir.join(format!("{slug}.toml"));
-        if file.exists() {
-            return Ok(());
-        }
-        let err = |source| SupervisorError::InstanceFile {
-            path: file.clone(),
-            source,
-        };
+    /// `<repos_dir>/<slug>.toml`.
+    fn instance_file(&self, slug: &str) -> PathBuf {
+        self.settings.repos_dir.join(format!("{slug}.toml"))
+    }
+
+    /// What the supervisor writes as `<repos_dir>/<slug>.toml` for a repository it is asked
+    /// to add: the checkout (local forge) or the GitHub `owner/name`.
+    fn instance_file_text(slug: &str, path: &str, repo: Option<&str>) -> String {
         let mut table = toml::Table::new();
         match repo {
             Some(repo) => {
@@ -341,10 +361,30 @@ impl Supervisor {
                 table.insert("forge".into(), "local".into());
             }
         }
-        let text = format!(
-            "# Written by the HydraFlow supervisor when {slug} was added; edit freely.\n{}",
-            toml::to_string(&table).map_err(|e| err(std::io::Error::other(e)))?
-        );
+        format!(
+            "# Written by the HydraFlow supervisor when {slug} was added; edit freely (an edited\n\
+             # file is kept when the repository is removed, this one is removed with it).\n{}",
+            toml::to_string(&table).unwrap_or_default()
+        )
+    }
+
+    /// Write `<repos_dir>/<slug>.toml` unless it exists (an administrator's file is kept).
+    /// True when this call wrote it.
+    fn ensure_instance_file(
+        &self,
+        slug: &Slug,
+        path: &str,
+        repo: Option<&str>,
+    ) -> Result<bool, SupervisorError> {
+        let file = self.instance_file(slug.as_str());
+        if file.exists() {
+            return Ok(false);
+        }
+        let err = |source| SupervisorError::InstanceFile {
+            path: file.clone(),
+            source,
+        };
+        let text = Self::instance_file_text(slug.as_str(), path, repo);
         std::fs::create_dir_all(&self.settings.repos_dir).map_err(err)?;
         let mut tmp = tempfile::Builder::new()
             .prefix(".instance.")
@@ -353,9 +393,38 @@ impl Supervisor {
         std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(err)?;
         tmp.as_file().sync_all().map_err(err)?;
         match tmp.persist_noclobber(&file) {
-            Ok(_) => Ok(()),
-            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Ok(_) => Ok(true),
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(err(e.error)),
+        }
+    }
+
+    /// Remove what the supervisor wrote for `entry`: its instance file when it still reads as
+    /// the supervisor wrote it (an administrator's file, or one edited since, is kept) and,
+    /// under the process backend, the worker's log and pid file, then the instance's
+    /// directory if nothing else is left in it. The worker's own data (state, the local
+    /// forge's issues) stay.
+    fn remove_written_files(&self, entry: &RepoEntry) {
+        let file = self.instance_file(&entry.slug);
+        let ours = Self::instance_file_text(&entry.slug, &entry.path, entry.repo.as_deref());
+        match std::fs::read_to_string(&file) {
+            Ok(text) if text == ours => {
+                if let Err(e) = std::fs::remove_file(&file) {
+                    tracing::warn!(slug = %entry.slug, "cannot remove {}: {e}", file.display());
+                }
+            }
+            Ok(_) => {
+                tracing::info!(slug = %entry.slug, "kept {}: not the file the supervisor wrote", file.display())
+            }
+            Err(_) => {}
+        }
+        if self.backend.name() == "process" {
+            let dir = self.settings.state_dir.join(&entry.slug);
+            for name in [process::LOG_FILE, process::PID_FILE] {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            // Only when empty: the worker's data stay.
+            let _ = std::fs::remove_dir(&dir);
         }
     }
 
@@ -372,6 +441,10 @@ impl Supervisor {
                 Some(code) => SupervisorError::Exited {
                     code,
                     log: self.log_file(slug.as_str()),
+                    output: match &err {
+                        BackendError::StartFailed { output, .. } => output.clone(),
+                        _ => Vec::new(),
+                    },
                 },
                 None => SupervisorError::Backend(err),
             },
@@ -398,13 +471,14 @@ impl Supervisor {
         }
     }
 
-    /// Register, refusing a path or repository registered under another slug.
+    /// Register, refusing a path or repository registered under another slug: (whether the
+    /// registration is new, whether the instance file was written now).
     fn register(
         &self,
         slug: &Slug,
         path: String,
         repo: Option<String>,
-    ) -> Result<bool, SupervisorError> {
+    ) -> Result<(bool, bool), SupervisorError> {
         let key = repo.clone().unwrap_or_else(|| path.clone());
         if let Some(other) = self.registry.find(&key).filter(|e| e.slug != slug.as_str()) {
             return Err(SupervisorError::Duplicate {
@@ -412,10 +486,18 @@ impl Supervisor {
                 slug: other.slug,
             });
         }
-        self.ensure_instance_file(slug, &path, repo.as_deref())?;
+        let wrote = self.ensure_instance_file(slug, &path, repo.as_deref())?;
         let inserted = self.registry.insert(self.new_entry(slug, path, repo));
         self.changed();
-        Ok(inserted?)
+        match inserted {
+            Ok(inserted) => Ok((inserted, wrote)),
+            Err(e) => {
+                if wrote {
+                    let _ = std::fs::remove_file(self.instance_file(slug.as_str()));
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// `register_repo`: record the repository without starting it.
@@ -450,13 +532,13 @@ impl Supervisor {
     ) -> Result<Added, SupervisorError> {
         let (path, repo, slug) = self.resolve_target(&target, slug)?;
         let _guard = self.lock(slug.as_str()).await;
-        let fresh = self.register(&slug, path.clone(), repo.clone())?;
+        let (fresh, wrote) = self.register(&slug, path.clone(), repo.clone())?;
         let started = self.backend.start(&slug, self.settings.start_timeout).await;
         self.changed();
         match started {
             Ok(started) => Ok(Added {
                 slug: slug.to_string(),
-                port: 0,
+                port: self.settings.dashboard_port,
                 dashboard_url: self.dashboard_url(slug.as_str()),
                 log_file: self.log_file(slug.as_str()),
                 started,
@@ -472,6 +554,12 @@ impl Supervisor {
                     // (Restart=on-failure): an unregistered instance must not run.
                     if let Err(e) = self.backend.stop(&slug).await {
                         tracing::warn!(slug = %slug, "cannot stop the failed instance: {e}");
+                    }
+                    if wrote {
+                        let file = self.instance_file(slug.as_str());
+                        if let Err(e) = std::fs::remove_file(&file) {
+                            tracing::warn!(slug = %slug, "cannot remove {}: {e}", file.display());
+                        }
                     }
                     self.changed();
                 }
@@ -491,7 +579,7 @@ impl Supervisor {
         self.changed();
         let Some(entry) = removed? else {
             // Removed by a concurrent request while this one waited for the lock.
-            return Err(SupervisorError::NotFound);
+            return Err(SupervisorError::NotFound(format!("\"{}\"", entry.slug)));
         };
         let slug = Slug::new(&entry.slug).map_err(|source| SupervisorError::Slug {
             from: entry.slug.clone(),
@@ -499,7 +587,9 @@ impl Supervisor {
         })?;
         let stopped = self.backend.stop(&slug).await;
         self.changed();
-        stopped.map_err(SupervisorError::Backend)
+        stopped.map_err(SupervisorError::Backend)?;
+        self.remove_written_files(&entry);
+        Ok(())
     }
 
     /// `restart_repo`: restart a registered repository's instance and report its status.
@@ -560,7 +650,7 @@ impl Supervisor {
         RepoInfo {
             path: entry.path.clone(),
             slug: entry.slug.clone(),
-            port: entry.port,
+            port: self.settings.dashboard_port,
             dashboard_url: self.dashboard_url(&entry.slug),
             log_file: self.log_file(&entry.slug),
             running: status.is_some_and(InstanceStatus::running),
@@ -735,7 +825,7 @@ pub enum DaemonError {
 pub struct DaemonOptions {
     /// The global configuration.
     pub config: Config,
-    /// The global configuration file (passed to workers as `HYDRAFLOW_CONFIG`).
+    /// The global configuration file (passed to workers as `HYDRAFLOW_CONFIG`, made absolute).
     pub config_file: PathBuf,
     /// Connection handling.
     pub server: server::ServerOptions,
@@ -932,42 +1022,50 @@ pub async fn select_access(
     Ok(access)
 }
 
-/// Serve the dashboard (`dashboard.listen`) until `stop`; a dashboard that
-/// cannot listen is logged and left out (the control protocol still runs).
-async fn start_dashboard(
+/// Bind the dashboard's listener (`dashboard.listen`); a dashboard that cannot listen is
+/// logged and left out (the control protocol still runs).
+async fn bind_dashboard(config: &Config) -> Option<TcpListener> {
+    let d = &config.dashboard;
+    match crate::dashboard::bind_tcp(&d.listen, d.token.as_deref()).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!("the dashboard is not served: {e}");
+            None
+        }
+    }
+}
+
+/// Serve the dashboard on `listener` until `stop`, letting in whom `access` (or the token)
+/// lets in.
+fn start_dashboard(
     config: &Config,
+    listener: TcpListener,
     supervisor: &Arc<Supervisor>,
     access: Arc<crate::access::Access>,
     stop: &tokio_util::sync::CancellationToken,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let d = &config.dashboard;
-    let listener = match crate::dashboard::bind_tcp(&d.listen, d.token.as_deref()).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("the dashboard is not served: {e}");
-            return None;
-        }
-    };
-    tracing::info!(listen = %d.listen, "dashboard listening");
+) -> tokio::task::JoinHandle<()> {
+    tracing::info!(url = %supervisor.settings.dashboard_base, "dashboard listening");
     let directory: Arc<dyn crate::dashboard::supervisor::RepoDirectory> = supervisor.clone();
     let guard = crate::dashboard::auth::Guard {
-        token: d.token.as_deref().map(Arc::from),
+        token: config.dashboard.token.as_deref().map(Arc::from),
         access,
     };
     let stop = stop.clone();
-    Some(tokio::spawn(async move {
+    tokio::spawn(async move {
         let shutdown = async move { stop.cancelled().await };
         if let Err(e) =
             crate::dashboard::supervisor::serve(listener, directory, guard, shutdown).await
         {
             tracing::error!("the dashboard stopped: {e}");
         }
-    }))
+    })
 }
 
-/// Run the supervisor until `shutdown` resolves: load the registry, choose the backend, listen
-/// (on `listen_fds[0]` when socket-activated), write the port file, send READY=1, start the
-/// registered repositories, serve; on shutdown remove the port file and stop child instances.
+/// Run the supervisor until `shutdown` resolves: load the registry, choose the backend and who
+/// decides access, listen (on the sockets passed by socket activation, else on `listen` and the
+/// control socket), write the port file, send READY=1, start the registered repositories,
+/// serve; on shutdown remove the port file and the control socket it bound, and stop child
+/// instances.
 ///
 /// # Errors
 /// [`DaemonError`] saying which step failed.
@@ -976,7 +1074,11 @@ pub async fn run_daemon(
     listen_fds: Vec<OwnedFd>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let settings = Settings::from_config(&opts.config);
+    let dashboard_listener = bind_dashboard(&opts.config).await;
+    let dashboard_addr = dashboard_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok());
+    let settings = Settings::from_config(&opts.config, dashboard_addr);
     std::fs::create_dir_all(&settings.state_dir).map_err(|source| DaemonError::StateDir {
         path: settings.state_dir.clone(),
         source,
@@ -999,11 +1101,12 @@ pub async fn run_daemon(
             "worker".into(),
         ],
     };
-    let process = process::ProcessOptions::new(
-        settings.state_dir.clone(),
-        worker_command,
-        opts.config_file.clone(),
-    );
+    // Workers run in their own directories: a relative `--config sup.toml` must reach them
+    // as the file the supervisor read.
+    let config_file =
+        std::path::absolute(&opts.config_file).unwrap_or_else(|_| opts.config_file.clone());
+    let process =
+        process::ProcessOptions::new(settings.state_dir.clone(), worker_command, config_file);
     let backend = backend::select(opts.config.supervisor.backend, process).await?;
     tracing::info!(backend = backend.name(), "instance backend chosen");
     let access = Arc::new(select_access(&opts.config.supervisor).await?);
@@ -1050,8 +1153,15 @@ pub async fn run_daemon(
     }
     let reconcile = tokio::spawn(supervisor.clone().reconcile());
     let dashboard_stop = tokio_util::sync::CancellationToken::new();
-    let dashboard =
-        start_dashboard(&opts.config, &supervisor, access.clone(), &dashboard_stop).await;
+    let dashboard = dashboard_listener.map(|listener| {
+        start_dashboard(
+            &opts.config,
+            listener,
+            &supervisor,
+            access.clone(),
+            &dashboard_stop,
+        )
+    });
     let served = server::serve(listeners, supervisor.clone(), access, opts.server, shutdown).await;
     dashboard_stop.cancel();
     if let Some(task) = dashboard {

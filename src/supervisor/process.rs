@@ -2,7 +2,9 @@
 //! its own process group, with systemd's `Type=notify`, `Restart=on-failure` and
 //! `KillMode=control-group` semantics reproduced by the supervisor itself.
 //!
-//! Each child gets `HYDRAFLOW_HOME=<state dir>/<slug>`, `HYDRAFLOW_CONFIG` and its own
+//! Each child runs in `<state dir>/<slug>/` (its data directory: the worker's data root is the
+//! state directory, see [`crate::config::loader::state_dir`]) and gets `HYDRAFLOW_HOME=<state
+//! dir>`, `HYDRAFLOW_CONFIG` (absolute) and its own
 //! `NOTIFY_SOCKET` (an abstract `AF_UNIX` datagram socket owned by the supervisor, sd_notify(3));
 //! `READY=1` on it is what makes the instance `active`. stdout and stderr are appended to
 //! `<state dir>/<slug>/worker.log`. The child's pid is kept in `<state dir>/<slug>/worker.pid` so
@@ -32,6 +34,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::backend::{BackendError, InstanceBackend, InstanceStatus};
 use crate::config::{CONFIG_ENV, HOME_ENV};
 use crate::layout::Slug;
+
+/// The worker's stdout and stderr, in its instance directory.
+pub const LOG_FILE: &str = "worker.log";
+/// The worker's pid, in its instance directory.
+pub const PID_FILE: &str = "worker.pid";
 
 /// How the process backend runs instances.
 #[derive(Debug, Clone)]
@@ -64,18 +71,19 @@ impl ProcessOptions {
         }
     }
 
-    /// `<state_dir>/<slug>/`: the instance's `HYDRAFLOW_HOME`.
+    /// `<state_dir>/<slug>/`: the instance's data directory and working directory (its
+    /// `HYDRAFLOW_HOME` is `state_dir`, so the worker's `data_root/<slug>` is this directory).
     pub fn instance_home(&self, slug: &Slug) -> PathBuf {
         self.state_dir.join(slug.as_str())
     }
 
     /// `<state_dir>/<slug>/worker.log`: the child's stdout and stderr.
     pub fn log_file(&self, slug: &Slug) -> PathBuf {
-        self.instance_home(slug).join("worker.log")
+        self.instance_home(slug).join(LOG_FILE)
     }
 
     fn pid_file(&self, slug: &Slug) -> PathBuf {
-        self.instance_home(slug).join("worker.pid")
+        self.instance_home(slug).join(PID_FILE)
     }
 
     fn argv(&self, slug: &Slug) -> Vec<String> {
@@ -126,6 +134,8 @@ struct Snapshot {
     n_restarts: u32,
     active_since: Option<String>,
     ended: Option<Ended>,
+    /// Length of the log file when the current run was spawned: its output starts there.
+    log_start: u64,
 }
 
 impl Snapshot {
@@ -137,6 +147,7 @@ impl Snapshot {
             n_restarts: 0,
             active_since: None,
             ended: None,
+            log_start: 0,
         }
     }
 
@@ -249,8 +260,13 @@ impl ProcessBackend {
         .map(|r| r.map(|snap| snap.clone()));
         match waited {
             Ok(Ok(snap)) if snap.active_state == "active" => Ok(()),
-            Ok(Ok(snap)) => Err(start_failed(slug, snap.ended.as_ref(), &log)),
-            Ok(Err(_)) => Err(start_failed(slug, None, &log)),
+            Ok(Ok(snap)) => Err(start_failed(
+                slug,
+                snap.ended.as_ref(),
+                &log,
+                last_lines(&log, snap.log_start),
+            )),
+            Ok(Err(_)) => Err(start_failed(slug, None, &log, Vec::new())),
             Err(_) => {
                 let _ = self.stop(slug).await;
                 Err(BackendError::Timeout {
@@ -294,7 +310,50 @@ impl Drop for ProcessBackend {
     }
 }
 
-fn start_failed(slug: &Slug, ended: Option<&Ended>, log: &Path) -> BackendError {
+/// Lines shown of a worker that failed to start: its last ones.
+const LAST_LINES: usize = 8;
+/// Longest line shown, in characters.
+const LAST_LINE_CHARS: usize = 400;
+
+/// The last [`LAST_LINES`] non-empty lines of `log` written from byte `from` on (what the
+/// current run of the worker wrote), each cut to [`LAST_LINE_CHARS`].
+fn last_lines(log: &Path, from: u64) -> Vec<String> {
+    use std::io::{Read as _, Seek as _};
+    let Ok(mut file) = std::fs::File::open(log) else {
+        return Vec::new();
+    };
+    // At most the last 64 KiB of this run.
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = from.max(len.saturating_sub(64 * 1024)).min(len);
+    let mut bytes = Vec::new();
+    if file.seek(std::io::SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err()
+    {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mut line: String = l.chars().take(LAST_LINE_CHARS).collect();
+            if line.len() < l.len() {
+                line.push('…');
+            }
+            line
+        })
+        .collect();
+    let skip = lines.len().saturating_sub(LAST_LINES);
+    lines.drain(..skip);
+    lines
+}
+
+fn start_failed(
+    slug: &Slug,
+    ended: Option<&Ended>,
+    log: &Path,
+    output: Vec<String>,
+) -> BackendError {
     let (service_result, detail) = match ended {
         Some(Ended::Code(code)) => (format!("exit-code {code}"), String::new()),
         Some(Ended::Signal(sig)) => (format!("signal {sig}"), String::new()),
@@ -306,6 +365,7 @@ fn start_failed(slug: &Slug, ended: Option<&Ended>, log: &Path) -> BackendError 
         job_result: "exited".into(),
         service_result,
         detail: format!("{detail}; see {}", log.display()),
+        output,
     }
 }
 
@@ -505,7 +565,7 @@ impl Actor {
         })?;
         let mut cmd = Command::new(program);
         cmd.args(args)
-            .env(HOME_ENV, &home)
+            .env(HOME_ENV, &self.opts.state_dir)
             .env(CONFIG_ENV, &self.opts.config_file)
             .env("NOTIFY_SOCKET", notify_socket)
             .env_remove("LISTEN_FDS")
@@ -537,6 +597,8 @@ impl Actor {
     }
 
     async fn run_once(&mut self) -> RunEnd {
+        let log_start = std::fs::metadata(self.opts.log_file(&self.slug)).map_or(0, |m| m.len());
+        self.publish(|s| s.log_start = log_start);
         let (socket, notify_socket) = match self.bind_notify_socket() {
             Ok(s) => s,
             Err(e) => {

@@ -37,6 +37,17 @@ pub enum RepoRef {
     Repo(String),
 }
 
+/// How a [`RepoRef`] is named in messages: `"demo"`, `octo/widgets`, `/srv/checkout`.
+impl std::fmt::Display for RepoRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RepoRef::Path(p) => f.write_str(p),
+            RepoRef::Slug(s) => write!(f, "\"{s}\""),
+            RepoRef::Repo(r) => f.write_str(r),
+        }
+    }
+}
+
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -284,9 +295,11 @@ pub struct RepoInfo {
     pub path: String,
     /// The slug.
     pub slug: String,
-    /// The original's dashboard port; 0 (the supervisor's dashboard serves every repository).
+    /// The port of the supervisor's dashboard, which serves every repository (0 when it is
+    /// not served).
     pub port: u16,
-    /// Where this repository's dashboard is.
+    /// This repository's page on the supervisor's dashboard:
+    /// `http://<dashboard address>/repos/<slug>/` (what the original's `hf open` opens).
     pub dashboard_url: String,
     /// The instance's log file (process backend) or the `journalctl` command (systemd).
     pub log_file: String,

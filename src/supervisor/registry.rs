@@ -22,7 +22,8 @@ pub struct RepoEntry {
     pub path: String,
     /// The slug (instance name).
     pub slug: String,
-    /// The original's per-repository dashboard port; always 0 here.
+    /// The original's per-repository dashboard port; 0 in the file (replies carry the
+    /// supervisor dashboard's port).
     #[serde(default)]
     pub port: u16,
     /// See the protocol's `dashboard_url`.
@@ -135,6 +136,20 @@ impl Registry {
                 })
             }
         }
+    }
+
+    /// The slug registered for the checkout `path` (absolute, canonical) in
+    /// `<state_dir>/supervisor-state.json`, read without changing anything (an unreadable or
+    /// missing file registers nothing). For the command line, which must find a supervised
+    /// repository's data without a running supervisor.
+    pub fn slug_of_path(state_dir: &Path, path: &str) -> Option<String> {
+        let bytes = std::fs::read(state_dir.join(STATE_FILE)).ok()?;
+        let state: StateFile = serde_json::from_slice(&bytes).ok()?;
+        state
+            .repos
+            .into_iter()
+            .find(|e| !e.path.is_empty() && e.path == path)
+            .map(|e| e.slug)
     }
 
     fn with(path: PathBuf, state: StateFile) -> Registry {

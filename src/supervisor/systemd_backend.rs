@@ -568,6 +568,7 @@ impl SystemdBackend {
                     job_result: result,
                     service_result,
                     detail: format!("; see journalctl -u {unit}"),
+                    output: Vec::new(),
                 },
             })
         };

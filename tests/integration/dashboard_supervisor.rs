@@ -309,7 +309,7 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("run chromium (apt-get install chromium)");
+            .expect("run chromium: this test needs it on PATH (apt-get install chromium)");
         let port_file = profile.join("DevToolsActivePort");
         until("chromium's DevTools port", || async {
             std::fs::read_to_string(&port_file).is_ok_and(|t| t.lines().count() >= 2)
@@ -397,6 +397,7 @@ impl Browser {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium: apt-get install chromium, then cargo test -- --include-ignored (.ci/run does both)"]
 async fn headless_chromium_shows_repositories_and_a_live_event() {
     use base64::Engine as _;
     let (a, b) = (project("alpha"), project("beta"));
@@ -451,74 +452,154 @@ async fn headless_chromium_shows_repositories_and_a_live_event() {
     }
 }
 
+/// `hydraflow supervisor` (process backend, real `hydraflow worker`s, its dashboard on a port
+/// of its own choosing) with `alpha` and `beta` added; the `dashboard_url` of each as
+/// `repo add` printed it.
+struct Supervised {
+    daemon: Dashboard,
+    state: PathBuf,
+    urls: Vec<(String, String)>,
+    _projects: (Project, Project),
+}
+
+impl Supervised {
+    async fn start() -> Supervised {
+        let (a, b) = (project("alpha"), project("beta"));
+        let dir = a.fx.tmp.path();
+        let state = dir.join("state");
+        let config = dir.join("supervisor.toml");
+        let base = std::fs::read_to_string(&a.config).expect("config");
+        let base = base.replace("slug = \"alpha\"\n", "");
+        std::fs::write(
+            &config,
+            format!(
+                "repos_dir = {:?}\n{base}\n[supervisor]\nlisten = \"127.0.0.1:0\"\nbackend = \"process\"\nstate_dir = {:?}\n[dashboard]\nlisten = \"127.0.0.1:0\"\n",
+                dir.join("repos").display().to_string(),
+                state.display().to_string(),
+            ),
+        )
+        .expect("write config");
+        let hydraflow = || {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_hydraflow"));
+            cmd.env("HYDRAFLOW_CONFIG", &config)
+                .env_remove("NOTIFY_SOCKET")
+                .env_remove("JOURNAL_STREAM")
+                .env_remove("HYDRAFLOW_HOME")
+                .env_remove("HF_SUPERVISOR_PORT_FILE")
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_PID")
+                .env_remove("HYDRAFLOW_DASHBOARD_TOKEN");
+            cmd
+        };
+        let child = hydraflow()
+            .arg("supervisor")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the supervisor");
+        let mut daemon = Dashboard {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        until("the supervisor's port file", || async {
+            state.join("supervisor-port").exists()
+        })
+        .await;
+        let mut urls = Vec::new();
+        for (p, slug) in [(&a, "alpha"), (&b, "beta")] {
+            let out = hydraflow()
+                .args(["repo", "add", "--slug", slug])
+                .arg(p.repo())
+                .output()
+                .expect("repo add");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let url = stdout
+                .split("; ")
+                .find_map(|f| f.strip_prefix("dashboard: "))
+                .unwrap_or_else(|| panic!("no dashboard url in {stdout:?}"))
+                .to_owned();
+            urls.push((slug.to_owned(), url));
+        }
+        let addr = urls[0]
+            .1
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split('/').next())
+            .expect("address in dashboard_url");
+        daemon.addr = addr.parse().expect("address");
+        Supervised {
+            daemon,
+            state,
+            urls,
+            _projects: (a, b),
+        }
+    }
+
+    fn url(&self, slug: &str) -> &str {
+        &self.urls.iter().find(|(s, _)| s == slug).expect("slug").1
+    }
+
+    fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.daemon.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        assert!(self.daemon.child.wait().expect("wait").success());
+    }
+}
+
+/// `GET path` on the dashboard: status, content type and body text.
+async fn get_text(addr: SocketAddr, path: &str) -> (StatusCode, String, String) {
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header("host", "localhost")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let resp = tx.send_request(req).await.expect("response");
+        let status = resp.status();
+        let location = resp
+            .headers()
+            .get(http::header::LOCATION)
+            .or_else(|| resp.headers().get(http::header::CONTENT_TYPE))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (
+            status,
+            location,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    };
+    tokio::time::timeout(CALL_GUARD, work)
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} hung"))
+}
+
 /// `hydraflow supervisor` (process backend, real `hydraflow worker`s) serves
 /// the dashboard: both repositories with their unit state, each worker's
-/// socket at `<state_dir>/<slug>/<slug>/dashboard.sock`, proxying to it.
+/// socket at `<state_dir>/<slug>/dashboard.sock`, proxying to it, and each
+/// repository's `dashboard_url` (`/repos/<slug>/`) is the page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_supervisor_daemon_serves_the_dashboard() {
-    let (a, b) = (project("alpha"), project("beta"));
-    let dir = a.fx.tmp.path();
-    let state = dir.join("state");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let config = dir.join("supervisor.toml");
-    let base = std::fs::read_to_string(&a.config).expect("config");
-    let base = base.replace("slug = \"alpha\"\n", "");
-    std::fs::write(
-        &config,
-        format!(
-            "repos_dir = {:?}\n{base}\n[supervisor]\nlisten = \"127.0.0.1:0\"\nbackend = \"process\"\nstate_dir = {:?}\n[dashboard]\nlisten = \"127.0.0.1:{port}\"\n",
-            dir.join("repos").display().to_string(),
-            state.display().to_string(),
-        ),
-    )
-    .expect("write config");
-    let hydraflow = || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hydraflow"));
-        cmd.env("HYDRAFLOW_CONFIG", &config)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("HYDRAFLOW_HOME")
-            .env_remove("HF_SUPERVISOR_PORT_FILE")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("HYDRAFLOW_DASHBOARD_TOKEN");
-        cmd
-    };
-    let daemon = hydraflow()
-        .arg("supervisor")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the supervisor");
-    let mut daemon = Dashboard {
-        child: daemon,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-    };
-    until("the supervisor's port file", || async {
-        state.join("supervisor-port").exists()
-    })
-    .await;
-    for (p, slug) in [(&a, "alpha"), (&b, "beta")] {
-        let out = hydraflow()
-            .args(["repo", "add", "--slug", slug])
-            .arg(p.repo())
-            .output()
-            .expect("repo add");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let sup = Supervised::start().await;
+    let addr = sup.daemon.addr;
     until("both workers up in /api/repos", || async {
-        let (_, repos) = get(daemon.addr, "/api/repos").await;
+        let (_, repos) = get(addr, "/api/repos").await;
         worker_up(&repos, "alpha") == Some(true) && worker_up(&repos, "beta") == Some(true)
     })
     .await;
-    let (_, repos) = get(daemon.addr, "/api/repos").await;
+    let (_, repos) = get(addr, "/api/repos").await;
     for slug in ["alpha", "beta"] {
         let row = repos["repos"]
             .as_array()
@@ -527,23 +608,68 @@ async fn the_supervisor_daemon_serves_the_dashboard() {
         assert_eq!(row["unit"]["active_state"], "active", "{row}");
         assert_eq!(
             row["socket"],
-            state
-                .join(slug)
+            sup.state
                 .join(slug)
                 .join("dashboard.sock")
                 .display()
                 .to_string()
         );
+        assert_eq!(
+            sup.url(slug),
+            format!("http://{addr}/repos/{slug}/"),
+            "dashboard_url"
+        );
     }
-    let (status, v) = get(daemon.addr, "/repos/beta/api/runtimes").await;
+    let (status, v) = get(addr, "/repos/beta/api/runtimes").await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v[0]["slug"], "beta");
-    let (_, page) = get(daemon.addr, "/").await;
+    let (_, page) = get(addr, "/").await;
     assert_eq!(page, Value::Null, "the page is HTML, not JSON");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    assert!(daemon.child.wait().expect("wait").success());
+    // `hf open`'s link: the page, for a registered repository only.
+    let (status, kind, body) = get_text(addr, "/repos/beta/").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(kind.starts_with("text/html"), "{kind}");
+    assert!(body.contains("<title>HydraFlow</title>"), "{body}");
+    let (status, location, _) = get_text(addr, "/repos/beta").await;
+    assert!(status.is_redirection(), "{status}");
+    assert_eq!(location, "beta/");
+    let (status, ghost) = get(addr, "/repos/ghost/").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{ghost}");
+    assert_eq!(ghost["error"], "no repository \"ghost\" is registered");
+    sup.stop();
+}
+
+/// The original client's `hf open` link, `dashboard_url`, in a real browser: the page loads
+/// with that repository selected and its pipeline shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium: apt-get install chromium, then cargo test -- --include-ignored (.ci/run does both)"]
+async fn headless_chromium_opens_a_repository_dashboard_url() {
+    let sup = Supervised::start().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut browser = Browser::launch(&tmp.path().join("profile")).await;
+    browser.open(sup.url("beta")).await;
+    browser
+        .until(
+            "beta selected in the repository table",
+            r#"document.querySelector('tr.repo.selected')?.dataset.slug === 'beta'"#,
+        )
+        .await;
+    browser
+        .until(
+            "beta's pipeline shown",
+            r#"document.getElementById('selected').textContent === 'beta' && document.querySelectorAll('#pipeline .stage').length === 5"#,
+        )
+        .await;
+    browser
+        .until(
+            "the WebSocket to be live",
+            r#"document.getElementById('conn').textContent === 'live'"#,
+        )
+        .await;
+    let rows = browser
+        .eval(r#"[...document.querySelectorAll('tr.repo')].map(r => r.dataset.slug).join(',')"#)
+        .await;
+    assert_eq!(rows, Value::String("alpha,beta".into()));
+    drop(browser);
+    sup.stop();
 }

@@ -248,7 +248,7 @@ fn open_refuses_non_repositories_and_missing_base_branches() {
             matches!(
                 (&err, expected),
                 (GitError::NotARepository { .. }, "not a repository")
-                    | (GitError::NoBaseBranch(_), "no base branch")
+                    | (GitError::NoBaseBranch { .. }, "no base branch")
             ),
             "{path:?} {base}: {err}"
         );
@@ -259,6 +259,7 @@ fn open_refuses_non_repositories_and_missing_base_branches() {
         Worktrees::open(&fx.repo_path, &fx.layout, "develop")
             .unwrap_err()
             .to_string(),
-        "base branch \"develop\" does not exist in the repository"
+        "base branch \"develop\" does not exist in the repository: the checkout is on \"main\": \
+         set main_branch = \"main\" in the configuration (or HYDRAFLOW_MAIN_BRANCH=main)"
     );
 }

@@ -7,6 +7,7 @@ mod dashboard_api;
 mod dashboard_supervisor;
 mod docs;
 mod fake_github;
+mod first_hour;
 mod git_fixture;
 mod git_worktrees;
 mod github_e2e;

@@ -18,22 +18,23 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A worker whose behaviour depends on its slug (`$2`, after `--instance`): `fail*` exits 1
-/// before READY=1, `gated*` waits for `$HYDRAFLOW_HOME/go` before READY=1, `crashy*` exits 3
-/// after READY=1 once `$HYDRAFLOW_HOME/crash` appears; every other slug is ready and waits.
+/// A worker whose behaviour depends on its slug (`$2`, after `--instance`); it runs in its
+/// instance directory (`$PWD`, `<state dir>/<slug>`): `fail*` exits 1 before READY=1,
+/// `gated*` waits for `./go` before READY=1, `crashy*` exits 3 after READY=1 once `./crash`
+/// appears; every other slug is ready and waits.
 const WORKER: &str = r#"#!/bin/sh
 slug="$2"
-echo "worker $slug starting; HYDRAFLOW_HOME=$HYDRAFLOW_HOME HYDRAFLOW_CONFIG=$HYDRAFLOW_CONFIG"
-touch "$HYDRAFLOW_HOME/started"
+echo "worker $slug starting in $PWD; HYDRAFLOW_HOME=$HYDRAFLOW_HOME HYDRAFLOW_CONFIG=$HYDRAFLOW_CONFIG"
+touch "$PWD/started"
 case "$slug" in
-  fail*) echo "boom: cannot start" >&2; exit 1 ;;
-  gated*) while [ ! -e "$HYDRAFLOW_HOME/go" ]; do sleep 0.02; done ;;
+  fail*) echo "first line of the reason" >&2; echo "boom: cannot start" >&2; exit 1 ;;
+  gated*) while [ ! -e "$PWD/go" ]; do sleep 0.02; done ;;
 esac
 systemd-notify --ready --status="serving $slug" || exit 70
 case "$slug" in
   crashy*)
-    while [ ! -e "$HYDRAFLOW_HOME/crash" ]; do sleep 0.02; done
-    rm -f "$HYDRAFLOW_HOME/crash"
+    while [ ! -e "$PWD/crash" ]; do sleep 0.02; done
+    rm -f "$PWD/crash"
     exit 3 ;;
 esac
 sleep 100000 &
@@ -79,7 +80,9 @@ impl Harness {
             state_dir: state.clone(),
             repos_dir: dir.path().join("repos"),
             start_timeout: Duration::from_secs(20),
-            dashboard_base: "http://127.0.0.1:5555".into(),
+            // No dashboard here: `port` is 0.
+            dashboard_base: "http://127.0.0.1:0".into(),
+            dashboard_port: 0,
         };
         let registry = Registry::load(&state).unwrap().registry;
         let sup = Arc::new(Supervisor::new(registry, backend, settings));
@@ -248,8 +251,9 @@ async fn add_list_status_remove_with_a_real_worker() {
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         logged.contains(&format!(
-            "HYDRAFLOW_HOME={}",
-            h.state().join("demo").display()
+            "starting in {}; HYDRAFLOW_HOME={} ",
+            h.state().join("demo").display(),
+            h.state().display()
         )),
         "{logged}"
     );
@@ -265,10 +269,33 @@ async fn add_list_status_remove_with_a_real_worker() {
     let list = h.req(json!({"action": "list_repos"})).await;
     assert_eq!(list["repos"], json!([]));
     assert_eq!(h.state_file()["repos"], json!([]));
+    // What the supervisor wrote went with the registration; what the worker wrote stayed.
+    assert!(!h.dir.path().join("repos/demo.toml").exists());
+    assert!(!log.exists());
+    assert!(!h.state().join("demo").join("worker.pid").exists());
+    assert!(h.state().join("demo").join("started").exists());
+    // An instance file edited since the supervisor wrote it is the administrator's: kept.
+    let edited = h.checkout("edited");
+    let reg = h
+        .req(json!({"action": "register_repo", "path": edited}))
+        .await;
+    assert_eq!(reg["status"], "ok", "{reg}");
+    let file = h.dir.path().join("repos/edited.toml");
+    let text = std::fs::read_to_string(&file).unwrap() + "poll_interval = 5\n";
+    std::fs::write(&file, &text).unwrap();
+    assert_eq!(
+        h.req(json!({"action": "remove_repo", "slug": "edited"}))
+            .await,
+        ok()
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
     let gone = h
         .req(json!({"action": "remove_repo", "slug": "demo"}))
         .await;
-    assert_eq!(gone, json!({"status": "error", "error": "Repo not found"}));
+    assert_eq!(
+        gone,
+        json!({"status": "error", "error": "Repo not found: \"demo\" is not registered (see hydraflow repo list)"})
+    );
     h.stop().await;
 }
 
@@ -278,16 +305,32 @@ async fn a_worker_that_exits_reports_its_exit_code_and_log() {
     let path = h.checkout("fail-early");
     let reply = h.req(json!({"action": "add_repo", "path": path})).await;
     let log = h.state().join("fail-early").join("worker.log");
+    // The reply carries the worker's last lines: its reason, not only where the log is.
     assert_eq!(
         reply,
-        json!({"status": "error", "error": format!("Repo process exited with code 1; see {}", log.display())})
-    );
-    assert!(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("boom: cannot start")
+        json!({"status": "error", "error": format!(
+            "Repo process exited with code 1; see {}; its last output:\n  \
+             worker fail-early starting in {}; HYDRAFLOW_HOME={} HYDRAFLOW_CONFIG={}\n  \
+             first line of the reason\n  boom: cannot start",
+            log.display(),
+            h.state().join("fail-early").display(),
+            h.state().display(),
+            h.dir.path().join("hydraflow.toml").display(),
+        )})
     );
     assert_eq!(h.state_file()["repos"], json!([]));
+    // The instance file the failed add wrote is gone; one an administrator wrote stays.
+    assert!(!h.dir.path().join("repos/fail-early.toml").exists());
+    let admin = h.dir.path().join("repos/fail-admin.toml");
+    std::fs::write(&admin, "# mine\nforge = \"local\"\n").unwrap();
+    let reply = h
+        .req(json!({"action": "add_repo", "path": h.checkout("fail-admin")}))
+        .await;
+    assert_eq!(reply["status"], "error", "{reply}");
+    assert_eq!(
+        std::fs::read_to_string(&admin).unwrap(),
+        "# mine\nforge = \"local\"\n"
+    );
     h.stop().await;
 }
 
@@ -430,11 +473,11 @@ async fn bad_input_gets_an_error_and_the_server_keeps_serving() {
         ),
         (
             r#"{"action":"remove_repo","slug":"ghost"}"#.into(),
-            "Repo not found".into(),
+            "Repo not found: \"ghost\" is not registered (see hydraflow repo list)".into(),
         ),
         (
             r#"{"action":"repo_status","path":"/nowhere"}"#.into(),
-            "Repo not found".into(),
+            "Repo not found: /nowhere is not registered".into(),
         ),
         (
             r#"{"action":"ping","keep_alive":1}"#.into(),
@@ -569,7 +612,11 @@ async fn concurrent_add_and_remove_of_one_repo_serialise() {
     for t in tasks {
         let reply = t.await.unwrap();
         assert!(
-            reply == ok() || reply["started"].is_boolean() || reply["error"] == "Repo not found",
+            reply == ok()
+                || reply["started"].is_boolean()
+                || reply["error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("Repo not found: ")),
             "{reply}"
         );
     }
@@ -693,7 +740,7 @@ async fn the_daemon_and_the_cli_end_to_end() {
     std::fs::write(
         &config,
         format!(
-            "repos_dir = \"{}\"\n[supervisor]\nlisten = \"127.0.0.1:0\"\nbackend = \"process\"\nstate_dir = \"{}\"\nworker_command = [\"/bin/sh\", \"{}\"]\n",
+            "repos_dir = \"{}\"\n[supervisor]\nlisten = \"127.0.0.1:0\"\nbackend = \"process\"\nstate_dir = \"{}\"\nworker_command = [\"/bin/sh\", \"{}\"]\n[dashboard]\nlisten = \"127.0.0.1:0\"\n",
             dir.path().join("repos").display(),
             state.display(),
             script.display()
@@ -717,7 +764,35 @@ async fn the_daemon_and_the_cli_end_to_end() {
     eventually("the port file", async || port_file.exists().then_some(())).await;
     assert_eq!(output(hydraflow(&config).arg("ping")), "ok\n");
     let added = output(hydraflow(&config).args(["repo", "add"]).arg(&checkout));
-    assert!(added.starts_with("e2e-demo: started; log: "), "{added}");
+    assert!(
+        added.starts_with("e2e-demo: started; dashboard: http://127.0.0.1:"),
+        "{added}"
+    );
+    // The dashboard listens on a port of its own choosing (port 0), which `port` reports.
+    let dashboard = added
+        .split("; ")
+        .find_map(|f| f.strip_prefix("dashboard: "))
+        .expect("dashboard url");
+    let port: u16 = dashboard
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches("/repos/e2e-demo/")
+        .parse()
+        .unwrap_or_else(|_| panic!("{dashboard}"));
+    assert_ne!(port, 0);
+    let reply = {
+        let mut s = std::net::TcpStream::connect(
+            std::fs::read_to_string(&port_file)
+                .map(|p| format!("127.0.0.1:{}", p.trim()))
+                .unwrap(),
+        )
+        .unwrap();
+        s.write_all(b"{\"action\": \"list_repos\"}\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+    assert_eq!(reply["repos"][0]["port"], port, "{reply}");
+    assert_eq!(reply["repos"][0]["dashboard_url"], dashboard, "{reply}");
     let list = output(hydraflow(&config).args(["repo", "list"]));
     let mut lines = list.lines();
     assert!(lines.next().unwrap().starts_with("SLUG"), "{list}");

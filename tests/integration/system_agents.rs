@@ -1,6 +1,6 @@
 //! The real Claude Code under the packaged `hydraflow@.service` (DynamicUser, the full sandbox,
-//! `Delegate=yes`) in a booted Debian 12 container (`HYDRAFLOW_SYSTEM_TESTS=1` and
-//! `HYDRAFLOW_AGENT_CLIS`, as root): the unit files of `systemd/` installed as the package
+//! `Delegate=yes`) in a booted Debian 12 container (ignored unless asked for: as root,
+//! `cargo test -- --include-ignored` with the CLIs of `tests/agents/install.sh`): the unit files of `systemd/` installed as the package
 //! installs them, the built binary at `/usr/bin/hydraflow`, the CLIs of
 //! `tests/agents/install.sh` bound read-only, the scripted model API serving on the container's
 //! loopback (its thread joins the container's network namespace).
@@ -15,9 +15,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::agent_clis::{CLIS_ENV, Clis, greeting_script};
+use crate::agent_clis::{Clis, clis_dir, greeting_script};
 use crate::model_server::{Action, ModelServer, Turn};
-use crate::util_container::{Container, ContainerConfig, step, system_tests_enabled};
+use crate::util_container::{Container, ContainerConfig, require_container_host, step};
 
 const KEY: &str = "sk-ant-container-credential-0001";
 
@@ -34,8 +34,8 @@ fn wait_sh(c: &Container, what: &str, limit: Duration, script: &str) -> String {
         }
         if start.elapsed() > limit {
             let log = c.exec(&["sh", "-c", "systemctl --no-pager status 'hydraflow@*'; journalctl --no-pager -n 60 -u 'hydraflow@*'; \
-                 tail -n 30 /var/lib/private/hydraflow/agents/agents/events.jsonl; \
-                 tail -n 20 /var/lib/private/hydraflow/agents/agents/logs/*"]);
+                 tail -n 30 /var/lib/private/hydraflow/agents/events.jsonl; \
+                 tail -n 20 /var/lib/private/hydraflow/agents/logs/*"]);
             panic!(
                 "gave up waiting for {what} after {limit:?}:\n{}",
                 String::from_utf8_lossy(&log.stdout)
@@ -46,14 +46,11 @@ fn wait_sh(c: &Container, what: &str, limit: Duration, script: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root, a booted Debian 12 container and the pinned agent CLIs: as root run tests/system/prepare-host.sh and tests/agents/install.sh, then cargo test -- --include-ignored (.ci/run does all)"]
 fn claude_code_under_the_packaged_unit() {
-    if !system_tests_enabled("claude_code_under_the_packaged_unit") {
-        return;
-    }
-    let Some(clis) = Clis::from_env("claude_code_under_the_packaged_unit") else {
-        return;
-    };
-    let clis_dir = PathBuf::from(std::env::var_os(CLIS_ENV).expect("set"));
+    require_container_host();
+    let clis = Clis::installed();
+    let clis_dir = clis_dir();
     let units = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd");
     let unit = |name: &str| std::fs::read_to_string(units.join(name)).expect("unit file");
     let config = ContainerConfig {
@@ -83,6 +80,15 @@ fn claude_code_under_the_packaged_unit() {
                 unit("hydraflow.tmpfiles"),
                 0o644,
             ),
+            // The packaged global file: its state_dir is where `issue --instance` looks.
+            (
+                "/etc/hydraflow/hydraflow.toml".into(),
+                std::fs::read_to_string(
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("packaging/hydraflow.toml"),
+                )
+                .expect("packaging/hydraflow.toml"),
+                0o644,
+            ),
         ],
         bind_ro: vec![
             (
@@ -104,8 +110,8 @@ fn claude_code_under_the_packaged_unit() {
     let mut script = vec![Turn::all(
         &["You are implementing issue", "Hold forever"],
         vec![Action::Shell(
-            "setsid sh -c 'echo $$ > \"$HYDRAFLOW_HOME/grandchild.pid\"; exec sleep 600' & \
-             echo $$ > \"$HYDRAFLOW_HOME/agent.pid\"; sleep 100"
+            "setsid sh -c 'echo $$ > \"$HOME/grandchild.pid\"; exec sleep 600' & \
+             echo $$ > \"$HOME/agent.pid\"; sleep 100"
                 .into(),
         )],
         "never reached",
@@ -146,7 +152,7 @@ fn claude_code_under_the_packaged_unit() {
     sh(&c, "systemctl start hydraflow@agents.service");
     sh(
         &c,
-        "HYDRAFLOW_HOME=/var/lib/hydraflow/agents hydraflow issue add --instance agents --title 'Add a greeting' --body 'Add hello.txt.'",
+        "hydraflow issue add --instance agents --title 'Add a greeting' --body 'Add hello.txt.'",
     );
 
     step("the issue is merged by the real CLI under the unit");
@@ -154,17 +160,14 @@ fn claude_code_under_the_packaged_unit() {
         &c,
         "issue 1 merged",
         Duration::from_secs(240),
-        "HYDRAFLOW_HOME=/var/lib/hydraflow/agents hydraflow issue show 1 --instance agents | grep -q hydraflow-fixed",
+        "hydraflow issue show 1 --instance agents | grep -q hydraflow-fixed",
     );
     let merged = sh(
         &c,
         "git -c safe.directory='*' -C /srv/hydraflow/agents show main:hello.txt",
     );
     assert_eq!(merged, "hello from the agent\n");
-    let show = sh(
-        &c,
-        "HYDRAFLOW_HOME=/var/lib/hydraflow/agents hydraflow issue show 1 --instance agents",
-    );
+    let show = sh(&c, "hydraflow issue show 1 --instance agents");
     assert!(
         show.contains("cost: $") && show.contains("agent calls"),
         "{show}"
@@ -187,14 +190,14 @@ fn claude_code_under_the_packaged_unit() {
     );
     let logs = sh(
         &c,
-        "cat /var/lib/private/hydraflow/agents/agents/logs/* 2>/dev/null || true",
+        "cat /var/lib/private/hydraflow/agents/logs/* 2>/dev/null || true",
     );
     assert!(!logs.contains(KEY), "the key is in a transcript");
 
     step("a setsid grandchild, then the worker SIGKILLed");
     sh(
         &c,
-        "HYDRAFLOW_HOME=/var/lib/hydraflow/agents hydraflow issue add --instance agents --title 'Hold forever' --body 'Hold.'",
+        "hydraflow issue add --instance agents --title 'Hold forever' --body 'Hold.'",
     );
     let home = "/var/lib/private/hydraflow/agents";
     wait_sh(

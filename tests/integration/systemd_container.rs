@@ -1,5 +1,5 @@
 //! The supervisor with its systemd backend against a real systemd 252 in a booted Debian 12
-//! container (`HYDRAFLOW_SYSTEM_TESTS=1`, as root), driven through the TCP control protocol: the
+//! container (ignored unless asked for: as root, `cargo test -- --include-ignored`), driven through the TCP control protocol: the
 //! supervisor runs on the host, connected to the container's system bus; a test
 //! `hydraflow@.service` runs the real `hydraflow worker --instance %i` inside. The host's repos
 //! directory is bound to `/etc/hydraflow/repos` and the checkouts directory to the same path, so
@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::git_fixture::commit_files;
-use crate::util_container::{Container, ContainerConfig, cache_dir, step, system_tests_enabled};
+use crate::util_container::{Container, ContainerConfig, cache_dir, require_container_host, step};
 
 /// The test template: the real worker, its data in a state directory per instance.
 const TEMPLATE: &str = "[Unit]
@@ -35,7 +35,7 @@ Description=HydraFlow worker for %i (test template)
 Type=notify
 NotifyAccess=main
 ExecStart=/usr/bin/hydraflow worker --instance %i
-Environment=HYDRAFLOW_HOME=/var/lib/hydraflow/%i
+Environment=HYDRAFLOW_HOME=/var/lib/hydraflow
 StateDirectory=hydraflow/%i
 Restart=on-failure
 RestartSec=1
@@ -69,6 +69,7 @@ impl Served {
             repos_dir: base.join("repos"),
             start_timeout: Duration::from_secs(60),
             dashboard_base: "http://127.0.0.1:5555".into(),
+            dashboard_port: 5555,
         };
         let registry = Registry::load(&state).expect("registry").registry;
         let supervisor = Arc::new(Supervisor::new(
@@ -170,10 +171,9 @@ fn units_in_container(container: &Container) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and a booted Debian 12 container: as root run tests/system/prepare-host.sh, then cargo test -- --include-ignored (.ci/run does both)"]
 async fn supervisor_with_systemd_in_a_booted_container() {
-    if !system_tests_enabled("supervisor_with_systemd_in_a_booted_container") {
-        return;
-    }
+    require_container_host();
     // On the real filesystem next to the cached rootfs (bound into the container).
     let tmp = tempfile::Builder::new()
         .prefix("hydraflow-supervisor-")
@@ -282,15 +282,22 @@ async fn supervisor_with_systemd_in_a_booted_container() {
         "{units}"
     );
 
-    step("remove_repo demo: the unit stops");
+    step("remove_repo demo: the unit stops, the instance file the supervisor wrote goes");
     let removed = served
         .req(json!({"action": "remove_repo", "slug": "demo"}))
         .await;
     assert_eq!(removed, json!({"status": "ok"}));
+    assert!(
+        !repos.join("demo.toml").exists(),
+        "the instance file is left"
+    );
     let gone = served
         .req(json!({"action": "repo_status", "slug": "demo"}))
         .await;
-    assert_eq!(gone["error"], "Repo not found", "{gone}");
+    assert_eq!(
+        gone["error"], "Repo not found: \"demo\" is not registered (see hydraflow repo list)",
+        "{gone}"
+    );
     let unit = served
         .backend
         .status(&Slug::new("demo").expect("slug"))

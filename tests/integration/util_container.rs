@@ -16,19 +16,23 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// The environment variable that turns the booted-container tests on.
-pub const SYSTEM_TESTS_ENV: &str = "HYDRAFLOW_SYSTEM_TESTS";
+/// Why a booted-container test is `#[ignore]`d, as cargo prints it.
+pub const NEEDS_CONTAINER: &str = "needs root and a booted Debian 12 container: as root run \
+     tests/system/prepare-host.sh, then cargo test -- --include-ignored (.ci/run does both)";
 
-/// Whether booted-container tests should run; prints why not when they are skipped.
-pub fn system_tests_enabled(test: &str) -> bool {
-    if std::env::var(SYSTEM_TESTS_ENV).as_deref() == Ok("1") {
-        return true;
-    }
-    println!(
-        "{test}: skipped: set {SYSTEM_TESTS_ENV}=1 to boot a Debian container with \
-         systemd-nspawn (as root; tests/system/prepare-host.sh installs what it needs)"
+/// Fail at once, saying what to do, when this process cannot boot a container: a test that
+/// was asked to run (`--include-ignored`) never skips.
+pub fn require_container_host() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test boots a container with systemd-nspawn and must run as root: {NEEDS_CONTAINER}"
     );
-    false
+    let marker = cache_dir().join("rootfs/.hydraflow-rootfs-complete");
+    assert!(
+        marker.exists(),
+        "no cached Debian 12 root file system at {}: run tests/system/prepare-host.sh as root",
+        marker.display()
+    );
 }
 
 /// Prints a step of a system test.

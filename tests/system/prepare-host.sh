@@ -1,6 +1,7 @@
 #!/bin/sh
-# Prepare this host for the booted-container system tests (HYDRAFLOW_SYSTEM_TESTS=1):
-# install debootstrap, systemd-container (systemd-nspawn) and dbus when missing, and build the
+# Prepare this host for the booted-container system tests (`cargo test -- --include-ignored`,
+# as root): install debootstrap, systemd-container (systemd-nspawn) and dbus when missing, and
+# nothing else (no upgrade of what is installed), and build the
 # cached minimal Debian 12 rootfs once under $HYDRAFLOW_TEST_CACHE (default
 # /var/cache/hydraflow-test). polkitd needs libpam-systemd (it provides default-logind, which
 # debootstrap does not resolve by itself). The mirror is read from this machine's apt sources. Run as root.
@@ -22,8 +23,24 @@ command -v nsenter >/dev/null 2>&1 || missing="$missing util-linux"
 if [ -n "$missing" ]; then
     echo "prepare-host: installing$missing"
     apt-get update -q
+    # Install what is missing and upgrade nothing: systemd-container must be the installed
+    # systemd's version (asked for by version, apt would otherwise upgrade systemd to the
+    # newest to match), and a simulated install that would still upgrade a package stops here.
+    pkgs=""
+    for pkg in $missing; do
+        if [ "$pkg" = systemd-container ] && version=$(dpkg-query -W -f='${Version}' systemd 2>/dev/null) && [ -n "$version" ]; then
+            pkg="systemd-container=$version"
+        fi
+        pkgs="$pkgs $pkg"
+    done
     # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+    upgrades=$(apt-get install -s -q --no-install-recommends --no-upgrade $pkgs | sed -n 's/^Inst \([^ ]*\) \[.*/\1/p' | tr '\n' ' ')
+    if [ -n "$upgrades" ]; then
+        echo "prepare-host: installing$pkgs would upgrade $upgrades; install them yourself, then run this again" >&2
+        exit 1
+    fi
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --no-upgrade $pkgs
 fi
 
 if [ "$(cat "$rootfs/.hydraflow-rootfs-complete" 2>/dev/null)" = "$include" ]; then
