@@ -228,4 +228,47 @@ mod tests {
         assert_eq!(db.name(0).await, "root");
         assert_eq!(db.name(4_000_000_001).await, "uid 4000000001");
     }
+
+    #[tokio::test]
+    async fn the_rules_by_group() {
+        let caller = |uid| Caller {
+            identity: crate::access::Identity::Known { uid, pid: None },
+            from: "test".into(),
+        };
+        let rules = |admin: &str, readers: Readers| GroupRules {
+            admin_group: admin.into(),
+            readers,
+            users: Arc::default(),
+        };
+        let check = |r: GroupRules, uid: u32, right: Right| async move {
+            r.check(&caller(uid), uid, right).await
+        };
+        // Root is a member of its primary group "root".
+        assert_eq!(
+            check(rules("root", Readers::Nobody), 0, Right::Manage).await,
+            Verdict::Allow
+        );
+        assert_eq!(
+            check(rules("no-such-group-hf", Readers::Nobody), 0, Right::Read).await,
+            Verdict::Deny(None)
+        );
+        assert_eq!(
+            check(rules("", Readers::Group("root".into())), 0, Right::Read).await,
+            Verdict::Allow
+        );
+        assert_eq!(
+            check(rules("", Readers::Group("root".into())), 0, Right::Manage).await,
+            Verdict::Deny(None)
+        );
+        assert_eq!(
+            check(rules("", Readers::Everyone), 0, Right::Read).await,
+            Verdict::Allow
+        );
+        assert_eq!(
+            check(rules("root", Readers::Everyone), 4_000_000_001, Right::Read).await,
+            Verdict::Deny(Some(
+                "uid 4000000001 has no entry in the user database".into()
+            ))
+        );
+    }
 }

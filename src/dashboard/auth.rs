@@ -227,6 +227,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rights_of_methods() {
+        for (method, right) in [
+            (Method::GET, Right::Read),
+            (Method::HEAD, Right::Read),
+            (Method::POST, Right::Manage),
+            (Method::PUT, Right::Manage),
+            (Method::DELETE, Right::Manage),
+            (Method::PATCH, Right::Manage),
+            (Method::OPTIONS, Right::Manage),
+        ] {
+            assert_eq!(right_of(&method), right, "{method}");
+        }
+    }
+
+    #[test]
+    fn loopback_is_the_connection_s_local_address() {
+        let peer = |server: &str| {
+            Peer::new(
+                server.parse().expect("addr"),
+                "192.0.2.1:4000".parse().expect("addr"),
+            )
+        };
+        assert!(peer("127.0.0.1:5555").is_loopback());
+        assert!(peer("[::1]:5555").is_loopback());
+        assert!(peer("[::ffff:127.0.0.1]:5555").is_loopback());
+        assert!(!peer("192.0.2.2:5555").is_loopback());
+        // A client from elsewhere on a loopback connection (translated) is nobody.
+        assert!(matches!(
+            peer("127.0.0.1:5555").caller().identity,
+            Identity::Unknown(_)
+        ));
+    }
+
+    #[test]
     fn tokens_are_found_in_header_or_cookie() {
         let check = |name: header::HeaderName, value: &str, expected: Option<&str>| {
             let mut h = HeaderMap::new();

@@ -487,3 +487,24 @@ async fn connection<S: Conn>(
     }
     let _ = reader.get_mut().get_mut().1.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rights_of_actions() {
+        let check = |line: &str, expected: Right| {
+            let request = Request::parse(line.as_bytes()).expect(line);
+            assert_eq!(right(&request.action), expected, "{line}");
+        };
+        check(r#"{"action":"ping"}"#, Right::Open);
+        check(r#"{"action":"version"}"#, Right::Open);
+        check(r#"{"action":"list_repos"}"#, Right::Read);
+        check(r#"{"action":"repo_status","slug":"s"}"#, Right::Read);
+        check(r#"{"action":"add_repo","path":"/a"}"#, Right::Manage);
+        check(r#"{"action":"register_repo","repo":"o/n"}"#, Right::Manage);
+        check(r#"{"action":"remove_repo","slug":"s"}"#, Right::Manage);
+        check(r#"{"action":"restart_repo","slug":"s"}"#, Right::Manage);
+    }
+}

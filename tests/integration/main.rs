@@ -21,6 +21,7 @@ mod system_agents;
 mod system_deb;
 mod systemd_container;
 mod systemd_fake;
+mod tidy;
 mod util;
 mod util_container;
 mod util_dashboard;
