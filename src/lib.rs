@@ -17,4 +17,6 @@ pub mod runtime;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod template;
+pub mod worker;
 pub mod worker_lock;

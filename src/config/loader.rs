@@ -1005,7 +1005,10 @@ mod tests {
             None,
             &[
                 ("HYDRAFLOW_MAIN_BRANCH", "develop"),
-                ("HYDRAFLOW_AGENT_COMMAND", "[\"/bin/agent\", \"{prompt}\"]"),
+                (
+                    "HYDRAFLOW_AGENT_COMMAND",
+                    "[\"/bin/agent\", \"{{prompt}}\"]",
+                ),
                 ("HYDRAFLOW_REPO_PATH", "/srv/x"),
                 ("HYDRAFLOW_SOMETHING_ELSE", "ignored"),
                 ("HYDRAFLOW_HOME", "/var/lib/x"),
@@ -1013,7 +1016,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.main_branch, "develop");
-        assert_eq!(c.agent.command, vec!["/bin/agent", "{prompt}"]);
+        assert_eq!(c.agent.command, vec!["/bin/agent", "{{prompt}}"]);
         assert_eq!(c.repo_path.as_deref(), Some(Path::new("/srv/x")));
     }
 

@@ -386,17 +386,7 @@ impl Supervisor {
         };
         let text = Self::instance_file_text(slug.as_str(), path, repo);
         std::fs::create_dir_all(&self.settings.repos_dir).map_err(err)?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".instance.")
-            .tempfile_in(&self.settings.repos_dir)
-            .map_err(err)?;
-        std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(err)?;
-        tmp.as_file().sync_all().map_err(err)?;
-        match tmp.persist_noclobber(&file) {
-            Ok(_) => Ok(true),
-            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(err(e.error)),
-        }
+        crate::store::atomic::create_atomic(&file, text.as_bytes()).map_err(err)
     }
 
     /// Remove what the supervisor wrote for `entry`: its instance file when it still reads as
@@ -841,17 +831,9 @@ pub fn port_file(state_dir: &Path) -> PathBuf {
 fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".supervisor-port.")
-        .tempfile_in(dir)?;
-    std::io::Write::write_all(&mut tmp, port.to_string().as_bytes())?;
-    // Readable by every local user, as the original's was: their clients find the port here.
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    // Readable by every local user (mode 0666 less the umask), as the original's was: their
+    // clients find the port here.
+    crate::store::atomic::write_atomic(path, port.to_string().as_bytes())
 }
 
 /// The default Unix control socket when not socket-activated: `<state dir>/control.sock`.
@@ -1002,7 +984,7 @@ pub async fn select_access(
                 .await
                 .map_err(DaemonError::Polkit)?,
         ),
-        Authorization::Auto if Path::new("/run/systemd/system").is_dir() => {
+        Authorization::Auto if crate::systemd::booted() => {
             match polkit::Polkit::connect(None).await {
                 Ok(p) => polkit(p),
                 Err(e) => {
@@ -1148,9 +1130,8 @@ pub async fn run_daemon(
         serving.push(path);
     }
     let supervisor = Arc::new(Supervisor::new(loaded.registry, backend, settings));
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        crate::systemd::notify_ready(&format!("listening on {}", serving.join(" and ")));
-    }
+    // A no-op off systemd.
+    crate::systemd::notify_ready(&format!("listening on {}", serving.join(" and ")));
     let reconcile = tokio::spawn(supervisor.clone().reconcile());
     let dashboard_stop = tokio_util::sync::CancellationToken::new();
     let dashboard = dashboard_listener.map(|listener| {
@@ -1168,9 +1149,7 @@ pub async fn run_daemon(
         // It holds the supervisor: it must end before the backend is dropped below.
         let _ = task.await;
     }
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        crate::systemd::notify_stopping();
-    }
+    crate::systemd::notify_stopping();
     reconcile.abort();
     let _ = reconcile.await;
     if port_written && let Err(e) = std::fs::remove_file(&port_path) {

@@ -27,6 +27,7 @@ mod util_container;
 mod util_dashboard;
 mod worker_activation;
 mod worker_bad_input;
+mod worker_daemon;
 mod worker_e2e;
 mod worker_faults;
 mod worker_local_ci;
