@@ -7,11 +7,12 @@
 # alternating rounds; run as root, lg then runs as `nobody`, let in by `read_group = "*"`, so
 # every list_repos connection is looked up (sock_diag) and checked against the group rules.
 #
-# usage: bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)]
+# usage: bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)] [ROUNDS of off/on (3)]
 set -euo pipefail
 
 repos=${1:-200}
 secs=${2:-5}
+rounds=${3:-3}
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build --release --quiet 2>/dev/null || cargo build --release
@@ -167,7 +168,7 @@ else
 fi
 alg() { as_client "$work/lg" -p "$(cat "$port_file")" -d "$secs" -q "$@"; }
 declare -A sum
-for round in 1 2; do
+for round in $(seq 1 "$rounds"); do
     for mode in off groups; do
         config "$mode"
         start
@@ -183,5 +184,5 @@ for round in 1 2; do
 done
 for what in ping list_repos; do
     awk -v on="${sum[groups,$what]}" -v off="${sum[off,$what]}" -v what="$what" \
-        'BEGIN { printf "%s, 16 clients, both rounds: off %.0f req/s, on %.0f req/s: on/off = %.3f\n", what, off / 2, on / 2, on / off }'
+        -v n="$rounds" 'BEGIN { printf "%s, 16 clients, mean of %d rounds: off %.0f req/s, on %.0f req/s: on/off = %.3f\n", what, n, off / n, on / n, on / off }'
 done
