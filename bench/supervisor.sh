@@ -2,19 +2,24 @@
 # Supervisor benchmark: builds the release binary and bench/lg.c, starts `hydraflow supervisor`
 # (process backend) in a temporary directory, registers REPOS repositories, restarts the
 # supervisor so that it starts all of them (reconcile), then loads the control protocol with lg
-# (one TCP connection per request, as the original's client) and prints the figures.
+# (one TCP connection per request, as the original's client) and prints the figures. It ends by
+# comparing access control off and on (`[supervisor] authorization = "off"` and "groups") in
+# alternating rounds; run as root, lg then runs as `nobody`, let in by `read_group = "*"`, so
+# every list_repos connection is looked up (sock_diag) and checked against the group rules.
 #
-# usage: bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)]
+# usage: bench/supervisor.sh [REPOS (200)] [SECONDS per run (5)] [ROUNDS of off/on (3)]
 set -euo pipefail
 
 repos=${1:-200}
 secs=${2:-5}
+rounds=${3:-3}
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build --release --quiet 2>/dev/null || cargo build --release
 bin=$CARGO_TARGET_DIR/release/hydraflow
 
 work=$(mktemp -d)
+chmod 755 "$work"
 pid=
 cleanup() {
     if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
@@ -32,14 +37,20 @@ systemd-notify --ready --status="bench worker $2"
 sleep 100000 &
 wait
 EOF
-cat > "$work/hydraflow.toml" <<EOF
+# config AUTHORIZATION: the configuration with `[supervisor] authorization` set.
+config() {
+    cat > "$work/hydraflow.toml" <<EOF
 repos_dir = "$work/repos"
 [supervisor]
 listen = "127.0.0.1:0"
 backend = "process"
 state_dir = "$work/state"
 worker_command = ["/bin/sh", "$work/worker.sh"]
+authorization = "$1"
+read_group = "*"
 EOF
+}
+config groups
 export HYDRAFLOW_CONFIG=$work/hydraflow.toml
 unset NOTIFY_SOCKET JOURNAL_STREAM HYDRAFLOW_HOME HF_SUPERVISOR_PORT_FILE LISTEN_FDS LISTEN_PID || true
 port_file=$work/state/supervisor-port
@@ -145,3 +156,33 @@ floor_pid=$!
 sleep 0.2
 echo "floor, list_repos reply ($(wc -c <"$work/list-reply") bytes), 16 clients: $("$work/lg" -p "$floor_port" -d "$secs" -q -c 16 '{"action":"list_repos"}\n')"
 kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true
+
+# Access control off and on, in alternating rounds (so that drift hits both alike): the same
+# registry of $repos repositories, the supervisor restarted with each setting.
+if [ "$(id -u)" -eq 0 ]; then
+    as_client() { setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; }
+    client=nobody
+else
+    as_client() { "$@"; }
+    client=$(id -un)
+fi
+alg() { as_client "$work/lg" -p "$(cat "$port_file")" -d "$secs" -q "$@"; }
+declare -A sum
+for round in $(seq 1 "$rounds"); do
+    for mode in off groups; do
+        config "$mode"
+        start
+        until [ "$("$bin" repo list | grep -c 'active (running)')" -eq "$repos" ]; do sleep 0.1; done
+        for what in ping list_repos; do
+            line=$(alg -c 16 "{\"action\":\"$what\"}\\n")
+            echo "authorization=$mode round $round, $what ($repos repos), 16 clients as $client: $line"
+            rate=$(echo "$line" | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
+            sum[$mode,$what]=$(awk -v a="${sum[$mode,$what]:-0}" -v b="$rate" 'BEGIN { print a + b }')
+        done
+        stop
+    done
+done
+for what in ping list_repos; do
+    awk -v on="${sum[groups,$what]}" -v off="${sum[off,$what]}" -v what="$what" \
+        -v n="$rounds" 'BEGIN { printf "%s, 16 clients, mean of %d rounds: off %.0f req/s, on %.0f req/s: on/off = %.3f\n", what, n, off / n, on / n, on / off }'
+done

@@ -2,6 +2,7 @@
 //! coding-agent CLIs. This library holds everything; `main.rs` only parses
 //! the command line and calls [`cli::run`]. See ARCHITECTURE.md for the map.
 
+pub mod access;
 pub mod agent;
 pub mod backoff;
 pub mod child;

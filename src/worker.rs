@@ -33,8 +33,9 @@ pub struct Listeners {
     /// Remove the socket file when the worker stops (not one socket
     /// activation passed: its socket unit owns it and keeps listening).
     pub remove_api_socket: bool,
-    /// The API over TCP (`dashboard.worker_listen`) and its access token.
-    pub tcp: Option<(TcpListener, Option<Arc<str>>)>,
+    /// The API over TCP (`dashboard.worker_listen`) and who it lets in (the caller's rights on
+    /// loopback, the access token elsewhere).
+    pub tcp: Option<(TcpListener, crate::dashboard::auth::Guard)>,
 }
 
 /// Where the worker reports readiness, status and stopping: systemd's
@@ -148,11 +149,11 @@ pub async fn run(
             ("api", served.map_err(|e| e.to_string()))
         });
     }
-    if let Some((listener, token)) = listeners.tcp {
+    if let Some((listener, guard)) = listeners.tcp {
         let (reg, stop) = (Arc::clone(&registry), stop_api.clone());
         tasks.spawn(async move {
             let shutdown = async move { stop.cancelled().await };
-            let served = crate::dashboard::worker::serve_tcp(listener, reg, token, shutdown).await;
+            let served = crate::dashboard::worker::serve_tcp(listener, reg, guard, shutdown).await;
             ("api-tcp", served.map_err(|e| e.to_string()))
         });
     }

@@ -20,7 +20,8 @@ pub struct DashboardArgs {
     /// A worker to show, as `SLUG=SOCKET` (repeatable; at least one).
     #[arg(long = "worker", value_name = "SLUG=SOCKET", value_parser = parse_worker)]
     pub workers: Vec<(String, PathBuf)>,
-    /// Access token (required for a non-loopback address).
+    /// Access token (required for a non-loopback address). On a loopback address the caller's
+    /// user decides: only this user and root are let in (or whoever sends the token).
     #[arg(long, env = "HYDRAFLOW_DASHBOARD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
@@ -63,10 +64,16 @@ pub fn run(args: DashboardArgs) -> anyhow::Result<ExitCode> {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
+        // On loopback: this user and root (the workers' sockets are reached with this user's
+        // rights); elsewhere: the token.
+        let guard = dashboard::auth::Guard {
+            token: args.token.map(Arc::from),
+            access: Arc::new(crate::access::Access::groups("", "")),
+        };
         dashboard::supervisor::serve(
             listener,
             Arc::new(StaticRepos(args.workers)),
-            args.token.map(Arc::from),
+            guard,
             shutdown,
         )
         .await

@@ -132,18 +132,19 @@ pub fn run_supervisor(config_file: &Path, args: SupervisorArgs) -> anyhow::Resul
     })
 }
 
-/// The supervisor's address and how long `add_repo` may take.
-fn endpoint(config_file: &Path) -> anyhow::Result<(std::net::SocketAddr, Duration)> {
+/// Where the supervisor may listen, in order (Unix control sockets, then TCP), and how long
+/// `add_repo` may take.
+fn endpoint(config_file: &Path) -> anyhow::Result<(Vec<client::Endpoint>, Duration)> {
     let config = load_config(config_file)?;
     let state_dir = supervisor::state_dir(&config.supervisor);
     Ok((
-        client::discover(&state_dir),
+        client::endpoints(&state_dir, config.supervisor.control_socket.as_deref()),
         Duration::from_secs(config.supervisor.start_timeout + 5),
     ))
 }
 
 fn call<T: DeserializeOwned>(config_file: &Path, action: Action, slow: bool) -> anyhow::Result<T> {
-    let (addr, start_timeout) = endpoint(config_file)?;
+    let (endpoints, start_timeout) = endpoint(config_file)?;
     let timeout = if slow {
         start_timeout
     } else {
@@ -153,7 +154,7 @@ fn call<T: DeserializeOwned>(config_file: &Path, action: Action, slow: bool) -> 
         action,
         keep_alive: false,
     };
-    let fields = client::call(addr, &request, timeout)?;
+    let fields = client::call(&endpoints, &request, timeout)?;
     serde_json::from_value(Value::Object(fields))
         .context("the supervisor's reply lacks expected fields")
 }

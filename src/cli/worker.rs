@@ -375,11 +375,22 @@ async fn listeners(
             (listener, path, true)
         }
     };
-    let config = &runtime.resolved().config.dashboard;
+    let full = &runtime.resolved().config;
+    let config = &full.dashboard;
     let tcp = match &config.worker_listen {
         Some(address) => Some((
             dashboard::bind_tcp(address, config.token.as_deref()).await?,
-            config.token.as_deref().map(Arc::from),
+            // The worker's own user, root, and the supervisor's groups; a token from elsewhere.
+            dashboard::auth::Guard {
+                token: config.token.as_deref().map(Arc::from),
+                access: Arc::new(match full.supervisor.authorization {
+                    crate::config::Authorization::Off => crate::access::Access::off(),
+                    _ => crate::access::Access::groups(
+                        &full.supervisor.admin_group,
+                        &full.supervisor.read_group,
+                    ),
+                }),
+            },
         )),
         None => None,
     };

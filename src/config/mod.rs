@@ -418,6 +418,22 @@ pub enum SupervisorBackend {
     Process,
 }
 
+/// Who decides who may read and manage through the supervisor and the dashboards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Authorization {
+    /// polkit when booted with systemd and polkit answers for HydraFlow's actions, else `groups`.
+    #[default]
+    Auto,
+    /// polkit (`org.hydraflow.read`, `org.hydraflow.manage`); the supervisor fails to start
+    /// without it.
+    Polkit,
+    /// UID and group rules: root, the supervisor's user, `admin_group` and `read_group`.
+    Groups,
+    /// Every local user may do everything (the original's behaviour).
+    Off,
+}
+
 /// Supervisor settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -435,6 +451,16 @@ pub struct SupervisorConfig {
     /// argv the process backend runs for an instance, before `--instance <slug>`;
     /// default: this executable and `worker`.
     pub worker_command: Option<Vec<String>>,
+    /// The Unix control socket when not socket-activated; default `<state dir>/control.sock`,
+    /// empty for none.
+    pub control_socket: Option<PathBuf>,
+    /// Who decides who may read and manage: `auto`, `polkit`, `groups` or `off`.
+    pub authorization: Authorization,
+    /// Group whose members may read and manage (UID and group rules); empty for none.
+    pub admin_group: String,
+    /// Group whose members may read (UID and group rules); `*` for every local user; empty
+    /// for none.
+    pub read_group: String,
 }
 
 impl Default for SupervisorConfig {
@@ -445,6 +471,10 @@ impl Default for SupervisorConfig {
             start_timeout: 20,
             state_dir: None,
             worker_command: None,
+            control_socket: None,
+            authorization: Authorization::Auto,
+            admin_group: "hydraflow-admin".into(),
+            read_group: String::new(),
         }
     }
 }

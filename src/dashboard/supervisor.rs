@@ -531,7 +531,7 @@ async fn fan_in(directory: Arc<dyn RepoDirectory>, hub: Arc<Hub>, stop: Cancella
 /// runs until `stop` is cancelled.
 pub fn router(
     directory: Arc<dyn RepoDirectory>,
-    token: Option<Arc<str>>,
+    guard: super::auth::Guard,
     stop: CancellationToken,
 ) -> (Router, Arc<Hub>, tokio::task::JoinHandle<()>) {
     let hub = Arc::new(Hub::default());
@@ -550,25 +550,25 @@ pub fn router(
         .fallback(super::no_route)
         .with_state(app)
         .layer(axum::middleware::from_fn_with_state(
-            token,
-            super::auth::require_token,
+            guard,
+            super::auth::guard,
         ));
     (router, hub, fan)
 }
 
 /// Serve the supervisor dashboard on an already-bound listener until
-/// `shutdown` completes. Bind it with [`super::bind_tcp`], which refuses a
-/// non-loopback address without a token.
+/// `shutdown` completes, letting in whom `guard` lets in. Bind it with
+/// [`super::bind_tcp`], which refuses a non-loopback address without a token.
 ///
 /// # Errors
 /// I/O errors of the server.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     directory: Arc<dyn RepoDirectory>,
-    token: Option<Arc<str>>,
+    guard: super::auth::Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with(listener, directory, token, None, shutdown).await
+    serve_with(listener, directory, guard, None, shutdown).await
 }
 
 /// [`serve`], with the routes of `outside` served beside the dashboard's
@@ -580,20 +580,18 @@ pub async fn serve(
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     directory: Arc<dyn RepoDirectory>,
-    token: Option<Arc<str>>,
+    guard: super::auth::Guard,
     outside: Option<super::webhook::Route>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop = CancellationToken::new();
-    let (app, _hub, fan) = router(directory, token, stop.clone());
+    let (app, _hub, fan) = router(directory, guard, stop.clone());
     let app = match outside {
         Some(route) => route.0.merge(app),
         None => app,
     };
-    // Small responses go out at once (no Nagle delay behind a delayed ACK).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let listener = super::auth::NoDelay(listener);
+    let app = app.into_make_service_with_connect_info::<super::auth::Peer>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;

@@ -658,25 +658,24 @@ pub async fn serve(
         .await
 }
 
-/// Serve the worker API on an already-bound TCP listener, requiring `token`
-/// when one is given (see [`super::auth`]).
+/// Serve the worker API on an already-bound TCP listener, letting in whom
+/// `guard` lets in (see [`super::auth`]).
 ///
 /// # Errors
 /// I/O errors of the server.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     registry: Arc<RepoRuntimeRegistry>,
-    token: Option<Arc<str>>,
+    guard: super::auth::Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(registry).layer(axum::middleware::from_fn_with_state(
-        token,
-        super::auth::require_token,
-    ));
-    // Small responses go out at once (no Nagle delay behind a delayed ACK).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let app = router(registry)
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            super::auth::guard,
+        ))
+        .into_make_service_with_connect_info::<super::auth::Peer>();
+    let listener = super::auth::NoDelay(listener);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -21,6 +21,7 @@ use crate::layout::{Slug, SlugError};
 
 pub mod backend;
 pub mod client;
+pub mod polkit;
 pub mod process;
 pub mod protocol;
 pub mod registry;
@@ -835,6 +836,9 @@ pub enum DaemonError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// `[supervisor] authorization = "polkit"` and polkit cannot be used.
+    #[error("[supervisor] authorization is \"polkit\" but {0}; or set authorization = \"groups\"")]
+    Polkit(polkit::PolkitError),
     /// The port file could not be written.
     #[error("cannot write the port file {path}: {source}")]
     PortFile {
@@ -869,27 +873,177 @@ pub fn port_file(state_dir: &Path) -> PathBuf {
 fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
+    // Readable by every local user (mode 0666 less the umask), as the original's was: their
+    // clients find the port here.
     crate::store::atomic::write_atomic(path, port.to_string().as_bytes())
 }
 
-/// The listener: the first socket passed by systemd socket activation, else `listen` bound.
-async fn listener(listen: &str, mut fds: Vec<OwnedFd>) -> Result<TcpListener, DaemonError> {
-    if !fds.is_empty() {
-        let fd = fds.swap_remove(0);
-        let std_listener = std::net::TcpListener::from(fd);
-        let err = |source| DaemonError::Listen {
-            addr: "the socket passed in LISTEN_FDS".into(),
-            source,
-        };
-        std_listener.set_nonblocking(true).map_err(err)?;
-        return TcpListener::from_std(std_listener).map_err(err);
+/// The default Unix control socket when not socket-activated: `<state dir>/control.sock`.
+pub fn default_control_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join(CONTROL_SOCKET_NAME)
+}
+
+/// File name of the Unix control socket in the state directory (not socket-activated).
+pub const CONTROL_SOCKET_NAME: &str = "control.sock";
+
+/// The control socket of the packaged units (`hydraflow-supervisor.socket`).
+pub const SYSTEM_CONTROL_SOCKET: &str = "/run/hydraflow/control.sock";
+
+/// The sockets passed by systemd socket activation, sorted by kind: every Unix socket is the
+/// control socket (the first one served), every other one TCP (the first one served).
+fn passed_listeners(fds: Vec<OwnedFd>) -> Result<(Option<OwnedFd>, Option<OwnedFd>), DaemonError> {
+    let mut tcp = None;
+    let mut unix = None;
+    for fd in fds {
+        let as_unix = std::os::unix::net::UnixListener::from(fd);
+        let is_unix = as_unix.local_addr().is_ok();
+        let fd = OwnedFd::from(as_unix);
+        let slot = if is_unix { &mut unix } else { &mut tcp };
+        if slot.is_none() {
+            *slot = Some(fd);
+        } else {
+            tracing::warn!(
+                "socket activation passed more than one {} socket: only the first is served",
+                if is_unix { "Unix" } else { "TCP" }
+            );
+        }
     }
-    TcpListener::bind(listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: listen.to_owned(),
-            source,
-        })
+    Ok((tcp, unix))
+}
+
+/// The listeners: the sockets passed by systemd socket activation, else `listen` (TCP, unless
+/// empty) and `control` (the Unix control socket, unless `None`) bound here. Returns the TCP
+/// listener's address and the control socket's path (to remove on exit) too.
+async fn listeners(
+    listen: &str,
+    control: Option<&Path>,
+    fds: Vec<OwnedFd>,
+) -> Result<(server::Listeners, Option<PathBuf>), DaemonError> {
+    let passed = |source| DaemonError::Listen {
+        addr: "the socket passed in LISTEN_FDS".into(),
+        source,
+    };
+    if !fds.is_empty() {
+        let (tcp, unix) = passed_listeners(fds)?;
+        if tcp.is_some() && listen.is_empty() {
+            return Err(DaemonError::Listen {
+                addr: "the TCP socket passed in LISTEN_FDS".into(),
+                source: std::io::Error::other(
+                    "[supervisor] listen is empty (TCP off) but hydraflow-supervisor.socket \
+                     passes a TCP socket: drop its ListenStream=127.0.0.1:8765 (systemctl edit \
+                     hydraflow-supervisor.socket), or set listen",
+                ),
+            });
+        }
+        let tcp = match tcp {
+            Some(fd) => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true).map_err(passed)?;
+                Some(TcpListener::from_std(l).map_err(passed)?)
+            }
+            None => None,
+        };
+        let unix = match unix {
+            Some(fd) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true).map_err(passed)?;
+                Some(tokio::net::UnixListener::from_std(l).map_err(passed)?)
+            }
+            None => None,
+        };
+        return Ok((server::Listeners { tcp, unix }, None));
+    }
+    let tcp = if listen.is_empty() {
+        None
+    } else {
+        Some(
+            TcpListener::bind(listen)
+                .await
+                .map_err(|source| DaemonError::Listen {
+                    addr: listen.to_owned(),
+                    source,
+                })?,
+        )
+    };
+    let unix = match control {
+        Some(path) => Some(
+            bind_control_socket(path).map_err(|source| DaemonError::Listen {
+                addr: path.display().to_string(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let path = unix.as_ref().and(control).map(Path::to_path_buf);
+    Ok((server::Listeners { tcp, unix }, path))
+}
+
+/// Bind the Unix control socket at `path`, mode 0666 (who may do what is decided per request by
+/// the caller's credentials): bound under a temporary name, then renamed into place. A stale
+/// socket is replaced; one that answers is another supervisor's, and an error.
+fn bind_control_socket(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another supervisor listens there: stop it, or set [supervisor] control_socket",
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{CONTROL_SOCKET_NAME}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(listener)
+}
+
+/// Who decides who may do what (`[supervisor] authorization`): polkit (`auto` on a host booted
+/// with systemd where polkit answers for HydraFlow's actions), the UID and group rules, or
+/// nobody (`off`).
+///
+/// # Errors
+/// [`DaemonError::Polkit`] when `polkit` is asked for and cannot be used.
+pub async fn select_access(
+    config: &SupervisorConfig,
+) -> Result<crate::access::Access, DaemonError> {
+    use crate::access::Access;
+    use crate::config::Authorization;
+    let groups = || Access::groups(&config.admin_group, &config.read_group);
+    let polkit = |p: polkit::Polkit| Access::new(Arc::new(p), Arc::default());
+    let access = match config.authorization {
+        Authorization::Off => {
+            tracing::warn!(
+                "[supervisor] authorization is \"off\": every local user may read and manage \
+                 every repository"
+            );
+            Access::off()
+        }
+        Authorization::Groups => groups(),
+        Authorization::Polkit => polkit(
+            polkit::Polkit::connect(None)
+                .await
+                .map_err(DaemonError::Polkit)?,
+        ),
+        Authorization::Auto if crate::systemd::booted() => {
+            match polkit::Polkit::connect(None).await {
+                Ok(p) => polkit(p),
+                Err(e) => {
+                    tracing::info!("polkit is not used ({e}): the UID and group rules decide");
+                    groups()
+                }
+            }
+        }
+        Authorization::Auto => groups(),
+    };
+    tracing::info!(
+        authority = access.name(),
+        admin_group = %config.admin_group,
+        read_group = %config.read_group,
+        "access control"
+    );
+    Ok(access)
 }
 
 /// Bind the dashboard's listener (`dashboard.listen`); a dashboard that cannot listen is
@@ -905,23 +1059,28 @@ async fn bind_dashboard(config: &Config) -> Option<TcpListener> {
     }
 }
 
-/// Serve the dashboard on `listener` until `stop`, with the webhook route
-/// beside it unless it has a listener of its own.
+/// Serve the dashboard on `listener` until `stop`, letting in whom `access` (or the token)
+/// lets in, with the webhook route beside it (outside that guard: a delivery's signature
+/// authenticates it) unless it has a listener of its own.
 fn start_dashboard(
     config: &Config,
     listener: TcpListener,
     supervisor: &Arc<Supervisor>,
     webhook: Option<crate::dashboard::webhook::Route>,
+    access: Arc<crate::access::Access>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tracing::info!(url = %supervisor.settings.dashboard_base, "dashboard listening");
     let directory: Arc<dyn crate::dashboard::supervisor::RepoDirectory> = supervisor.clone();
-    let token = config.dashboard.token.as_deref().map(Arc::from);
+    let guard = crate::dashboard::auth::Guard {
+        token: config.dashboard.token.as_deref().map(Arc::from),
+        access,
+    };
     let stop = stop.clone();
     tokio::spawn(async move {
         let shutdown = async move { stop.cancelled().await };
         if let Err(e) =
-            crate::dashboard::supervisor::serve_with(listener, directory, token, webhook, shutdown)
+            crate::dashboard::supervisor::serve_with(listener, directory, guard, webhook, shutdown)
                 .await
         {
             tracing::error!("the dashboard stopped: {e}");
@@ -929,9 +1088,11 @@ fn start_dashboard(
     })
 }
 
-/// Run the supervisor until `shutdown` resolves: load the registry, choose the backend, listen
-/// (on `listen_fds[0]` when socket-activated), write the port file, send READY=1, start the
-/// registered repositories, serve; on shutdown remove the port file and stop child instances.
+/// Run the supervisor until `shutdown` resolves: load the registry, choose the backend and who
+/// decides access, listen (on the sockets passed by socket activation, else on `listen` and the
+/// control socket), write the port file, send READY=1, start the registered repositories,
+/// serve; on shutdown remove the port file and the control socket it bound, and stop child
+/// instances.
 ///
 /// # Errors
 /// [`DaemonError`] saying which step failed.
@@ -975,17 +1136,47 @@ pub async fn run_daemon(
         process::ProcessOptions::new(settings.state_dir.clone(), worker_command, config_file);
     let backend = backend::select(opts.config.supervisor.backend, process).await?;
     tracing::info!(backend = backend.name(), "instance backend chosen");
-    let listener = listener(&opts.config.supervisor.listen, listen_fds).await?;
-    let addr: SocketAddr = listener.local_addr().map_err(DaemonError::Serve)?;
+    let access = Arc::new(select_access(&opts.config.supervisor).await?);
+    let control = match &opts.config.supervisor.control_socket {
+        Some(path) if path.as_os_str().is_empty() => None,
+        Some(path) => Some(path.clone()),
+        None => Some(default_control_socket(&settings.state_dir)),
+    };
+    let (listeners, control_path) = listeners(
+        &opts.config.supervisor.listen,
+        control.as_deref(),
+        listen_fds,
+    )
+    .await?;
+    let mut serving = Vec::new();
     let port_path = port_file(&settings.state_dir);
-    write_port_file(&port_path, addr.port()).map_err(|source| DaemonError::PortFile {
-        path: port_path.clone(),
-        source,
-    })?;
-    tracing::info!(%addr, port_file = %port_path.display(), "listening");
+    let mut port_written = false;
+    if let Some(tcp) = &listeners.tcp {
+        let addr: SocketAddr = tcp.local_addr().map_err(DaemonError::Serve)?;
+        write_port_file(&port_path, addr.port()).map_err(|source| DaemonError::PortFile {
+            path: port_path.clone(),
+            source,
+        })?;
+        port_written = true;
+        tracing::info!(%addr, port_file = %port_path.display(), "listening");
+        serving.push(addr.to_string());
+    }
+    if let Some(unix) = &listeners.unix {
+        // Bound here under a temporary name and renamed, or passed by systemd.
+        let path = control_path
+            .clone()
+            .or_else(|| {
+                unix.local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            })
+            .map_or_else(|| "a Unix socket".into(), |p| p.display().to_string());
+        tracing::info!(socket = %path, "listening");
+        serving.push(path);
+    }
     let supervisor = Arc::new(Supervisor::new(loaded.registry, backend, settings));
     // A no-op off systemd.
-    crate::systemd::notify_ready(&format!("listening on {addr}"));
+    crate::systemd::notify_ready(&format!("listening on {}", serving.join(" and ")));
     let reconcile = tokio::spawn(supervisor.clone().reconcile());
     let dashboard_stop = tokio_util::sync::CancellationToken::new();
     let targets: Arc<dyn crate::dashboard::webhook::Targets> = supervisor.clone();
@@ -998,10 +1189,11 @@ pub async fn run_daemon(
             listener,
             &supervisor,
             webhooks.route,
+            access.clone(),
             &dashboard_stop,
         )
     });
-    let served = server::serve(listener, supervisor.clone(), opts.server, shutdown).await;
+    let served = server::serve(listeners, supervisor.clone(), access, opts.server, shutdown).await;
     dashboard_stop.cancel();
     // They hold the supervisor: they must end before the backend is dropped below.
     for task in dashboard.into_iter().chain(webhook_tasks) {
@@ -1010,8 +1202,13 @@ pub async fn run_daemon(
     crate::systemd::notify_stopping();
     reconcile.abort();
     let _ = reconcile.await;
-    if let Err(e) = std::fs::remove_file(&port_path) {
+    if port_written && let Err(e) = std::fs::remove_file(&port_path) {
         tracing::warn!("cannot remove {}: {e}", port_path.display());
+    }
+    if let Some(path) = control_path
+        && let Err(e) = std::fs::remove_file(&path)
+    {
+        tracing::warn!("cannot remove {}: {e}", path.display());
     }
     // Dropping the last reference to the backend stops child instances (process backend).
     drop(supervisor);

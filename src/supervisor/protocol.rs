@@ -82,6 +82,23 @@ pub enum Action {
     ForgeStatus,
 }
 
+impl Action {
+    /// The action's name on the wire (`remove_repo`), as refusals name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Ping => "ping",
+            Action::Version => "version",
+            Action::ListRepos => "list_repos",
+            Action::AddRepo { .. } => "add_repo",
+            Action::RegisterRepo { .. } => "register_repo",
+            Action::RemoveRepo(_) => "remove_repo",
+            Action::RestartRepo(_) => "restart_repo",
+            Action::RepoStatus(_) => "repo_status",
+            Action::ForgeStatus => "forge_status",
+        }
+    }
+}
+
 /// One parsed request line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -233,29 +250,13 @@ impl Request {
                 put("repo_slug", slug.as_str());
             }
         };
+        put("action", self.action.name());
         match &self.action {
-            Action::Ping => put("action", "ping"),
-            Action::Version => put("action", "version"),
-            Action::ListRepos => put("action", "list_repos"),
-            Action::ForgeStatus => put("action", "forge_status"),
-            Action::AddRepo { target, slug } => {
-                put("action", "add_repo");
+            Action::Ping | Action::Version | Action::ListRepos | Action::ForgeStatus => {}
+            Action::AddRepo { target, slug } | Action::RegisterRepo { target, slug } => {
                 put_target(&mut put, target, slug);
             }
-            Action::RegisterRepo { target, slug } => {
-                put("action", "register_repo");
-                put_target(&mut put, target, slug);
-            }
-            Action::RemoveRepo(r) => {
-                put("action", "remove_repo");
-                put_ref(&mut put, r);
-            }
-            Action::RestartRepo(r) => {
-                put("action", "restart_repo");
-                put_ref(&mut put, r);
-            }
-            Action::RepoStatus(r) => {
-                put("action", "repo_status");
+            Action::RemoveRepo(r) | Action::RestartRepo(r) | Action::RepoStatus(r) => {
                 put_ref(&mut put, r);
             }
         }
@@ -588,6 +589,9 @@ mod tests {
             r#"{"action":"register_repo","repo":"o/n"}"#,
             r#"{"action":"remove_repo","slug":"s","keep_alive":true}"#,
             r#"{"action":"repo_status","path":"/p"}"#,
+            r#"{"action":"version"}"#,
+            r#"{"action":"list_repos"}"#,
+            r#"{"action":"restart_repo","repo":"o/n"}"#,
         ] {
             let req = Request::parse(line.as_bytes()).unwrap();
             assert_eq!(Request::parse(&req.to_line()).unwrap(), req, "{line}");

@@ -1,3 +1,4 @@
+mod access;
 mod agent;
 mod agent_clis;
 mod agent_containment;
@@ -14,8 +15,10 @@ mod github_e2e;
 mod github_forge;
 mod local_forge;
 mod model_server;
+mod polkit_fake;
 mod rest_budget;
 mod supervisor;
+mod system_access;
 mod system_agents;
 mod system_deb;
 mod systemd_container;

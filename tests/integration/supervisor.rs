@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hydraflow::access::Access;
 use hydraflow::config::SupervisorBackend;
 use hydraflow::supervisor::process::ProcessOptions;
 use hydraflow::supervisor::registry::Registry;
@@ -88,7 +89,9 @@ impl Harness {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(server::serve(listener, sup, opts, async {
+        // Access control on, as in production: the test runs as the server's own user.
+        let access = Arc::new(Access::groups("", ""));
+        let server = tokio::spawn(server::serve(listener, sup, access, opts, async {
             let _ = rx.await;
         }));
         Harness {

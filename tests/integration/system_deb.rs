@@ -359,6 +359,7 @@ async fn debian_package_in_a_booted_container() {
         "2b. the supervisor's dashboard proxies /repos/demo/healthz to the worker through \
          /run/hydraflow-dashboard/demo.sock (hydraflow, 0600; nobody cannot connect)",
     );
+    crate::system_access::check_access(&c);
 
     // 3. File an issue; the worker takes it to a merged commit.
     sh(

@@ -84,6 +84,7 @@ impl Served {
         let server = tokio::spawn(server::serve(
             listener,
             supervisor.clone(),
+            Arc::new(hydraflow::access::Access::groups("", "")),
             ServerOptions::default(),
             async {
                 let _ = rx.await;

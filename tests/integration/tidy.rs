@@ -51,9 +51,9 @@ const SYSTEMD_VARS: &[&str] = &[
 
 const RULES: &[Rule] = &[
     Rule {
-        says: "only `supervisor::systemd_backend` speaks D-Bus (`zbus`)",
+        says: "only `supervisor::systemd_backend` and `supervisor::polkit` speak D-Bus (`zbus`)",
         find: Find::Code(&["zbus"]),
-        allowed: &["supervisor/systemd_backend.rs"],
+        allowed: &["supervisor/systemd_backend.rs", "supervisor/polkit.rs"],
     },
     Rule {
         says: "only `forge::github` uses `octocrab`",
@@ -130,6 +130,25 @@ const RULES: &[Rule] = &[
         says: "`anyhow` is used only by the command line (`cli`, `main.rs`, `demo`)",
         find: Find::Code(&["anyhow"]),
         allowed: &["cli/", "main.rs", "demo.rs"],
+    },
+    Rule {
+        says: "only `access::peer` asks the kernel who owns a socket (`netlink_sys`, `netlink_packet_sock_diag`)",
+        find: Find::Code(&[
+            "netlink_sys",
+            "netlink_packet_sock_diag",
+            "netlink_packet_core",
+        ]),
+        allowed: &["access/peer.rs"],
+    },
+    Rule {
+        says: "only `access` words a refusal (`permission denied: …`), which the protocol and the dashboards send as it is",
+        find: Find::Literal(&["permission denied: "]),
+        allowed: &["access/mod.rs"],
+    },
+    Rule {
+        says: "only `supervisor::protocol` writes the control protocol's replies (`\"status\":`)",
+        find: Find::Literal(&["\"status\":\"", "\"status\": \""]),
+        allowed: &["supervisor/protocol.rs"],
     },
 ];
 
@@ -605,6 +624,21 @@ fn the_rules_catch_their_violations() {
         "only `dashboard::webhook`",
     );
     check(
+        "dashboard/auth.rs",
+        "let s = netlink_sys::Socket::new(4);",
+        "only `access::peer`",
+    );
+    check(
+        "supervisor/server.rs",
+        "Response::error(format!(\"permission denied: {u} may not {a}\"))",
+        "only `access` words",
+    );
+    check(
+        "supervisor/server.rs",
+        "w.write_all(b\"{\\\"status\\\":\\\"ok\\\"}\\n\")",
+        "only `supervisor::protocol`",
+    );
+    check(
         "pipeline/x.rs",
         "fn f() -> anyhow::Result<()> {}",
         "`anyhow`",
@@ -632,6 +666,8 @@ fn the_rules_catch_their_violations() {
     assert!(violations(&sources(&tree)).is_empty());
     // And what is allowed is allowed.
     none("supervisor/systemd_backend.rs", "use zbus::Connection;");
+    none("supervisor/polkit.rs", "use zbus::Variant;");
+    none("access/peer.rs", "use netlink_sys::Socket;");
     none("git/worktree.rs", "use git2::Repository;");
     none("systemd.rs", "std::env::var_os(\"NOTIFY_SOCKET\")");
     none(
