@@ -181,7 +181,7 @@ impl Fixture {
         std::fs::write(
             &config,
             format!(
-                "[agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{stage}}\", \"{{issue}}\"]\noutput = \"plain\"\n[agent.env]\nBENCH_LOG = {log:?}\n",
+                "[agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{{{stage}}}}\", \"{{{{issue}}}}\"]\noutput = \"plain\"\n[agent.env]\nBENCH_LOG = {log:?}\n",
                 agent = agent.display().to_string(),
                 log = agent_log.display().to_string(),
             ),

@@ -70,7 +70,7 @@ data_poll_interval = 5
 
 [agent]
 preset = "command"
-command = [{exe:?}, "demo-agent", "--stage", "{{stage}}", "--issue", "{{issue}}"]
+command = [{exe:?}, "demo-agent", "--stage", "{{{{stage}}}}", "--issue", "{{{{issue}}}}"]
 output = "plain"
 "#,
         exe = exe.display().to_string()

@@ -172,14 +172,6 @@ impl Layout {
     pub fn plan_file(&self, issue: u64) -> PathBuf {
         self.plans_dir().join(format!("issue-{issue}.md"))
     }
-    /// `data_root/<slug>/memory/`.
-    pub fn memory_dir(&self) -> PathBuf {
-        self.repo_dir().join("memory")
-    }
-    /// `data_root/<slug>/metrics/`.
-    pub fn metrics_dir(&self) -> PathBuf {
-        self.repo_dir().join("metrics")
-    }
     /// `data_root/<slug>/forge/`: the embedded local forge's issues and pull requests.
     pub fn forge_dir(&self) -> PathBuf {
         self.repo_dir().join("forge")
@@ -215,8 +207,6 @@ impl Layout {
             self.repo_dir(),
             self.logs_dir(),
             self.plans_dir(),
-            self.memory_dir(),
-            self.metrics_dir(),
             self.spool_dir(),
         ] {
             std::fs::create_dir_all(&dir).map_err(|e| {

@@ -3,6 +3,7 @@
 //! the command line and calls [`cli::run`]. See ARCHITECTURE.md for the map.
 
 pub mod agent;
+pub mod backoff;
 pub mod child;
 pub mod cli;
 pub mod config;
@@ -16,4 +17,6 @@ pub mod runtime;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod template;
+pub mod worker;
 pub mod worker_lock;

@@ -12,7 +12,7 @@ use std::env;
 use std::fs::{self, OpenOptions};
 use std::io::{self, IsTerminal};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -82,6 +82,20 @@ fn one_line(status: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Whether the host booted with systemd as its init (sd_booted(3): the
+/// directory `/run/systemd/system` exists).
+pub fn booted() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// The first directory of `$RUNTIME_DIRECTORY` (systemd.exec(5),
+/// `RuntimeDirectory=`), when systemd made one for this service.
+pub fn runtime_directory() -> Option<PathBuf> {
+    let dirs = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty())?;
+    let first = dirs.to_string_lossy().split(':').next()?.to_owned();
+    (!first.is_empty()).then(|| PathBuf::from(first))
 }
 
 /// Send `READY=1` with a `STATUS=` line.

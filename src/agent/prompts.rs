@@ -170,30 +170,9 @@ fn render_comments(ctx: &PromptContext) -> String {
         .join("\n\n---\n\n")
 }
 
-/// Replace every known `{{name}}` in `template` in one pass.
+/// Replace every known `{{name}}` in `template` in one pass ([`crate::template`]).
 fn fill(template: &str, ctx: &PromptContext) -> String {
-    let mut out = String::with_capacity(template.len() + ctx.body.len());
-    let mut rest = template;
-    while let Some(open) = rest.find("{{") {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 2..];
-        let replaced = after.find("}}").and_then(|close| {
-            let name = after[..close].trim();
-            value(name, ctx).map(|v| (v, close))
-        });
-        match replaced {
-            Some((v, close)) => {
-                out.push_str(&v);
-                rest = &after[close + 2..];
-            }
-            None => {
-                out.push('{');
-                rest = &rest[open + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    crate::template::fill(template, |name| value(name, ctx))
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //!
 //! # Presets
 //! The stage's [`StageAgent`] settings override [`AgentConfig`]'s.
-//! - `claude`: `claude -p {prompt} --output-format stream-json --verbose
+//! - `claude`: `claude -p {{prompt}} --output-format stream-json --verbose
 //!   [--model M] [--permission-mode bypassPermissions] [extra_args…]`, read as
 //!   [`OutputFormat::ClaudeStreamJson`]. Triage and plan run in the
 //!   repository's own checkout and get no permission flag: in `-p` mode
@@ -17,23 +17,25 @@
 //!   boundary. `extra_args` (e.g. `--allowedTools`, `--max-turns`) are
 //!   appended.
 //! - `codex`: `codex exec --json [--model M] --sandbox read-only|danger-full-access
-//!   [extra_args…] {prompt}`, read as [`OutputFormat::CodexJson`], with the same
+//!   [extra_args…] {{prompt}}`, read as [`OutputFormat::CodexJson`], with the same
 //!   read-only / write split (Codex's `workspace-write` sandbox would refuse
 //!   the commit: a worktree's git directory lies outside it).
 //! - `command`: the stage's `command` argv template, else `agent.command`,
 //!   plus `extra_args`; its output format is the stage's `output`, else
 //!   `agent.output`, else `plain`. A stage's `output` also overrides a preset's.
 //!
-//! Placeholders inside arguments: `{prompt}`, `{prompt_file}` (the prompt
+//! Placeholders inside arguments: `{{prompt}}`, `{{prompt_file}}` (the prompt
 //! written to `<transcript stem>.prompt.md` next to the transcript),
-//! `{model}` (empty when unset), `{stage}`, `{issue}`, `{cwd}`. Substitution is
-//! one pass, so braces inside the prompt are never expanded. Without `{prompt}`
-//! or `{prompt_file}` the prompt goes to stdin. A prompt larger than
+//! `{{model}}` (empty when unset), `{{stage}}`, `{{issue}}`, `{{cwd}}`: the one
+//! template syntax ([`crate::template`]), also the prompts'. Substitution is
+//! one pass, so braces inside the prompt are never expanded. The old
+//! single-brace form (`{stage}`) is a configuration error that says so. Without `{{prompt}}`
+//! or `{{prompt_file}}` the prompt goes to stdin. A prompt larger than
 //! [`MAX_ARG_PROMPT`] bytes does not fit in one argument (Linux caps an
-//! argument at 128 KiB): every argument containing `{prompt}` is then dropped
+//! argument at 128 KiB): every argument containing `{{prompt}}` is then dropped
 //! and the prompt goes to stdin, which both presets read when no prompt
-//! argument is given. Templates should therefore keep `{prompt}` a whole
-//! argument of its own, or use `{prompt_file}`.
+//! argument is given. Templates should therefore keep `{{prompt}}` a whole
+//! argument of its own, or use `{{prompt_file}}`.
 //!
 //! # Files
 //! The transcript ([`super::AgentOutcome::transcript`]) is written atomically
@@ -845,7 +847,7 @@ fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
         .clone()
         .or_else(|| (preset == Preset::Claude).then(|| claude_default_model(stage).to_string()));
     let model_args: Vec<String> = if model.is_some() {
-        vec!["--model".into(), "{model}".into()]
+        vec!["--model".into(), "{{model}}".into()]
     } else {
         Vec::new()
     };
@@ -855,7 +857,7 @@ fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
             let mut t = s(&[
                 "claude",
                 "-p",
-                "{prompt}",
+                "{{prompt}}",
                 "--output-format",
                 "stream-json",
                 "--verbose",
@@ -877,7 +879,7 @@ fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
             };
             t.extend(s(&["--sandbox", sandbox]));
             t.extend(sa.extra_args.iter().cloned());
-            t.push("{prompt}".into());
+            t.push("{{prompt}}".into());
             (t, OutputFormat::CodexJson)
         }
         Preset::Command => {
@@ -898,6 +900,13 @@ fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
             "the agent command for stage {stage} has an empty program name"
         )));
     }
+    for arg in &template {
+        if let [name, ..] = crate::template::single_brace_names(arg, PLACEHOLDERS)[..] {
+            return Err(AgentError::Config(format!(
+                "the agent command for stage {stage} has the argument {arg:?}: placeholders are written {{{{{name}}}}}, not {{{name}}}"
+            )));
+        }
+    }
     Ok(Resolved {
         template,
         output: stage_output.unwrap_or(default_output),
@@ -907,31 +916,15 @@ fn resolve(config: &AgentConfig, stage: Stage) -> Result<Resolved, AgentError> {
 
 /// Replace `{name}` placeholders in `arg` in one pass; unknown names stay.
 fn substitute(arg: &str, vars: &[(&str, &str)]) -> String {
-    let mut out = String::with_capacity(arg.len());
-    let mut rest = arg;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let hit = after.find('}').and_then(|close| {
-            let name = &after[..close];
-            vars.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| (*v, close))
-        });
-        match hit {
-            Some((value, close)) => {
-                out.push_str(value);
-                rest = &after[close + 1..];
-            }
-            None => {
-                out.push('{');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    crate::template::fill(arg, |name| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
+    })
 }
+
+/// The names an agent command line may use, written `{{name}}`.
+pub const PLACEHOLDERS: &[&str] = &["prompt", "prompt_file", "model", "stage", "issue", "cwd"];
 
 /// Variables of the worker's environment every agent gets, by exact name.
 pub const PASS_NAMES: &[&str] = &[
@@ -1088,7 +1081,7 @@ pub fn build_call(config: &AgentConfig, request: CallRequest) -> Result<AgentCal
 ///
 /// # Errors
 /// As [`build_call`]; [`AgentError::Io`] when the template uses
-/// `{prompt_file}` and the prompt file cannot be written.
+/// `{{prompt_file}}` and the prompt file cannot be written.
 pub fn build_call_with_env(
     config: &AgentConfig,
     request: CallRequest,
@@ -1097,11 +1090,11 @@ pub fn build_call_with_env(
     let stage = request.stage;
     let resolved = resolve(config, stage)?;
     let model = resolved.model.clone().unwrap_or_default();
-    let uses_prompt = resolved.template.iter().any(|a| a.contains("{prompt}"));
+    let uses_prompt = resolved.template.iter().any(|a| a.contains("{{prompt}}"));
     let uses_file = resolved
         .template
         .iter()
-        .any(|a| a.contains("{prompt_file}"));
+        .any(|a| a.contains("{{prompt_file}}"));
     let too_large = request.prompt.len() > MAX_ARG_PROMPT;
 
     let prompt_file = sibling(&request.transcript_path, ".prompt.md");
@@ -1122,7 +1115,7 @@ pub fn build_call_with_env(
     let argv: Vec<String> = resolved
         .template
         .iter()
-        .filter(|a| !(too_large && a.contains("{prompt}")))
+        .filter(|a| !(too_large && a.contains("{{prompt}}")))
         .map(|a| substitute(a, &vars))
         .collect();
     let to_stdin = (uses_prompt && too_large) || (!uses_prompt && !uses_file);
@@ -1347,12 +1340,12 @@ mod tests {
         config.triage.preset = Some("command".into());
         config.triage.command = Some(strs(&[
             "agent",
-            "--stage={stage}",
+            "--stage={{stage}}",
             "--issue",
-            "{issue}",
-            "--model={model}",
-            "{prompt}",
-            "{unknown}",
+            "{{issue}}",
+            "--model={{model}}",
+            "{{prompt}}",
+            "{{unknown}}",
         ]));
         config.triage.output = Some("codex-json".into());
         check(
@@ -1365,7 +1358,7 @@ mod tests {
                 "7",
                 "--model=",
                 "do {model} it",
-                "{unknown}",
+                "{{unknown}}",
             ],
             codex,
         );
@@ -1379,7 +1372,7 @@ mod tests {
             ..AgentConfig::default()
         };
         // No prompt placeholder: stdin; the global output applies.
-        config.command = strs(&["my-agent", "--cwd", "{cwd}"]);
+        config.command = strs(&["my-agent", "--cwd", "{{cwd}}"]);
         config.output = Some("claude-stream-json".into());
         let call = build_call_with_env(
             &config,
@@ -1396,8 +1389,8 @@ mod tests {
         );
         assert_eq!(call.stdin.as_deref(), Some("hello"));
         assert_eq!(call.output, OutputFormat::ClaudeStreamJson);
-        // {prompt_file}: written next to the transcript.
-        config.command = strs(&["my-agent", "--file={prompt_file}"]);
+        // {{prompt_file}}: written next to the transcript.
+        config.command = strs(&["my-agent", "--file={{prompt_file}}"]);
         let call = build_call_with_env(
             &config,
             request(Stage::Plan, "hello", dir.path()),
@@ -1411,7 +1404,7 @@ mod tests {
         assert_eq!(call.stdin, None);
         assert_eq!(std::fs::read_to_string(&file)?, "hello");
         // A prompt too large for an argument goes to stdin and its argument is dropped.
-        config.command = strs(&["my-agent", "-p", "{prompt}", "--x"]);
+        config.command = strs(&["my-agent", "-p", "{{prompt}}", "--x"]);
         let big = "x".repeat(MAX_ARG_PROMPT + 1);
         let call =
             build_call_with_env(&config, request(Stage::Plan, &big, dir.path()), Vec::new())?;
@@ -1487,14 +1480,28 @@ mod tests {
 
     #[test]
     fn substitute_cases() {
-        let vars = [("a", "1"), ("prompt", "{a}")];
+        let vars = [("a", "1"), ("prompt", "{{a}}")];
         let check = |arg: &str, want: &str| assert_eq!(substitute(arg, &vars), want, "{arg:?}");
-        check("{a}", "1");
-        check("x{a}y{a}", "x1y1");
-        check("{prompt}", "{a}");
-        check("{b}", "{b}");
-        check("{{a}}", "{1}");
+        check("{{a}}", "1");
+        check("x{{a}}y{{a}}", "x1y1");
+        check("{{prompt}}", "{{a}}");
+        check("{{b}}", "{{b}}");
         check("{", "{");
         check("{\"json\": true}", "{\"json\": true}");
+    }
+
+    /// The old single-brace placeholders are refused, saying what to write.
+    #[test]
+    fn old_placeholders_are_refused() {
+        let config = AgentConfig {
+            preset: "command".into(),
+            command: strs(&["my-agent", "--stage={stage}"]),
+            ..AgentConfig::default()
+        };
+        let err = validate(&config).expect_err("refused").to_string();
+        assert!(
+            err.contains("\"--stage={stage}\": placeholders are written {{stage}}, not {stage}"),
+            "{err}"
+        );
     }
 }

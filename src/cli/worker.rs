@@ -19,13 +19,10 @@ use crate::config::loader::Resolved;
 use crate::forge::github::{self, GithubForge, GithubOptions};
 use crate::forge::local::LocalForge;
 use crate::forge::{Forge, ForgeError};
-use crate::runtime::{RepoRuntime, RepoRuntimeRegistry};
+use crate::runtime::RepoRuntime;
 use crate::store::sessions::CallLedger;
-use crate::{dashboard, systemd};
+use crate::{dashboard, systemd, worker};
 
-/// How long a stop may take before the process exits anyway (the unit's
-/// `TimeoutStopSec=` is longer).
-const STOP_DEADLINE: Duration = Duration::from_secs(8);
 /// First wait before cloning again after a refused token or a network failure.
 const CLONE_RETRY_FIRST: Duration = Duration::from_secs(60);
 /// Longest wait between clone attempts.
@@ -194,7 +191,7 @@ async fn ensure_checkout(
 ) -> anyhow::Result<bool> {
     let dest = &resolved.repo_path;
     let slug = &resolved.layout.slug;
-    let mut wait = CLONE_RETRY_FIRST;
+    let mut waits = crate::backoff::doubling(CLONE_RETRY_FIRST, CLONE_RETRY_MAX);
     while !dest.exists() {
         eprintln!("cloning {} into {}", gh.clone_url(), dest.display());
         match gh.clone_into(dest, &resolved.config.main_branch).await {
@@ -204,6 +201,7 @@ async fn ensure_checkout(
                 | ForgeError::Transient(_)
                 | ForgeError::RateLimited { .. }),
             ) => {
+                let mut wait = waits.next().unwrap_or(CLONE_RETRY_MAX);
                 if let ForgeError::RateLimited { retry_after } = &e {
                     wait = wait.max(*retry_after);
                 }
@@ -220,7 +218,6 @@ async fn ensure_checkout(
                     _ = sigterm.recv() => return Ok(false),
                     _ = sigint.recv() => return Ok(false),
                 }
-                wait = (wait * 2).min(CLONE_RETRY_MAX);
             }
             Err(e) => {
                 return Err(e).with_context(|| format!("cannot clone into {}", dest.display()));
@@ -321,133 +318,58 @@ async fn daemon(
     let runner = agent_runner(&resolved, secrets)?;
     let runtime = RepoRuntime::create(resolved, setup.forge, Arc::new(runner), agent_env)
         .with_context(|| format!("cannot start the worker for {slug}"))?;
-    let registry = Arc::new(RepoRuntimeRegistry::new());
-    registry.register(Arc::clone(&runtime));
-
-    runtime.start().await;
-    let api_stop = tokio_util::sync::CancellationToken::new();
-    let api = start_api(&runtime, &registry, &api_stop, activated).await?;
-    let status = runtime.status_line().await;
-    systemd::notify_ready(&status);
-    tracing::info!(repo_slug = %slug, status, socket = %api.path.display(), "worker ready");
-    let mut changes = runtime.status_changes().await;
-    let mut idle_check = tokio::time::interval(Duration::from_millis(250));
-    let mut stopped_tick = tokio::time::interval(Duration::from_secs(1));
-    let mut idle_since: Option<Instant> = None;
-    let reason = loop {
+    let listeners = listeners(&runtime, activated).await?;
+    let shutdown = async move {
         tokio::select! {
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
-            changed = async { changes.as_mut()?.changed().await.ok() }, if changes.is_some() => {
-                match changed {
-                    Some(()) => {
-                        let line = changes.as_mut().map(|c| c.borrow_and_update().clone()).unwrap_or_default();
-                        systemd::notify_status(&line);
-                    }
-                    // Stopped through the API: the process stays up to be started again.
-                    None => {
-                        changes = None;
-                        systemd::notify_status("stopped through the dashboard API");
-                    }
-                }
-            }
-            _ = stopped_tick.tick(), if changes.is_none() => {
-                // The loops (which ping the watchdog) are stopped: keep the unit alive.
-                systemd::notify_watchdog();
-                if runtime.running().await {
-                    changes = runtime.status_changes().await;
-                }
-            }
-            _ = idle_check.tick(), if options.exit_when_idle => {
-                if runtime.is_idle().await {
-                    let since = *idle_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= Duration::from_millis(500) {
-                        break "no work left";
-                    }
-                } else {
-                    idle_since = None;
-                }
-            }
+            _ = sigterm.recv() => "SIGTERM".to_owned(),
+            _ = sigint.recv() => "SIGINT".to_owned(),
         }
     };
-    api_stop.cancel();
-    tracing::info!(repo_slug = %slug, reason, "stopping");
-    systemd::notify_stopping();
-    systemd::notify_status(&format!("stopping: {reason}"));
-    runtime.stop(STOP_DEADLINE).await;
-    registry.remove(slug.as_str());
-    // A socket of socket activation belongs to its socket unit, which keeps listening.
-    if !api.activated {
-        let _ = std::fs::remove_file(&api.path);
-    }
-    tracing::info!(repo_slug = %slug, "stopped");
+    let options = worker::Options {
+        exit_when_idle: options.exit_when_idle,
+        side_tasks: Vec::new(),
+    };
+    worker::run(runtime, listeners, &worker::Systemd, options, shutdown)
+        .await
+        .with_context(|| format!("the worker for {slug} stopped"))?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// The worker API's Unix socket.
-struct ApiSocket {
-    /// Its path.
-    path: PathBuf,
-    /// Passed by socket activation (else bound by this process, which removes it on exit).
-    activated: bool,
-}
-
-/// Serve the worker API on `activated` (the socket systemd passed) or else on
-/// a Unix socket bound here, plus its TCP address when
-/// `dashboard.worker_listen` is set, until `stop` is cancelled.
-async fn start_api(
+/// The worker API's sockets: `activated` (the one systemd passed) or else a
+/// Unix socket bound here, plus its TCP address when
+/// `dashboard.worker_listen` is set.
+async fn listeners(
     runtime: &RepoRuntime,
-    registry: &Arc<RepoRuntimeRegistry>,
-    stop: &tokio_util::sync::CancellationToken,
     activated: Option<OwnedFd>,
-) -> anyhow::Result<ApiSocket> {
+) -> anyhow::Result<worker::Listeners> {
     let slug = &runtime.layout().slug;
-    let (listener, api) = match activated {
+    let (api, api_path, remove_api_socket) = match activated {
         Some(fd) => {
             let (listener, path) = dashboard::activated_socket(fd)?;
             tracing::info!(repo_slug = %slug, socket = %path.display(), "worker API on the socket passed by socket activation");
-            (
-                listener,
-                ApiSocket {
-                    path,
-                    activated: true,
-                },
-            )
+            (listener, path, false)
         }
         None => {
             let path = dashboard::worker_socket_path(runtime.layout());
             let listener = dashboard::bind_private_socket(&path)?;
             tracing::info!(repo_slug = %slug, socket = %path.display(), "worker API on a socket bound by the worker (no socket activation)");
-            (
-                listener,
-                ApiSocket {
-                    path,
-                    activated: false,
-                },
-            )
+            (listener, path, true)
         }
     };
-    let (reg, stop1) = (Arc::clone(registry), stop.clone());
-    tokio::spawn(async move {
-        if let Err(e) =
-            dashboard::worker::serve(listener, reg, async move { stop1.cancelled().await }).await
-        {
-            tracing::error!(error = %e, "the worker API stopped");
-        }
-    });
     let config = &runtime.resolved().config.dashboard;
-    if let Some(address) = &config.worker_listen {
-        let listener = dashboard::bind_tcp(address, config.token.as_deref()).await?;
-        let token = config.token.as_deref().map(Arc::from);
-        let (reg, stop2) = (Arc::clone(registry), stop.clone());
-        tokio::spawn(async move {
-            let shutdown = async move { stop2.cancelled().await };
-            if let Err(e) = dashboard::worker::serve_tcp(listener, reg, token, shutdown).await {
-                tracing::error!(error = %e, "the worker API (TCP) stopped");
-            }
-        });
-    }
-    Ok(api)
+    let tcp = match &config.worker_listen {
+        Some(address) => Some((
+            dashboard::bind_tcp(address, config.token.as_deref()).await?,
+            config.token.as_deref().map(Arc::from),
+        )),
+        None => None,
+    };
+    Ok(worker::Listeners {
+        api,
+        api_path,
+        remove_api_socket,
+        tcp,
+    })
 }
 
 /// Make and run the demo: a repository with four issues, the scripted demo

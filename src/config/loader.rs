@@ -143,6 +143,7 @@ const NON_KEY_ENV: &[&str] = &[
     "HYDRAFLOW_CAMPAIGN_RUNS",
     "HYDRAFLOW_CAMPAIGN_SEED",
     "HYDRAFLOW_AGENT_CLIS",
+    "HYDRAFLOW_TEST_OUTAGE_SECS",
 ];
 
 /// What [`load`] made of the layers.
@@ -1005,7 +1006,10 @@ mod tests {
             None,
             &[
                 ("HYDRAFLOW_MAIN_BRANCH", "develop"),
-                ("HYDRAFLOW_AGENT_COMMAND", "[\"/bin/agent\", \"{prompt}\"]"),
+                (
+                    "HYDRAFLOW_AGENT_COMMAND",
+                    "[\"/bin/agent\", \"{{prompt}}\"]",
+                ),
                 ("HYDRAFLOW_REPO_PATH", "/srv/x"),
                 ("HYDRAFLOW_SOMETHING_ELSE", "ignored"),
                 ("HYDRAFLOW_HOME", "/var/lib/x"),
@@ -1013,7 +1017,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.main_branch, "develop");
-        assert_eq!(c.agent.command, vec!["/bin/agent", "{prompt}"]);
+        assert_eq!(c.agent.command, vec!["/bin/agent", "{{prompt}}"]);
         assert_eq!(c.repo_path.as_deref(), Some(Path::new("/srv/x")));
     }
 

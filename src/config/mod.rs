@@ -257,9 +257,9 @@ pub struct AgentConfig {
     /// `claude`, `codex` or `command` ([`PRESETS`]); each stage may override it.
     #[serde(deserialize_with = "one_of_presets")]
     pub preset: String,
-    /// argv template for the `command` preset. Placeholders: `{prompt}`,
-    /// `{prompt_file}`, `{model}`, `{stage}`, `{issue}`, `{cwd}`. Without
-    /// `{prompt}` or `{prompt_file}` the prompt goes to stdin.
+    /// argv template for the `command` preset. Placeholders: `{{prompt}}`,
+    /// `{{prompt_file}}`, `{{model}}`, `{{stage}}`, `{{issue}}`, `{{cwd}}`. Without
+    /// `{{prompt}}` or `{{prompt_file}}` the prompt goes to stdin.
     pub command: Vec<String>,
     /// How to read the command's stdout: `plain`, `claude-stream-json` or `codex-json`
     /// ([`OUTPUTS`]).
@@ -322,7 +322,7 @@ pub struct StageAgent {
     /// Preset for this stage ([`PRESETS`]).
     #[serde(deserialize_with = "maybe_one_of_presets")]
     pub preset: Option<String>,
-    /// Model name passed as `{model}` / `--model`. Unset: the `claude`
+    /// Model name passed as `{{model}}` / `--model`. Unset: the `claude`
     /// preset uses `opus` for plan, implement and HITL and `sonnet` for
     /// triage and review; `codex` and `command` pass none.
     pub model: Option<String>,

@@ -37,17 +37,9 @@ pub const SOCKET_NAME: &str = "dashboard.sock";
 /// under systemd (the first directory when several are listed), else
 /// `data_root/<slug>/dashboard.sock`.
 pub fn worker_socket_path(layout: &Layout) -> PathBuf {
-    match std::env::var_os("RUNTIME_DIRECTORY") {
-        Some(dirs) if !dirs.is_empty() => {
-            let first = dirs
-                .to_string_lossy()
-                .split(':')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            PathBuf::from(first).join(SOCKET_NAME)
-        }
-        _ => layout.repo_dir().join(SOCKET_NAME),
+    match crate::systemd::runtime_directory() {
+        Some(dir) => dir.join(SOCKET_NAME),
+        None => layout.repo_dir().join(SOCKET_NAME),
     }
 }
 

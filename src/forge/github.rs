@@ -801,13 +801,10 @@ impl GithubForge {
         let parent = dest.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent)
             .map_err(local(format!("cannot create {}", parent.display())))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".clone-")
-            .tempdir_in(parent)
-            .map_err(local(format!(
-                "cannot make a temporary directory in {}",
-                parent.display()
-            )))?;
+        let tmp = crate::store::atomic::staging_dir(parent, "clone-").map_err(local(format!(
+            "cannot make a temporary directory in {}",
+            parent.display()
+        )))?;
         let staging = tmp.path().join("checkout");
         let repo = GithubForge::with_token(
             web_url,

@@ -20,8 +20,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use backon::BackoffBuilder as _;
-
 use crate::store::state::{IssueRecord, Phase};
 
 /// Why a stage could not go on.
@@ -208,27 +206,13 @@ pub fn decide(failure: &Failure, record: &IssueRecord, policy: &Policy) -> Decis
 
 /// The delay before attempt `attempts + 1`: 2 s, 4 s, 8 s, … up to `max`.
 pub fn retry_delay(attempts: u32, max: Duration) -> Duration {
-    exponential(Duration::from_secs(2), max)
-        .nth(attempts.saturating_sub(1) as usize)
-        .unwrap_or(max)
+    crate::backoff::nth(Duration::from_secs(2), max, attempts.saturating_sub(1))
 }
 
 /// The `n`-th wait (from 0) of a pause's probe backoff.
 pub fn probe_delay(cause: &PauseCause, failures: u32) -> Duration {
     let (first, max) = cause.waits();
-    exponential(first, max)
-        .nth(failures as usize)
-        .unwrap_or(max)
-}
-
-/// Doubling delays from `first` up to `max`, without jitter (deterministic).
-fn exponential(first: Duration, max: Duration) -> backon::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(first.min(max))
-        .with_max_delay(max)
-        .with_factor(2.0)
-        .without_max_times()
-        .build()
+    crate::backoff::nth(first, max, failures)
 }
 
 /// How long a passing forge failure (5xx, network) waits before the stage
@@ -334,7 +318,7 @@ mod tests {
                 origin: "hydraflow-ready".into(),
                 stage: Stage::Implement,
                 cause: "c".into(),
-                escalated_at: "t".into(),
+                escalated_at: chrono::DateTime::UNIX_EPOCH,
             },
             pending: None,
         }

@@ -32,3 +32,8 @@ mod task;
 mod sim;
 
 pub use orchestrator::{Orchestrator, OrchestratorHandle};
+
+/// The message of a task that panicked (or was cancelled).
+pub(crate) fn panic_message(e: tokio::task::JoinError) -> String {
+    context::Pipeline::panic_message(e)
+}

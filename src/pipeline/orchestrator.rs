@@ -294,7 +294,7 @@ async fn supervise(ctx: Arc<Pipeline>, status: watch::Sender<String>) {
                         message: format!("{} loop failed {n} times in a row: {message}", l.name()),
                     });
                 }
-                let backoff = Duration::from_millis(500 * 2u64.pow((*n).min(7)));
+                let backoff = crate::backoff::nth(Duration::from_millis(500), Duration::from_secs(64), *n);
                 let ctx2 = Arc::clone(&ctx);
                 let id = set.spawn(async move {
                     tokio::time::sleep(backoff).await;

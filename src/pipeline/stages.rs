@@ -733,15 +733,8 @@ async fn review(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, Failure> {
         }
         ChecksState::Pending => {
             let now = chrono::Utc::now();
-            let since = ctx
-                .state
-                .issue(n)
-                .ci_wait_since
-                .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
-                .map(|t| t.with_timezone(&chrono::Utc));
-            let Some(since) = since else {
-                ctx.state
-                    .update_issue(n, |r| r.ci_wait_since = Some(now.to_rfc3339()))?;
+            let Some(since) = ctx.state.issue(n).ci_wait_since else {
+                ctx.state.update_issue(n, |r| r.ci_wait_since = Some(now))?;
                 return Ok(Next::Later(Duration::from_secs(
                     ctx.config.ci_poll_interval,
                 )));
@@ -820,7 +813,7 @@ async fn hitl(ctx: &Pipeline, issue: &mut Issue) -> Result<Next, Failure> {
             origin: ctx.labels.names().ready.clone(),
             stage: Stage::Hitl,
             cause: "a correction was interrupted; send it again".into(),
-            escalated_at: chrono::Utc::now().to_rfc3339(),
+            escalated_at: chrono::Utc::now(),
         });
         let effects = vec![
             Effect::Swap {

@@ -194,7 +194,7 @@ pub(crate) fn escalated_by_hand(ctx: &Pipeline, n: u64) -> Result<(), Failure> {
                     origin,
                     stage: Stage::Hitl,
                     cause: format!("labelled {label} outside HydraFlow"),
-                    escalated_at: chrono::Utc::now().to_rfc3339(),
+                    escalated_at: chrono::Utc::now(),
                 },
                 pending: None,
             };
@@ -324,7 +324,7 @@ async fn escalate(
         origin: origin.clone(),
         stage,
         cause: cause.to_owned(),
-        escalated_at: chrono::Utc::now().to_rfc3339(),
+        escalated_at: chrono::Utc::now(),
     };
     tracing::warn!(repo_slug = %ctx.layout.slug, issue = n, stage = %stage, origin, cause, "escalated to a human");
     ctx.publish(PipelineEvent::HitlEscalation {

@@ -78,6 +78,31 @@ fn split(path: &Path) -> io::Result<(PathBuf, String)> {
     Ok((dir, name))
 }
 
+/// Create `path` with `bytes` unless it exists, atomically (temp file,
+/// fsync, link into place without replacing, fsync of the directory):
+/// `Ok(false)` when a file of that name is there already, which is left
+/// untouched.
+///
+/// # Errors
+/// The I/O error of the step that failed.
+pub fn create_atomic(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    let (dir, name) = split(path)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&temp_prefix(&name))
+        .suffix(TEMP_SUFFIX)
+        .permissions(Permissions::from_mode(0o666))
+        .tempfile_in(&dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => {}
+        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e.error),
+    }
+    File::open(&dir)?.sync_all()?;
+    Ok(true)
+}
+
 /// Check that `dir` takes a durable write: 4 KiB written to an anonymous
 /// temporary file there and synced (the file never has a name, so nothing
 /// is left behind). The storage probe of a paused pipeline.

@@ -7,7 +7,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
@@ -29,10 +29,10 @@ pub struct State {
     pub issues: BTreeMap<u64, IssueRecord>,
     /// Counters of the current session.
     pub session: SessionCounters,
-    /// Last heartbeat per loop name (RFC 3339 UTC).
-    pub worker_heartbeats: BTreeMap<String, String>,
-    /// When the file was last written (RFC 3339 UTC).
-    pub last_updated: Option<String>,
+    /// Last heartbeat per loop name (RFC 3339 UTC in the file).
+    pub worker_heartbeats: BTreeMap<String, DateTime<Utc>>,
+    /// When the file was last written (RFC 3339 UTC in the file).
+    pub last_updated: Option<DateTime<Utc>>,
 }
 
 impl Default for State {
@@ -96,8 +96,8 @@ pub struct HitlRecord {
     pub stage: Stage,
     /// Why, in words.
     pub cause: String,
-    /// When (RFC 3339 UTC).
-    pub escalated_at: String,
+    /// When (RFC 3339 UTC in the file).
+    pub escalated_at: DateTime<Utc>,
 }
 
 /// A HITL command waiting for the HITL loop.
@@ -312,8 +312,8 @@ pub struct IssueRecord {
     /// The pull request head SHA the review approved: while CI runs on it,
     /// the review is not run again.
     pub approved_sha: Option<String>,
-    /// When waiting for CI on `approved_sha` began (RFC 3339 UTC).
-    pub ci_wait_since: Option<String>,
+    /// When waiting for CI on `approved_sha` began (RFC 3339 UTC in the file).
+    pub ci_wait_since: Option<DateTime<Utc>>,
     /// A fix round decided and not yet run.
     pub fix: Option<FixRound>,
     /// A correction applied by HITL, kept as guidance for later stages.
@@ -402,7 +402,7 @@ struct RawIssueRecord {
     implemented: bool,
     pull_request: Option<u64>,
     approved_sha: Option<String>,
-    ci_wait_since: Option<String>,
+    ci_wait_since: Option<DateTime<Utc>>,
     fix: Option<FixRound>,
     guidance: Option<String>,
     plan_retries: u32,
@@ -541,7 +541,7 @@ impl StateTracker {
         let mut next = state.clone();
         let result = f(&mut next);
         next.schema_version = SCHEMA_VERSION;
-        next.last_updated = Some(Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true));
+        next.last_updated = Some(Utc::now().trunc_subsecs(0));
         self.persist(&next)?;
         *state = next;
         Ok(result)
@@ -729,6 +729,12 @@ mod tests {
     use std::collections::BTreeMap as Map;
     use std::sync::Arc;
 
+    fn at(rfc3339: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(rfc3339)
+            .expect("time")
+            .to_utc()
+    }
+
     /// Every file in `dir` with its content.
     fn files(dir: &Path) -> Map<String, Vec<u8>> {
         fs::read_dir(dir)
@@ -766,7 +772,7 @@ mod tests {
             .update(|s| {
                 s.session.issues_processed = 2;
                 s.worker_heartbeats
-                    .insert("triage".into(), "2025-01-01T00:00:00Z".into());
+                    .insert("triage".into(), at("2025-01-01T00:00:00Z"));
             })
             .expect("update");
         tracker
@@ -776,7 +782,7 @@ mod tests {
                         origin: "hydraflow-review".into(),
                         stage: Stage::Review,
                         cause: "ci failed\ntwice".into(),
-                        escalated_at: "2025-01-01T00:00:00Z".into(),
+                        escalated_at: at("2025-01-01T00:00:00Z"),
                     },
                     pending: Some(HitlCommand::Correct {
                         text: "use x".into(),
@@ -956,7 +962,7 @@ mod tests {
     /// A version 1 record's lifecycle fields become one phase.
     #[test]
     fn version_1_records_are_migrated() {
-        let hitl = r#"{"origin": "hydraflow-ready", "stage": "implement", "cause": "c", "escalated_at": "t"}"#;
+        let hitl = r#"{"origin": "hydraflow-ready", "stage": "implement", "cause": "c", "escalated_at": "2025-01-01T00:00:00Z"}"#;
         let cases: Vec<(String, Phase)> = vec![
             ("{}".into(), Phase::Open),
             (

@@ -1,7 +1,6 @@
 //! The instance backend: how the supervisor starts, stops and inspects one worker instance per
 //! repository slug — systemd units over D-Bus (`hydraflow@<slug>.service`) or child processes.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,7 +140,7 @@ pub async fn select(
         SupervisorBackend::Process => Ok(Arc::new(ProcessBackend::new(process))),
         SupervisorBackend::Systemd => connect_systemd().await,
         SupervisorBackend::Auto => {
-            if Path::new("/run/systemd/system").is_dir() {
+            if crate::systemd::booted() {
                 match connect_systemd().await {
                     Ok(backend) => return Ok(backend),
                     Err(err) => {

@@ -385,17 +385,7 @@ impl Supervisor {
         };
         let text = Self::instance_file_text(slug.as_str(), path, repo);
         std::fs::create_dir_all(&self.settings.repos_dir).map_err(err)?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".instance.")
-            .tempfile_in(&self.settings.repos_dir)
-            .map_err(err)?;
-        std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(err)?;
-        tmp.as_file().sync_all().map_err(err)?;
-        match tmp.persist_noclobber(&file) {
-            Ok(_) => Ok(true),
-            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(err(e.error)),
-        }
+        crate::store::atomic::create_atomic(&file, text.as_bytes()).map_err(err)
     }
 
     /// Remove what the supervisor wrote for `entry`: its instance file when it still reads as
@@ -837,12 +827,7 @@ pub fn port_file(state_dir: &Path) -> PathBuf {
 fn write_port_file(path: &Path, port: u16) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".supervisor-port.")
-        .tempfile_in(dir)?;
-    std::io::Write::write_all(&mut tmp, port.to_string().as_bytes())?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    crate::store::atomic::write_atomic(path, port.to_string().as_bytes())
 }
 
 /// The listener: the first socket passed by systemd socket activation, else `listen` bound.
@@ -954,9 +939,8 @@ pub async fn run_daemon(
     })?;
     tracing::info!(%addr, port_file = %port_path.display(), "listening");
     let supervisor = Arc::new(Supervisor::new(loaded.registry, backend, settings));
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        crate::systemd::notify_ready(&format!("listening on {addr}"));
-    }
+    // A no-op off systemd.
+    crate::systemd::notify_ready(&format!("listening on {addr}"));
     let reconcile = tokio::spawn(supervisor.clone().reconcile());
     let dashboard_stop = tokio_util::sync::CancellationToken::new();
     let dashboard = dashboard_listener
@@ -967,9 +951,7 @@ pub async fn run_daemon(
         // It holds the supervisor: it must end before the backend is dropped below.
         let _ = task.await;
     }
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        crate::systemd::notify_stopping();
-    }
+    crate::systemd::notify_stopping();
     reconcile.abort();
     let _ = reconcile.await;
     if let Err(e) = std::fs::remove_file(&port_path) {

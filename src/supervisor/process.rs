@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::net::UnixDatagram;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::backend::{BackendError, InstanceBackend, InstanceStatus};
@@ -469,7 +469,9 @@ enum RunEnd {
 impl Actor {
     async fn run(mut self) {
         stop_survivor(&self.opts, &self.slug).await;
-        let mut delay = self.opts.restart_delay;
+        let (first, max) = (self.opts.restart_delay, self.opts.max_restart_delay);
+        let restarts = move || crate::backoff::doubling(first, max);
+        let mut delays = restarts();
         let mut first = true;
         loop {
             match self.run_once().await {
@@ -509,8 +511,9 @@ impl Actor {
                         return;
                     }
                     if ran > Duration::from_secs(60) {
-                        delay = self.opts.restart_delay;
+                        delays = restarts();
                     }
+                    let delay = delays.next().unwrap_or(self.opts.max_restart_delay);
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         cmd = self.commands.recv() => {
@@ -521,7 +524,6 @@ impl Actor {
                             return;
                         }
                     }
-                    delay = (delay * 2).min(self.opts.max_restart_delay);
                     self.publish(|s| {
                         s.n_restarts += 1;
                         s.sub_state = "start";
@@ -563,37 +565,39 @@ impl Actor {
         let (program, args) = argv.split_first().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "worker_command is empty")
         })?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env(HOME_ENV, &self.opts.state_dir)
-            .env(CONFIG_ENV, &self.opts.config_file)
-            .env("NOTIFY_SOCKET", notify_socket)
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .env_remove("HF_SUPERVISOR_PORT_FILE")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .current_dir(&home)
-            .process_group(0)
-            .kill_on_drop(false);
-        let parent = nix::unistd::getpid();
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (prctl, getppid).
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-                if nix::unistd::getppid() != parent {
-                    // The supervisor died between fork and prctl.
-                    return Err(std::io::Error::other("the supervisor exited"));
-                }
-                Ok(())
-            });
-        }
-        cmd.spawn()
+        // The supervisor's environment, without what systemd passed to the
+        // supervisor itself (its sockets, its watchdog), plus the instance's.
+        let own = [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+        ];
+        let mut env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| {
+                !own.contains(&k.as_str())
+                    && ![
+                        HOME_ENV,
+                        CONFIG_ENV,
+                        "NOTIFY_SOCKET",
+                        "HF_SUPERVISOR_PORT_FILE",
+                    ]
+                    .contains(&k.as_str())
+            })
+            .collect();
+        env.push((HOME_ENV.into(), self.opts.state_dir.display().to_string()));
+        env.push((
+            CONFIG_ENV.into(),
+            self.opts.config_file.display().to_string(),
+        ));
+        env.push(("NOTIFY_SOCKET".into(), notify_socket.to_owned()));
+        let mut spec = crate::child::Spec::new(program.as_ref(), &env, &home);
+        spec.args = args.iter().map(std::ffi::OsStr::new).collect();
+        spec.stdio = [Stdio::null(), log.try_clone()?.into(), log.into()];
+        spec.kill_on_drop = false;
+        crate::child::spawn(spec)
     }
 
     async fn run_once(&mut self) -> RunEnd {

@@ -5,7 +5,6 @@
 //! Every change rewrites the file atomically (a temporary file in the same directory, fsync,
 //! rename, fsync of the directory). An unreadable file is renamed aside, never overwritten.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -240,21 +239,9 @@ impl Registry {
             path: self.path.clone(),
             source,
         };
-        let dir = self.path.parent().unwrap_or(Path::new("."));
         let mut bytes = serde_json::to_vec_pretty(state).map_err(|e| io("encode", e.into()))?;
         bytes.push(b'\n');
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".supervisor-state.")
-            .tempfile_in(dir)
-            .map_err(|e| io("create a temporary file next to", e))?;
-        tmp.write_all(&bytes).map_err(|e| io("write", e))?;
-        tmp.as_file().sync_all().map_err(|e| io("write", e))?;
-        tmp.persist(&self.path)
-            .map_err(|e| io("replace", e.error))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("sync the directory of", e))?;
-        Ok(())
+        crate::store::atomic::write_atomic(&self.path, &bytes).map_err(|e| io("replace", e))
     }
 }
 

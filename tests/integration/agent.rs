@@ -287,7 +287,7 @@ async fn agent_prompt_via_argv_and_stdin() -> TestResult {
     let dir = tempfile::tempdir()?;
     let prompt = "Review it.\nVERDICT: please; $HOME `x`";
     // As an argument.
-    let config = command_config(dir.path(), "printf '%s' \"$1\"\n", &["{prompt}"]);
+    let config = command_config(dir.path(), "printf '%s' \"$1\"\n", &["{{prompt}}"]);
     let c = build_call_with_env(&config, request(dir.path(), prompt), path_env())?;
     let (outcome, _) = run(&c).await?;
     assert_eq!(outcome.transcript, format!("{prompt}\n"));
@@ -298,7 +298,7 @@ async fn agent_prompt_via_argv_and_stdin() -> TestResult {
     assert_eq!(outcome.transcript, format!("{prompt}\n"));
     // Too large for an argument: stdin, and the argument is dropped.
     let big = "y".repeat(300 * 1024);
-    let config = command_config(dir.path(), "echo \"args=$#\"\nwc -c\n", &["{prompt}"]);
+    let config = command_config(dir.path(), "echo \"args=$#\"\nwc -c\n", &["{{prompt}}"]);
     let c = build_call_with_env(&config, request(dir.path(), &big), path_env())?;
     let (outcome, _) = run(&c).await?;
     let words: Vec<&str> = outcome.transcript.split_whitespace().collect();

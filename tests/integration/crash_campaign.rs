@@ -42,7 +42,7 @@ impl Run {
         let config = format!(
             "poll_interval = 1\ndata_poll_interval = 1\nworktree_base = {wt:?}\n\
              [agent]\npreset = \"command\"\n\
-             command = [{bin:?}, \"demo-agent\", \"--stage\", \"{{stage}}\", \"--issue\", \"{{issue}}\"]\n\
+             command = [{bin:?}, \"demo-agent\", \"--stage\", \"{{{{stage}}}}\", \"--issue\", \"{{{{issue}}}}\"]\n\
              output = \"plain\"\n",
             wt = run.worktree_base().display().to_string(),
             bin = bin.display().to_string(),

@@ -84,7 +84,7 @@ impl Gh {
         let text = format!(
             "poll_interval = 1\ndata_poll_interval = 1\nci_poll_interval = 1\n\
              [github]\napi_url = {api:?}\nweb_url = {web:?}\nmax_retry_wait = 5\n\
-             [agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{stage}}\", \"{{issue}}\"]\n\
+             [agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{{{stage}}}}\", \"{{{{issue}}}}\"]\n\
              output = \"plain\"\nallow_token = {allow_token}\n\
              [agent.env]\nHYDRAFLOW_TEST_DIR = {dir:?}\n",
             api = fake.api_url(),

@@ -24,7 +24,7 @@ data_poll_interval = 3
 
 [agent]
 preset = "command"
-command = ["/usr/local/bin/hydraflow-held-agent", "{stage}", "{issue}"]
+command = ["/usr/local/bin/hydraflow-held-agent", "{{stage}}", "{{issue}}"]
 output = "plain"
 "#;
 

@@ -37,7 +37,7 @@ impl Project {
         std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let config = fx.tmp.path().join("hydraflow.toml");
         let text = format!(
-            "poll_interval = 1\ndata_poll_interval = 2\nworktree_base = {wt:?}\n{extra}\n[agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{stage}}\", \"{{issue}}\"]\noutput = \"plain\"\n",
+            "poll_interval = 1\ndata_poll_interval = 2\nworktree_base = {wt:?}\n{extra}\n[agent]\npreset = \"command\"\ncommand = [{agent:?}, \"{{{{stage}}}}\", \"{{{{issue}}}}\"]\noutput = \"plain\"\n",
             wt = fx.layout.worktree_base.display().to_string(),
             agent = agent.display().to_string(),
         );
