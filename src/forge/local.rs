@@ -22,8 +22,10 @@
 //!   checks ([`ChecksState::None`](super::ChecksState::None)); the summary is
 //!   [`summarise_checks`]'s, as for GitHub. [`LocalForge::set_check_run`]
 //!   (and `hydraflow check set`) writes one run;
-//! - `checkout-sync.json`: `{base_ref, old, new, created_at}` while a merge
-//!   moves the base branch the main checkout has checked out (below);
+//! - `checkout-sync.json`: `{base_ref, old, new, created_at, pid,
+//!   index_lock}` while a merge moves the base branch the main checkout has
+//!   checked out (below); `index_lock` is `{dev, ino, born_ns}`, the file
+//!   that is or will be the checkout's `index.lock`;
 //! - `.lock`: every read-modify-write, number allocation and merge holds an
 //!   exclusive `flock` on it, so separate processes never lose an update.
 //!
@@ -41,12 +43,22 @@
 //! `receive.denyCurrentBranch = updateInstead` would (git-config(1)): when
 //! it has the base branch checked out and holds nothing of its own
 //! ([`crate::git::checkout`]), its index and working tree follow the merge;
-//! otherwise it is left as it is and the merge still succeeds. Before the
-//! ref moves, `checkout-sync.json` records the old and new commit; it goes
-//! once the checkout followed or was left alone. Opening the forge or
-//! merging finishes an update a crash interrupted: a checkout whose every
-//! path holds the old or the new version is brought to the new one, any
-//! other is left alone.
+//! otherwise it is left as it is and the merge still succeeds. When it has
+//! the base branch checked out, the merge takes the checkout's
+//! `index.lock` (git's lock protocol, [`crate::git::index_lock`]) before
+//! the ref moves and keeps it until the index is replaced (or the checkout
+//! is left alone), so a concurrent `git commit` either finishes first (the
+//! compare-and-swap then fails and the merge is computed again on its
+//! commit) or fails with git's own "index.lock: File exists", and never
+//! commits the index of before the merge on top of it. While git holds the
+//! lock the merge waits about 2 s, then fails with
+//! [`ForgeError::Transient`]. Before the lock is taken, `checkout-sync.json`
+//! records the old and new commit and the lock's file; it goes once the
+//! checkout followed or was left alone. Opening the forge or merging
+//! finishes what a crash interrupted: it removes the `index.lock` the
+//! journal names if it is still there (its process is gone: it held the
+//! forge lock), then brings along a checkout whose every path holds the old
+//! or the new version, and leaves any other alone.
 //!
 //! Issues and pull requests share one number sequence, like GitHub. Times are
 //! RFC 3339 UTC. The async [`Forge`] methods run the blocking file and git
@@ -65,7 +77,9 @@ use super::{
     IssueState, LabelSpec, MergeOutcome, NewPullRequest, PullRequest, PullRequestState, Review,
     ReviewEvent, summarise_checks,
 };
+use crate::git::GitError;
 use crate::git::checkout::CheckoutSync;
+use crate::git::index_lock::{IndexLock, LockFileId, LockWait};
 use crate::layout::Layout;
 
 /// Colour given to labels that are added to an issue before being registered.
@@ -164,13 +178,19 @@ struct LabelRecord {
 }
 
 /// `checkout-sync.json`: a merge is moving `base_ref` from `old` to `new`
-/// (full SHAs) and the main checkout, which has it checked out, follows.
+/// (full SHAs) and the main checkout, which has it checked out, follows,
+/// under the checkout's `index.lock`, which process `pid` takes as the file
+/// `index_lock` (recorded before the lock is taken).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CheckoutSyncRecord {
     base_ref: String,
     old: String,
     new: String,
     created_at: String,
+    #[serde(default)]
+    pid: Option<u32>,
+    #[serde(default)]
+    index_lock: Option<LockFileId>,
 }
 
 /// Where a check run is in its life, in GitHub's check runs vocabulary
@@ -800,7 +820,7 @@ impl LocalForge {
                 break done;
             }
             let commit = squash_commit(&repo, &base, &head, &message, &what)?;
-            let journal = self.begin_checkout_sync(&repo, &base_ref, base.id(), commit)?;
+            let lock = self.begin_checkout_sync(&repo, &base_ref, base.id(), commit, &what)?;
             let moved = repo.reference_matching(
                 &base_ref,
                 commit,
@@ -809,9 +829,15 @@ impl LocalForge {
                 &format!("hydraflow: squash merge {what}"),
             );
             match moved {
-                Ok(_) => break commit,
+                Ok(_) => {
+                    if let Some(lock) = lock {
+                        self.sync_checkout(&repo, lock);
+                    }
+                    break commit;
+                }
                 Err(e) => {
-                    if journal {
+                    if lock.is_some() {
+                        drop(lock);
                         self.drop_checkout_sync();
                     }
                     attempt += 1;
@@ -859,7 +885,6 @@ impl LocalForge {
         {
             tracing::warn!(branch = %record.head, error = %e, "cannot delete the merged head branch");
         }
-        self.finish_checkout_sync(&repo);
         Ok(MergeOutcome {
             sha: sha.to_string(),
         })
@@ -870,27 +895,78 @@ impl LocalForge {
         self.dir.join("checkout-sync.json")
     }
 
-    /// Record, before `base_ref` moves from `old` to `new`, that the main
-    /// checkout must follow, when it has `base_ref` checked out. Returns
-    /// whether the journal was written. Call with the lock held.
+    /// Before `base_ref` moves from `old` to `new`, when the main checkout
+    /// has it checked out: record in the journal that the checkout must
+    /// follow and which file will be its `index.lock`, then take that lock
+    /// (waiting briefly for a git command holding it). Returns the lock,
+    /// `None` when the checkout does not follow. Call with the forge lock
+    /// held.
+    ///
+    /// # Errors
+    /// [`ForgeError::Transient`] when git keeps holding `index.lock`
+    /// (`what` is merged on a later try); [`ForgeError::Local`] when the
+    /// journal or the lock file cannot be written.
     fn begin_checkout_sync(
         &self,
         repo: &Repository,
         base_ref: &str,
         old: git2::Oid,
         new: git2::Oid,
-    ) -> ForgeResult<bool> {
+        what: &str,
+    ) -> ForgeResult<Option<IndexLock>> {
         if repo.is_bare() || !main_checkout_on(repo, base_ref) {
-            return Ok(false);
+            return Ok(None);
         }
         let journal = CheckoutSyncRecord {
             base_ref: base_ref.to_owned(),
             old: old.to_string(),
             new: new.to_string(),
             created_at: now(),
+            pid: None,
+            index_lock: None,
         };
+        match self.lock_index(repo, journal, LockWait::Briefly) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(e) => {
+                self.drop_checkout_sync();
+                Err(match e {
+                    ForgeError::Transient(held) => {
+                        ForgeError::Transient(format!("{held}; {what} is merged on a later try"))
+                    }
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// Take the checkout's `index.lock` for the sync `journal` describes:
+    /// write the journal naming this process and the lock's file first, so
+    /// a kill at any instant leaves a lock [`Self::finish_checkout_sync`]
+    /// recognises. The journal stays on failure.
+    fn lock_index(
+        &self,
+        repo: &Repository,
+        mut journal: CheckoutSyncRecord,
+        wait: LockWait,
+    ) -> ForgeResult<IndexLock> {
+        let local = |e: GitError| ForgeError::Local(e.to_string());
+        let mut lock = IndexLock::prepare(repo.path()).map_err(local)?;
+        journal.pid = Some(std::process::id());
+        journal.index_lock = lock.id();
         write_json(&self.checkout_sync_file(), &journal)?;
-        Ok(true)
+        match lock.acquire(wait) {
+            Ok(()) => {}
+            Err(e @ GitError::IndexLocked { .. }) => {
+                return Err(ForgeError::Transient(e.to_string()));
+            }
+            Err(e) => return Err(local(e)),
+        }
+        // Without O_TMPFILE the file is known only now.
+        if journal.index_lock != lock.id() {
+            journal.index_lock = lock.id();
+            write_json(&self.checkout_sync_file(), &journal)?;
+        }
+        Ok(lock)
     }
 
     /// Remove the checkout-sync journal (a missing one is fine).
@@ -905,12 +981,58 @@ impl LocalForge {
         }
     }
 
-    /// When the checkout-sync journal exists, bring the main checkout to the
-    /// merged commit if that loses nothing ([`crate::git::checkout`]), else
-    /// leave the checkout alone; either way the journal goes. A failure is
-    /// logged and the journal kept, to finish on the next open or merge.
-    /// Never fails: the checkout never blocks a merge. Call with the lock held.
+    /// Finish what a killed merge left: when the checkout-sync journal
+    /// exists, remove the `index.lock` it names if that file is still there
+    /// (its process is gone: it held the forge lock, which is ours now),
+    /// take the index lock again and bring the checkout along
+    /// ([`Self::sync_checkout`]). When git holds the index lock, the journal
+    /// stays for the next open or merge. Never fails. Call with the forge
+    /// lock held.
     fn finish_checkout_sync(&self, repo: &Repository) {
+        let path = self.checkout_sync_file();
+        let journal: CheckoutSyncRecord = match read_json(&path) {
+            Ok(Some(journal)) => journal,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping an unreadable checkout-sync journal");
+                self.drop_checkout_sync();
+                return;
+            }
+        };
+        if let Some(id) = &journal.index_lock {
+            let lock_path = repo.path().join("index.lock");
+            match crate::git::index_lock::remove_stale(&lock_path, id) {
+                Ok(true) => tracing::warn!(
+                    path = %lock_path.display(),
+                    pid = journal.pid,
+                    "removed the index lock a killed merge left"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot remove the index lock a killed merge left; trying again on the next open or merge");
+                    return;
+                }
+            }
+        }
+        if repo.is_bare() {
+            self.drop_checkout_sync();
+            return;
+        }
+        match self.lock_index(repo, journal, LockWait::No) {
+            Ok(lock) => self.sync_checkout(repo, lock),
+            Err(e) => {
+                tracing::warn!(error = %e, journal = %path.display(), "cannot lock the checkout's index to bring it up to an earlier merge; trying again on the next open or merge");
+            }
+        }
+    }
+
+    /// With the checkout's index `lock` held and the journal written, bring
+    /// the main checkout to the merged commit if that loses nothing
+    /// ([`crate::git::checkout`]), else leave it alone; either way the
+    /// journal goes and the lock is released. A failure is logged and the
+    /// journal kept, to finish on the next open or merge. Never fails: the
+    /// checkout never blocks a merge.
+    fn sync_checkout(&self, repo: &Repository, lock: IndexLock) {
         let path = self.checkout_sync_file();
         let journal: CheckoutSyncRecord = match read_json(&path) {
             Ok(Some(journal)) => journal,
@@ -930,7 +1052,7 @@ impl LocalForge {
             return;
         };
         let checkout = self.repo_path.display();
-        match crate::git::checkout::sync_checkout(repo, &journal.base_ref, old, new) {
+        match crate::git::checkout::sync_checkout(repo, &journal.base_ref, old, new, lock) {
             Ok(CheckoutSync::Updated { paths }) => {
                 tracing::info!(%checkout, commit = %new, paths, "brought the checkout up to the merge");
             }

@@ -18,12 +18,18 @@
 //!   checkout alone;
 //! - no untracked file sits where `new` needs a directory.
 //!
-//! Then the index becomes `new`'s tree (stat data kept for unchanged
-//! entries), the files `new` removes are deleted (with directories left
-//! empty), and the files it adds or changes are checked out by libgit2
-//! (filters, modes, symbolic links). Each step can be interrupted and the
-//! whole run again: the rule above accepts every intermediate state.
-//! Submodule changes are left to the operator.
+//! All of it happens under the checkout's index lock
+//! ([`super::index_lock`]), which the caller took before the branch moved,
+//! so no git command writes the index between the ref update and the end of
+//! the sync (a `git commit -a` there would commit the old index on top of
+//! the new commit). The files `new` removes are deleted (with directories
+//! left empty), the files it adds or changes are checked out by libgit2
+//! (filters, modes, symbolic links), and last the index becomes `new`'s tree
+//! (stat data kept for unchanged entries): built in a copy outside the git
+//! directory, written into the lock file, which is renamed over the index.
+//! Each step can be interrupted and the whole run again: the rule above
+//! accepts every intermediate state. Submodule changes are left to the
+//! operator.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -32,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 use git2::{Delta, DiffOptions, ErrorCode, ObjectType, Oid, Repository, Tree};
 
+use super::index_lock::IndexLock;
 use super::{GitError, git, io};
 
 /// Mode of a gitlink (a submodule's commit) in a tree or the index.
@@ -79,6 +86,10 @@ fn blob_at(tree: &Tree<'_>, path: &Path) -> Option<Entry> {
 /// full ref name, `refs/heads/<branch>`) moved from one to the other, by the
 /// rule of the module documentation.
 ///
+/// `lock` is the checkout's index lock, taken
+/// ([`IndexLock::acquire`]) before `base_ref` moved: it is committed with
+/// the new index when the checkout follows, and released otherwise.
+///
 /// # Errors
 /// [`GitError`] when git or the file system fails while looking or
 /// writing; a checkout that must be left alone is [`CheckoutSync::NotApplicable`]
@@ -90,6 +101,7 @@ pub fn sync_checkout(
     base_ref: &str,
     old: Oid,
     new: Oid,
+    lock: IndexLock,
 ) -> Result<CheckoutSync, GitError> {
     let Some(root) = repo.workdir().map(Path::to_path_buf) else {
         return Ok(CheckoutSync::NotApplicable("the repository is bare".into()));
@@ -137,7 +149,7 @@ pub fn sync_checkout(
     if let Some(reason) = obstacle(repo, &root, &old_tree, &new_tree, &changes)? {
         return Ok(CheckoutSync::LocalChanges(reason));
     }
-    apply(repo, &root, &new_tree, &changes)?;
+    apply(repo, &root, new_tree.id(), &changes, lock)?;
     Ok(CheckoutSync::Updated {
         paths: changes.len(),
     })
@@ -325,20 +337,15 @@ fn inside_real_dirs(root: &Path, path: &Path) -> bool {
         .all(|d| std::fs::symlink_metadata(root.join(d)).is_ok_and(|m| m.is_dir()))
 }
 
-/// Make the index `new_tree`, delete what it removes, check out what it adds
-/// or changes.
+/// Delete what `new_tree` removes, check out what it adds or changes, and
+/// replace the index with `new_tree`'s through `lock`.
 fn apply(
     repo: &Repository,
     root: &Path,
-    new_tree: &Tree<'_>,
+    new_tree: Oid,
     changes: &BTreeMap<PathBuf, Change>,
+    lock: IndexLock,
 ) -> Result<(), GitError> {
-    let mut index = repo.index().map_err(git("cannot open the index"))?;
-    index
-        .read_tree(new_tree)
-        .map_err(git("cannot load the new tree into the index"))?;
-    index.write().map_err(git("cannot write the index"))?;
-
     for path in changes
         .iter()
         .filter(|(_, c)| c.new.is_none())
@@ -365,12 +372,32 @@ fn apply(
         }
     }
 
+    // The new index is built in a copy of the index, outside the git
+    // directory (`index.lock` is ours, so libgit2 cannot write the index
+    // itself), by a repository handle of its own whose index that copy is.
+    let repo = Repository::open(repo.path()).map_err(git("cannot open the checkout"))?;
+    let new_tree = repo
+        .find_tree(new_tree)
+        .map_err(git(format!("cannot read the tree {new_tree}")))?;
+    let stage = crate::store::atomic::staging_dir(&std::env::temp_dir(), "hydraflow-index")
+        .map_err(io("cannot make a directory for the new index"))?;
+    let staged = stage.path().join("index");
+    stage_index(&repo.path().join("index"), &staged)?;
+    let mut index = git2::Index::open(&staged).map_err(git("cannot read the index"))?;
+    repo.set_index(&mut index)
+        .map_err(git("cannot read the index"))?;
+    index
+        .read_tree(&new_tree)
+        .map_err(git("cannot load the new tree into the index"))?;
+    index.write().map_err(git("cannot write the new index"))?;
+
     let writes: Vec<&PathBuf> = changes
         .iter()
         .filter(|(_, c)| c.new.is_some())
         .map(|(p, _)| p)
         .collect();
     if !writes.is_empty() {
+        // Updates the staged index's entries (stat data) as it writes.
         let mut checkout = git2::build::CheckoutBuilder::new();
         checkout.force().disable_pathspec_match(true);
         for path in writes {
@@ -379,5 +406,25 @@ fn apply(
         repo.checkout_tree(new_tree.as_object(), Some(&mut checkout))
             .map_err(git("cannot check out the new files"))?;
     }
-    Ok(())
+    let bytes = std::fs::read(&staged).map_err(io("cannot read the new index"))?;
+    lock.commit(&bytes)
+}
+
+/// Copy the index at `live` (if any) to `staged` with its modification
+/// time, against which libgit2 judges entries racily clean when it writes
+/// the copy (git's Documentation/technical/racy-git.txt): an entry that was
+/// racy in the live index is checked against its file, as git would.
+fn stage_index(live: &Path, staged: &Path) -> Result<(), GitError> {
+    let context = || format!("cannot copy {} to {}", live.display(), staged.display());
+    let modified = match std::fs::metadata(live) {
+        Ok(meta) => meta.modified().map_err(io(context()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(context())(e)),
+    };
+    std::fs::copy(live, staged).map_err(io(context()))?;
+    std::fs::File::options()
+        .write(true)
+        .open(staged)
+        .and_then(|f| f.set_modified(modified))
+        .map_err(io(context()))
 }

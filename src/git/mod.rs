@@ -7,6 +7,7 @@
 //! with git2; nothing shells out to `git`.
 
 pub mod checkout;
+pub mod index_lock;
 pub mod worktree;
 
 pub use worktree::{WorktreeInfo, Worktrees};
@@ -33,6 +34,16 @@ pub enum GitError {
     /// A path outside the allowed roots was about to be removed.
     #[error("refusing to touch {0}: it is outside the worktree directory")]
     OutsideRoots(std::path::PathBuf),
+    /// Another process holds the checkout's index lock (git's lock protocol:
+    /// [`index_lock`]).
+    #[error(
+        "{path} exists: another git process is using the checkout's index; if none is \
+         running, remove that file"
+    )]
+    IndexLocked {
+        /// `<git dir>/index.lock`.
+        path: std::path::PathBuf,
+    },
     /// Any other git2 failure, with what was being done.
     #[error("{context}: {source}")]
     Git {

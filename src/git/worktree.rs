@@ -84,20 +84,104 @@ fn base_tip<'r>(repo: &'r Repository, base: &str) -> Result<git2::Commit<'r>, Gi
     })
 }
 
-/// Prune registrations whose working directory is gone (never locked ones).
+/// Remove every broken registration under `<common git dir>/worktrees/`, by
+/// the rules of `git worktree prune` (git-worktree(1), "DETAILS"; git's
+/// `should_prune_worktree`): an entry that is not a directory, or a
+/// directory without a `locked` file whose `gitdir` file is missing,
+/// unreadable or empty, or names a `.git` file that does not exist.
+///
+/// A registration with a `locked` file is never removed (a human locked it,
+/// or git's own `worktree add` is still writing it: git locks the
+/// registration while it fills it), nor is one whose `gitdir` names an
+/// existing file, wherever that is. Nothing outside a registration's own
+/// directory is touched: an entry that is a symbolic link is unlinked,
+/// never followed, and removing a directory does not follow the links in
+/// it.
+///
+/// libgit2 lists only registrations holding `commondir`, `gitdir` and
+/// `HEAD`, so it cannot see what a worker killed inside `git_worktree_add`
+/// leaves (which writes, in order: the registration directory, the working
+/// directory, its `.git` file, `commondir`, `gitdir`, `HEAD`, then checks
+/// out); hence the directory is read here. (libgit2 1.9 also skips the
+/// entry after each one it filters out of that list, so two such entries
+/// side by side make every `git_worktree_add` fail with "reference … is
+/// already checked out".)
 fn prune_stale(repo: &Repository) -> Result<(), GitError> {
-    let names = repo.worktrees().map_err(git("cannot list worktrees"))?;
-    for name in names.iter().filter_map(|n| n.ok().flatten()) {
-        let Ok(wt) = repo.find_worktree(name) else {
+    let root = repo.commondir().join("worktrees");
+    let entries = match std::fs::read_dir(&root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(format!("cannot read {}", root.display()))(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(format!("cannot read {}", root.display())))?;
+        let dir = entry.path();
+        let Some(reason) = registration_defect(&dir)? else {
             continue;
         };
-        if wt.validate().is_err() && wt.is_prunable(None).unwrap_or(false) {
-            tracing::info!(worktree = name, "pruning stale worktree registration");
-            wt.prune(None)
-                .map_err(git(format!("cannot prune stale worktree {name}")))?;
+        tracing::info!(registration = %dir.display(), reason, "pruning a broken worktree registration");
+        let is_dir = entry
+            .file_type()
+            .map_err(io(format!("cannot inspect {}", dir.display())))?
+            .is_dir();
+        if is_dir {
+            std::fs::remove_dir_all(&dir)
+        } else {
+            std::fs::remove_file(&dir)
         }
+        .map_err(io(format!(
+            "cannot remove the broken worktree registration {}",
+            dir.display()
+        )))?;
     }
     Ok(())
+}
+
+/// Why the worktree registration at `dir` is broken (see [`prune_stale`]),
+/// or `None` when it is sound or locked.
+fn registration_defect(dir: &Path) -> Result<Option<String>, GitError> {
+    let meta =
+        std::fs::symlink_metadata(dir).map_err(io(format!("cannot inspect {}", dir.display())))?;
+    if !meta.is_dir() {
+        return Ok(Some("it is not a directory".into()));
+    }
+    if std::fs::symlink_metadata(dir.join("locked")).is_ok() {
+        return Ok(None);
+    }
+    let gitdir = match std::fs::read(dir.join("gitdir")) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Some("it has no gitdir file".into()));
+        }
+        Err(e) => return Ok(Some(format!("its gitdir file cannot be read: {e}"))),
+    };
+    let target = gitdir.trim_ascii();
+    if target.is_empty() {
+        return Ok(Some("its gitdir file is empty".into()));
+    }
+    // Relative with `worktree.useRelativePaths`: from the registration.
+    let target = dir.join(bytes_path(target));
+    match std::fs::symlink_metadata(&target) {
+        Ok(_) => Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(Some(format!(
+                "its gitdir names {}, which does not exist",
+                target.display()
+            )))
+        }
+        // Cannot tell (permissions): keep it, as a valid one would be kept.
+        Err(_) => Ok(None),
+    }
+}
+
+fn bytes_path(bytes: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt as _;
+    PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
 }
 
 /// Valid registered worktrees: canonical working directory -> registration name.
@@ -166,7 +250,16 @@ fn salvage_blocking(path: &Path, issue: u64) -> Result<Option<String>, GitError>
     if !path.is_dir() {
         return Ok(None);
     }
-    let repo = open_repo(path)?;
+    let repo = match Repository::open(path) {
+        Ok(repo) => repo,
+        // Half made (killed inside `git_worktree_add`, before its `HEAD`):
+        // no agent ever ran there, nothing to salvage.
+        Err(e) if e.code() == ErrorCode::NotFound => {
+            tracing::warn!(path = %path.display(), "not a worktree git can open: nothing to salvage");
+            return Ok(None);
+        }
+        Err(e) => return Err(git(format!("cannot open worktree {}", path.display()))(e)),
+    };
     let mut opts = StatusOptions::new();
     opts.include_untracked(true)
         .recurse_untracked_dirs(true)
@@ -301,14 +394,15 @@ impl Worktrees {
     }
 
     /// Remove a worktree directory whose creation was never recorded, and
-    /// its registration (the branch stays).
+    /// its registration, which a kill inside libgit2's `git_worktree_add`
+    /// may have left half written even where the directory is gone (the
+    /// branch stays).
     fn discard_unrecorded(&self, issue: u64) -> Result<(), GitError> {
         let path = self.layout.worktree_path(issue);
-        if std::fs::symlink_metadata(&path).is_err() {
-            return Ok(());
+        if std::fs::symlink_metadata(&path).is_ok() {
+            tracing::warn!(issue, path = %path.display(), "removing a worktree whose creation was not recorded (interrupted); making it again");
+            remove_inside(&self.layout.worktrees_dir(), &path)?;
         }
-        tracing::warn!(issue, path = %path.display(), "removing a worktree whose creation was not recorded (interrupted); making it again");
-        remove_inside(&self.layout.worktrees_dir(), &path)?;
         let repo = open_repo(&self.repo_path)?;
         prune_stale(&repo)
     }
@@ -341,16 +435,32 @@ impl Worktrees {
                 None => {
                     tracing::warn!(path = %path.display(), "removing a directory git does not know as a worktree");
                     remove_inside(&self.layout.worktrees_dir(), &path)?;
+                    // Its registration, if half written, now names nothing.
+                    prune_stale(&repo)?;
                 }
             }
         }
 
-        if let Ok(wt) = repo.find_worktree(&name) {
+        let registration = repo.commondir().join("worktrees").join(&name);
+        if std::fs::symlink_metadata(&registration).is_ok() {
+            let why = match repo.find_worktree(&name) {
+                Ok(wt) if wt.validate().is_ok() => {
+                    format!("it is the worktree at {}", wt.path().display())
+                }
+                _ if registration.join("locked").exists() => format!(
+                    "it is locked (by hand, or by a `git worktree add` still running): \
+                     if no git command is running, remove {}",
+                    registration.join("locked").display()
+                ),
+                _ => "it cannot be opened, yet its gitdir file names a working directory \
+                      that exists: remove that directory, then run `git worktree prune`"
+                    .to_owned(),
+            };
             return Err(GitError::Git {
                 context: format!("cannot create worktree {}", path.display()),
                 source: git2::Error::from_str(&format!(
-                    "a worktree named {name} is already registered at {}",
-                    wt.path().display()
+                    "the worktree registration {} exists: {why}",
+                    registration.display()
                 )),
             });
         }

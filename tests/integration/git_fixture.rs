@@ -150,3 +150,30 @@ pub fn subjects(repo: &Repository, refname: &str) -> Vec<String> {
     })
     .collect()
 }
+
+/// Run real `git` with `args` in `dir` (any owner), asserting success; what it
+/// printed (stdout, then stderr).
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "safe.directory=*"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed in {dir:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `git fsck --strict` of the repository at `dir` succeeds.
+pub fn fsck(dir: &Path) {
+    git(dir, &["fsck", "--strict", "--no-dangling"]);
+}

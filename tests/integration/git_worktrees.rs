@@ -5,7 +5,7 @@ use std::path::Path;
 
 use hydraflow::git::{GitError, Worktrees};
 
-use super::git_fixture::{Fixture, commit_files, file_at, fixture, tip};
+use super::git_fixture::{Fixture, commit_files, file_at, fixture, fsck, git, tip};
 
 fn worktrees(fx: &Fixture) -> Worktrees {
     Worktrees::open(&fx.repo_path, &fx.layout, "main").expect("open worktrees")
@@ -78,6 +78,244 @@ async fn stale_registration_is_pruned_and_recreated() {
     assert!(again.resumed);
     assert!(again.path.join("kept.txt").is_file());
     assert_eq!(fx.repo().worktrees().unwrap().len(), 1);
+}
+
+/// Branch `agent/issue-<n>` off `main` with one commit adding `work.txt`.
+fn agent_branch(fx: &Fixture, n: u64) -> git2::Oid {
+    let repo = fx.repo();
+    let main = tip(&repo, "main").unwrap();
+    let mut tb = repo.treebuilder(Some(&main.tree().unwrap())).unwrap();
+    tb.insert("work.txt", repo.blob(b"work\n").unwrap(), 0o100644)
+        .unwrap();
+    let tree = repo.find_tree(tb.write().unwrap()).unwrap();
+    let sig = git2::Signature::now("Test Author", "test@example.com").unwrap();
+    let refname = format!("refs/heads/agent/issue-{n}");
+    repo.commit(Some(&refname), &sig, &sig, "work", &tree, &[&main])
+        .unwrap()
+}
+
+/// What libgit2's `git_worktree_add` (libgit2 1.9, `src/libgit2/worktree.c`)
+/// has written for worktree `issue-<n>` when killed after its first
+/// `writes` steps, in its order: the registration directory
+/// `.git/worktrees/issue-<n>`, the working directory, the working
+/// directory's `.git` file (created, then filled), `commondir` (created,
+/// then filled), `gitdir` (created, then filled), `HEAD` (through
+/// `HEAD.lock`), then the checkout (here: one file of it, no index yet).
+const ADD_STEPS: usize = 11;
+
+fn half_added(fx: &Fixture, n: u64, writes: usize) {
+    let common = fx.repo_path.join(".git");
+    let reg = common.join("worktrees").join(format!("issue-{n}"));
+    let wd = fx.layout.worktree_path(n);
+    let r = reg.display().to_string();
+    let w = wd.display().to_string();
+    let c = common.display().to_string();
+    let steps: [&dyn Fn(); ADD_STEPS] = [
+        &|| std::fs::create_dir_all(&reg).unwrap(),
+        &|| std::fs::create_dir_all(&wd).unwrap(),
+        &|| std::fs::write(wd.join(".git"), "").unwrap(),
+        &|| std::fs::write(wd.join(".git"), format!("gitdir: {r}/\n")).unwrap(),
+        &|| std::fs::write(reg.join("commondir"), "").unwrap(),
+        &|| std::fs::write(reg.join("commondir"), format!("{c}/\n")).unwrap(),
+        &|| std::fs::write(reg.join("gitdir"), "").unwrap(),
+        &|| std::fs::write(reg.join("gitdir"), format!("{w}/.git\n")).unwrap(),
+        &|| std::fs::write(reg.join("HEAD.lock"), "").unwrap(),
+        &|| {
+            std::fs::write(
+                reg.join("HEAD.lock"),
+                format!("ref: refs/heads/agent/issue-{n}\n"),
+            )
+            .unwrap();
+            std::fs::rename(reg.join("HEAD.lock"), reg.join("HEAD")).unwrap();
+        },
+        &|| std::fs::write(wd.join("README.md"), "hello\n").unwrap(),
+    ];
+    for step in &steps[..writes] {
+        step();
+    }
+}
+
+/// The repository is sound by real git: `git worktree list` shows the main
+/// checkout and exactly `expected` (path, branch), `git worktree prune`
+/// finds nothing to prune, `git fsck` passes.
+fn assert_sound(fx: &Fixture, expected: &[(&Path, &str)], case: &str) {
+    let list = git(&fx.repo_path, &["worktree", "list", "--porcelain"]);
+    let mut listed: Vec<(String, String)> = list
+        .split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .skip(1)
+        .map(|block| {
+            let field = |key: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            (field("worktree "), field("branch "))
+        })
+        .collect();
+    listed.sort();
+    let mut want: Vec<(String, String)> = expected
+        .iter()
+        .map(|(p, b)| {
+            (
+                p.canonicalize().unwrap().display().to_string(),
+                format!("refs/heads/{b}"),
+            )
+        })
+        .collect();
+    want.sort();
+    assert_eq!(listed, want, "{case}: git worktree list:\n{list}");
+    let prune = git(
+        &fx.repo_path,
+        &["worktree", "prune", "--dry-run", "--verbose"],
+    );
+    assert_eq!(prune, "", "{case}: git would prune");
+    fsck(&fx.repo_path);
+}
+
+/// A worker killed at any point inside libgit2's worktree add, restarted:
+/// the worktree is made again, whether the directory is still there or a
+/// first recovery already removed it (crash campaign seed
+/// 16534957302346885086, run 13: `.git/worktrees/issue-1` held only
+/// `commondir` and an empty `gitdir`, and every later create failed with
+/// "directory exists").
+#[tokio::test]
+async fn a_worktree_add_killed_at_any_write_is_made_again() {
+    for writes in 1..=ADD_STEPS {
+        for (directory_left, recorded) in [(true, false), (false, false), (false, true)] {
+            let case = format!(
+                "killed after write {writes}, directory {}, creation {}recorded",
+                if directory_left { "left" } else { "removed" },
+                if recorded { "" } else { "not " }
+            );
+            let fx = fixture();
+            let wts = worktrees(&fx);
+            let work = agent_branch(&fx, 1);
+            half_added(&fx, 1, writes);
+            if !directory_left && fx.layout.worktree_path(1).exists() {
+                std::fs::remove_dir_all(fx.layout.worktree_path(1)).unwrap();
+            }
+            let info = wts
+                .create_or_resume(1, recorded)
+                .await
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert!(info.resumed, "{case}: the branch is kept");
+            for file in ["README.md", "src/lib.txt", "work.txt"] {
+                assert!(info.path.join(file).is_file(), "{case}: {file}");
+            }
+            assert_eq!(
+                wts.branch_sha("agent/issue-1").await.unwrap(),
+                work.to_string(),
+                "{case}"
+            );
+            assert_eq!(wts.salvage(1).await.unwrap(), None, "{case}: clean");
+            assert_sound(&fx, &[(&info.path, "agent/issue-1")], &case);
+        }
+    }
+}
+
+/// Garbage collection and destroy prune a half-written registration too.
+#[tokio::test]
+async fn gc_and_destroy_prune_half_written_registrations() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    agent_branch(&fx, 1);
+    agent_branch(&fx, 2);
+    half_added(&fx, 1, 8);
+    half_added(&fx, 2, 7);
+    std::fs::remove_dir_all(fx.layout.worktree_path(1)).unwrap();
+    std::fs::remove_dir_all(fx.layout.worktree_path(2)).unwrap();
+    let registrations = fx.repo_path.join(".git/worktrees");
+    wts.gc(|_| false).await.unwrap();
+    assert!(!registrations.join("issue-1").exists());
+    assert!(!registrations.join("issue-2").exists());
+
+    half_added(&fx, 3, 6);
+    wts.destroy(3, false).await.unwrap();
+    assert!(!registrations.join("issue-3").exists());
+    assert!(!fx.layout.worktree_path(3).exists());
+    assert_sound(&fx, &[], "after gc and destroy");
+}
+
+/// Pruning removes only broken registrations, and only inside
+/// `.git/worktrees/`: a registration of a worktree that exists (wherever
+/// it is) and a locked one stay, links are never followed.
+#[tokio::test]
+async fn pruning_keeps_sound_and_locked_registrations_and_touches_nothing_outside() {
+    let fx = fixture();
+    let wts = worktrees(&fx);
+    let registrations = fx.repo_path.join(".git/worktrees");
+    let elsewhere = fx.tmp.path().join("operators-worktree");
+    git(
+        &fx.repo_path,
+        &[
+            "worktree",
+            "add",
+            "-q",
+            "-b",
+            "op",
+            elsewhere.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(elsewhere.join("draft.txt"), "the operator's\n").unwrap();
+    let precious = fx.tmp.path().join("precious");
+    std::fs::create_dir_all(&precious).unwrap();
+    std::fs::write(precious.join("data"), "keep me\n").unwrap();
+
+    // Locked (by hand, or a `git worktree add` still writing it): kept.
+    std::fs::create_dir_all(registrations.join("issue-3")).unwrap();
+    std::fs::write(registrations.join("issue-3/locked"), "initializing").unwrap();
+    // Not a directory, a link to one outside: the link goes, not its target.
+    std::os::unix::fs::symlink(&precious, registrations.join("issue-4")).unwrap();
+    // Broken, holding a link outside: removed without following it.
+    std::fs::create_dir_all(registrations.join("issue-5")).unwrap();
+    std::fs::write(registrations.join("issue-5/commondir"), "../..\n").unwrap();
+    std::os::unix::fs::symlink(&precious, registrations.join("issue-5/evil")).unwrap();
+    // `gitdir` unreadable (a directory): broken.
+    std::fs::create_dir_all(registrations.join("issue-6/gitdir")).unwrap();
+    // The operator's `gitdir` relative to its registration, as git 2.48's
+    // `worktree.useRelativePaths` writes it: kept.
+    let op_gitdir = registrations.join("operators-worktree/gitdir");
+    let absolute = std::fs::read_to_string(&op_gitdir).unwrap();
+    std::fs::write(&op_gitdir, "../../../../operators-worktree/.git\n").unwrap();
+
+    let info = wts.create_or_resume(7, false).await.unwrap();
+    for gone in ["issue-4", "issue-5", "issue-6"] {
+        assert!(
+            std::fs::symlink_metadata(registrations.join(gone)).is_err(),
+            "{gone} is pruned"
+        );
+    }
+    assert!(registrations.join("issue-3/locked").is_file());
+    assert!(op_gitdir.is_file());
+    assert_eq!(
+        std::fs::read_to_string(precious.join("data")).unwrap(),
+        "keep me\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(elsewhere.join("draft.txt")).unwrap(),
+        "the operator's\n"
+    );
+
+    // The locked registration stands in the way of issue 3, with the reason.
+    let err = wts.create_or_resume(3, false).await.unwrap_err();
+    assert!(
+        err.to_string().contains("is locked") && err.to_string().contains("issue-3/locked"),
+        "{err}"
+    );
+    wts.gc(|_| true).await.unwrap();
+    assert!(registrations.join("issue-3/locked").is_file());
+    assert!(elsewhere.join("draft.txt").is_file());
+
+    assert!(op_gitdir.is_file());
+
+    // (git 2.47 reads a relative `gitdir` from its working directory.)
+    std::fs::write(&op_gitdir, absolute).unwrap();
+    std::fs::remove_dir_all(registrations.join("issue-3")).unwrap();
+    assert_sound(&fx, &[(&elsewhere, "op")], "after pruning");
+    assert!(!info.path.exists(), "gc removed the finished worktree");
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use hydraflow::forge::{
 };
 use hydraflow::git::Worktrees;
 
-use super::git_fixture::{Fixture, commit_files, file_at, fixture, tip};
+use super::git_fixture::{Fixture, commit_files, file_at, fixture, fsck, tip};
 
 fn forge(fx: &Fixture) -> LocalForge {
     LocalForge::open(&fx.layout, &fx.repo_path).expect("open forge")
@@ -404,27 +404,6 @@ fn git_status(dir: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// `git fsck --strict` of the repository at `dir` succeeds.
-fn fsck(dir: &Path) {
-    let out = std::process::Command::new("git")
-        .args([
-            "-c",
-            "safe.directory=*",
-            "fsck",
-            "--strict",
-            "--no-dangling",
-        ])
-        .current_dir(dir)
-        .output()
-        .expect("run git fsck");
-    assert!(
-        out.status.success(),
-        "git fsck failed in {dir:?}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn sync_journal(f: &LocalForge) -> PathBuf {

@@ -2,6 +2,7 @@ mod access;
 mod agent;
 mod agent_clis;
 mod agent_containment;
+mod checkout_lock;
 mod crash_campaign;
 mod dashboard_api;
 mod dashboard_supervisor;
