@@ -62,10 +62,10 @@ pub enum Command {
     ///
     /// On the local forge a merge never goes through your working tree: the
     /// squash commit is made from trees and `main` moves by compare-and-swap.
-    /// Afterwards a checkout that has `main` checked out and no changes of
-    /// its own follows the merge (git's receive.denyCurrentBranch =
-    /// updateInstead rule); one with changes is left as it is and the log
-    /// says how to bring it along (`git read-tree -m -u OLD NEW`).
+    /// A checkout that has `main` checked out follows the merge as `git
+    /// checkout` would, keeping your changes to other files; a merge that
+    /// would overwrite a change of yours waits until you commit, stash or
+    /// remove it (the log names the path).
     #[command(after_long_help = RUN_EXAMPLES)]
     Run(worker::RunArgs),
     /// Make a demo repository with issues and take them through the pipeline

@@ -39,12 +39,17 @@
 //! its squash commit on the base (same message, same merged tree) and does
 //! not merge twice.
 //!
-//! The operator's checkout is touched only afterwards and only as git's
-//! `receive.denyCurrentBranch = updateInstead` would (git-config(1)): when
-//! it has the base branch checked out and holds nothing of its own
-//! ([`crate::git::checkout`]), its index and working tree follow the merge;
-//! otherwise it is left as it is and the merge still succeeds. When it has
-//! the base branch checked out, the merge takes the checkout's
+//! When the operator's checkout has the base branch checked out, it follows
+//! the merge as `git checkout` follows a branch switch
+//! ([`crate::git::checkout`]): the files and index entries the merge
+//! changes are brought along, and the operator's own edits, staged or not,
+//! on other paths are kept. Where the operator has something of their own
+//! on a path the merge changes (an edit, a staged change, an untracked file
+//! in the way), the merge is refused for now ([`ForgeError::Transient`],
+//! naming the path) and nothing moves: a branch that moved under a checkout
+//! left behind would have the operator's next `git commit -a` undo the
+//! merge. A checkout on another branch or a detached `HEAD` is not touched.
+//! The merge takes the checkout's
 //! `index.lock` (git's lock protocol, [`crate::git::index_lock`]) before
 //! the ref moves and keeps it until the index is replaced (or the checkout
 //! is left alone), so a concurrent `git commit` either finishes first (the
@@ -54,7 +59,8 @@
 //! lock the merge waits about 2 s, then fails with
 //! [`ForgeError::Transient`]. Before the lock is taken, `checkout-sync.json`
 //! records the old and new commit and the lock's file; it goes once the
-//! checkout followed or was left alone. Opening the forge or merging
+//! checkout followed (or, when the operator's editor wrote in the meantime,
+//! was left alone). Opening the forge or merging
 //! finishes what a crash interrupted: it removes the `index.lock` the
 //! journal names if it is still there (its process is gone: it held the
 //! forge lock), then brings along a checkout whose every path holds the old
@@ -406,7 +412,7 @@ impl LocalForge {
     ///
     /// When a merge was interrupted before the main checkout followed it
     /// (`checkout-sync.json` exists), the checkout is brought along now, or
-    /// left alone when it has local changes; only by a process running as
+    /// left alone when it has changes of its own on the merge's paths; only by a process running as
     /// the checkout's owner (root's `hydraflow issue` on a packaged instance
     /// leaves it to the worker, so no file in the checkout becomes root's).
     pub fn open(layout: &Layout, repo_path: &Path) -> ForgeResult<LocalForge> {
@@ -903,8 +909,10 @@ impl LocalForge {
     /// held.
     ///
     /// # Errors
-    /// [`ForgeError::Transient`] when git keeps holding `index.lock`
-    /// (`what` is merged on a later try); [`ForgeError::Local`] when the
+    /// [`ForgeError::Transient`] when git keeps holding `index.lock`, or
+    /// when the checkout holds changes of its own that following the merge
+    /// would overwrite ([`crate::git::checkout::in_the_way`]; `what` is
+    /// merged on a later try); [`ForgeError::Local`] when the
     /// journal or the lock file cannot be written.
     fn begin_checkout_sync(
         &self,
@@ -925,7 +933,20 @@ impl LocalForge {
             pid: None,
             index_lock: None,
         };
-        match self.lock_index(repo, journal, LockWait::Briefly) {
+        let refused = self
+            .lock_index(repo, journal, LockWait::Briefly)
+            .and_then(|lock| {
+                match crate::git::checkout::in_the_way(repo, old, new) {
+                    Ok(None) => Ok(lock),
+                    Ok(Some(reason)) => Err(ForgeError::Transient(format!(
+                        "the checkout {} has changes of its own that the merge would overwrite ({reason}): \
+                         commit, stash or remove them",
+                        self.repo_path.display()
+                    ))),
+                    Err(e) => Err(ForgeError::Local(e.to_string())),
+                }
+            });
+        match refused {
             Ok(lock) => Ok(Some(lock)),
             Err(e) => {
                 self.drop_checkout_sync();
@@ -1060,10 +1081,10 @@ impl LocalForge {
                 tracing::debug!(%checkout, reason, "the checkout does not follow the merge");
             }
             Ok(CheckoutSync::LocalChanges(reason)) => {
-                tracing::info!(
+                tracing::warn!(
                     %checkout,
                     reason,
-                    "leaving the checkout as it is: it has local changes; to bring it to the merge keeping them, run `git read-tree -m -u {old} {new}` in it"
+                    "leaving the checkout as it is: a path the merge changes was changed while it ran; before committing there, bring it to the merge with `git read-tree -m -u {old} {new}`"
                 );
             }
             Err(e) => {

@@ -1,16 +1,17 @@
-//! Bringing the main checkout along after its branch moved without it: git's
-//! `receive.denyCurrentBranch = updateInstead` rule (git-config(1)), which
-//! updates the working tree of a pushed-to branch only when it is clean, as
+//! Bringing the main checkout along after its branch moved without it, as
 //! `forge::local` needs after a merge advanced the branch the operator has
-//! checked out.
+//! checked out. The rule is `git checkout`'s when it switches between two
+//! commits with local changes (git-read-tree(1), "Two Tree Merge"): the
+//! paths the two commits differ in are brought to the new one, and the
+//! operator's changes elsewhere are carried along, staged or not.
 //!
 //! [`sync_checkout`] takes the commit the branch moved from (`old`) and to
 //! (`new`). It changes nothing unless the checkout is not bare, `HEAD` still
-//! names the branch, the branch is at `new`, and every path of the checkout
-//! holds what one of the two commits holds:
-//! - outside the paths the two commits differ in, the index and the tracked
-//!   files match `new` (which there is `old`): an operator's edit, staged or
-//!   not, anywhere leaves the checkout alone;
+//! names the branch, the branch is at `new`, and every path the two commits
+//! differ in holds what one of them holds ([`in_the_way`] asks the same
+//! before the branch moves):
+//! - outside the paths the two commits differ in, anything goes: the
+//!   index entries and files there are not touched;
 //! - on the paths they differ in, the index entry and the file each hold the
 //!   `old` or the `new` version (or are absent where that commit has none),
 //!   so an update killed half-way is finished, while an operator's version,
@@ -24,8 +25,8 @@
 //! the sync (a `git commit -a` there would commit the old index on top of
 //! the new commit). The files `new` removes are deleted (with directories
 //! left empty), the files it adds or changes are checked out by libgit2
-//! (filters, modes, symbolic links), and last the index becomes `new`'s tree
-//! (stat data kept for unchanged entries): built in a copy outside the git
+//! (filters, modes, symbolic links), and last the index entries of those
+//! paths become `new`'s (the others kept as they are): built in a copy outside the git
 //! directory, written into the lock file, which is renamed over the index.
 //! Each step can be interrupted and the whole run again: the rule above
 //! accepts every intermediate state. Submodule changes are left to the
@@ -155,6 +156,27 @@ pub fn sync_checkout(
     })
 }
 
+/// Why the checkout of `repo` could not follow its branch from `old` to
+/// `new` (the rule of the module documentation), naming the path; `None`
+/// when it could. Asked before the branch moves, so that a merge never
+/// leaves the operator an index that would undo it.
+///
+/// # Errors
+/// [`GitError`] when git or the file system fails while looking.
+pub fn in_the_way(repo: &Repository, old: Oid, new: Oid) -> Result<Option<String>, GitError> {
+    let Some(root) = repo.workdir().map(Path::to_path_buf) else {
+        return Ok(None);
+    };
+    let tree = |id: Oid| {
+        repo.find_commit(id)
+            .and_then(|c| c.tree())
+            .map_err(git(format!("cannot read the tree of {id}")))
+    };
+    let (old_tree, new_tree) = (tree(old)?, tree(new)?);
+    let changes = changes(repo, &old_tree, &new_tree)?;
+    obstacle(repo, &root, &old_tree, &new_tree, &changes)
+}
+
 /// The paths that differ between the two trees, with each side's blob.
 fn changes(
     repo: &Repository,
@@ -205,34 +227,16 @@ fn obstacle(
         return Ok(Some("the index has unresolved conflicts".into()));
     }
 
-    // The index: new's entries, except old's on the changed paths.
-    let staged = repo
-        .diff_tree_to_index(Some(new_tree), Some(&index), None)
-        .map_err(git("cannot compare the index with the new tree"))?;
-    for path in delta_paths(&staged) {
-        let entry = index.get_path(&path, 0).map(|e| (e.id, e.mode));
-        match changes.get(&path) {
-            Some(change) if entry == change.old || entry == change.new => {}
-            _ => {
-                return Ok(Some(format!(
-                    "{} is staged with changes of its own",
-                    path.display()
-                )));
-            }
+    // The index on the changed paths: old's or new's entry (elsewhere
+    // anything: the operator's staged changes are carried along).
+    for (path, change) in changes {
+        let entry = index.get_path(path, 0).map(|e| (e.id, e.mode));
+        if entry != change.old && entry != change.new {
+            return Ok(Some(format!(
+                "{} is staged with changes of its own",
+                path.display()
+            )));
         }
-    }
-
-    // Tracked files outside the changed paths: as in the index.
-    let mut opts = DiffOptions::new();
-    opts.include_untracked(false).ignore_submodules(true);
-    let edited = repo
-        .diff_index_to_workdir(Some(&index), Some(&mut opts))
-        .map_err(git("cannot compare the working tree with the index"))?;
-    if let Some(path) = delta_paths(&edited)
-        .into_iter()
-        .find(|p| !changes.contains_key(p))
-    {
-        return Ok(Some(format!("{} has local changes", path.display())));
     }
 
     // The changed paths: the old or the new version in the working tree.
@@ -280,19 +284,6 @@ fn obstacle(
     Ok(None)
 }
 
-/// Paths named by the deltas of `diff`, either side.
-fn delta_paths(diff: &git2::Diff<'_>) -> BTreeSet<PathBuf> {
-    let mut out = BTreeSet::new();
-    for delta in diff.deltas() {
-        for file in [delta.old_file(), delta.new_file()] {
-            if let Some(bytes) = file.path_bytes() {
-                out.insert(bytes_path(bytes));
-            }
-        }
-    }
-    out
-}
-
 /// Paths at or under the changed paths where the working tree differs from
 /// `tree` (content after filters, type, presence; untracked and ignored
 /// files included).
@@ -338,7 +329,9 @@ fn inside_real_dirs(root: &Path, path: &Path) -> bool {
 }
 
 /// Delete what `new_tree` removes, check out what it adds or changes, and
-/// replace the index with `new_tree`'s through `lock`.
+/// replace the index through `lock` with the current one whose entries on
+/// the changed paths are `new_tree`'s (the others, with whatever the
+/// operator staged, kept).
 fn apply(
     repo: &Repository,
     root: &Path,
@@ -386,9 +379,38 @@ fn apply(
     let mut index = git2::Index::open(&staged).map_err(git("cannot read the index"))?;
     repo.set_index(&mut index)
         .map_err(git("cannot read the index"))?;
-    index
-        .read_tree(&new_tree)
-        .map_err(git("cannot load the new tree into the index"))?;
+    for (path, change) in changes {
+        match change.new {
+            Some((id, mode)) => {
+                let path = path.as_os_str().as_bytes().to_vec();
+                let zero = git2::IndexTime::new(0, 0);
+                // Stat data zero: checked against the file until the
+                // checkout below (or git) records the file's.
+                let entry = git2::IndexEntry {
+                    ctime: zero,
+                    mtime: zero,
+                    dev: 0,
+                    ino: 0,
+                    mode,
+                    uid: 0,
+                    gid: 0,
+                    file_size: 0,
+                    id,
+                    flags: u16::try_from(path.len()).map_or(0xfff, |n| n.min(0xfff)),
+                    flags_extended: 0,
+                    path,
+                };
+                index
+                    .add(&entry)
+                    .map_err(git(format!("cannot stage {}", path_text(&entry.path))))?;
+            }
+            None => match index.remove_path(path) {
+                Ok(()) => {}
+                Err(e) if e.code() == ErrorCode::NotFound => {}
+                Err(e) => return Err(git(format!("cannot unstage {}", path.display()))(e)),
+            },
+        }
+    }
     index.write().map_err(git("cannot write the new index"))?;
 
     let writes: Vec<&PathBuf> = changes
@@ -408,6 +430,10 @@ fn apply(
     }
     let bytes = std::fs::read(&staged).map_err(io("cannot read the new index"))?;
     lock.commit(&bytes)
+}
+
+fn path_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Copy the index at `live` (if any) to `staged` with its modification

@@ -126,7 +126,20 @@ async fn git_commit_a_in_the_checkout_never_undoes_a_merge() {
     // Every merge is on main, and no commit on main ever lost a file.
     let repo = fx.repo();
     if (1..=MERGES).any(|n| file_at(&repo, "main", &format!("merged-{n}.txt")).is_none()) {
-        eprintln!("DEBUG {}", git(&fx.repo_path, &["log", "--format=%h %p %s", "--name-status", "-n", "60", "main"]));
+        eprintln!(
+            "DEBUG {}",
+            git(
+                &fx.repo_path,
+                &[
+                    "log",
+                    "--format=%h %p %s",
+                    "--name-status",
+                    "-n",
+                    "60",
+                    "main"
+                ]
+            )
+        );
     }
     for n in 1..=MERGES {
         assert_eq!(

@@ -1,7 +1,8 @@
 //! The local forge against real repositories: issues, labels under
 //! concurrency, pull requests, check runs, real squash merges and the
-//! operator's checkout following them (or not) the way git's
-//! `updateInstead` would, also after a crash.
+//! operator's checkout following them the way `git checkout` switches
+//! between two commits (or the merge waiting for the operator's change it
+//! would overwrite), also after a crash.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use hydraflow::forge::{
 };
 use hydraflow::git::Worktrees;
 
-use super::git_fixture::{Fixture, commit_files, file_at, fixture, fsck, tip};
+use super::git_fixture::{Fixture, commit_files, file_at, fixture, fsck, git, tip};
 
 fn forge(fx: &Fixture) -> LocalForge {
     LocalForge::open(&fx.layout, &fx.repo_path).expect("open forge")
@@ -451,14 +452,12 @@ async fn branch_with_pr(
         .number
 }
 
-/// Something of the operator's in the checkout: the merge must leave
-/// index and files as they are, and so must the next merge.
-async fn check_left_alone(case: &str, prepare: impl FnOnce(&Path)) {
-    let fx = fixture();
-    let f = forge(&fx);
+/// Two pull requests: #1 changes `README.md` and adds `feature.txt` and
+/// `docs/guide.md`; #2 adds `two.txt`.
+async fn two_pull_requests(fx: &Fixture, f: &LocalForge) -> (u64, u64) {
     let first = branch_with_pr(
-        &fx,
-        &f,
+        fx,
+        f,
         1,
         &[
             ("README.md", Some("merged\n")),
@@ -467,108 +466,205 @@ async fn check_left_alone(case: &str, prepare: impl FnOnce(&Path)) {
         ],
     )
     .await;
-    let second = branch_with_pr(&fx, &f, 2, &[("two.txt", Some("2\n"))]).await;
+    let second = branch_with_pr(fx, f, 2, &[("two.txt", Some("2\n"))]).await;
+    (first, second)
+}
+
+/// Something of the operator's on paths the merges do not change: the
+/// checkout follows both merges, and the operator's files and `git status`
+/// stay as they were.
+async fn check_carried(case: &str, prepare: impl FnOnce(&Path)) {
+    let fx = fixture();
+    let f = forge(&fx);
+    let (first, second) = two_pull_requests(&fx, &f).await;
+    prepare(&fx.repo_path);
+    let status = git_status(&fx.repo_path);
+    let (mut expected, _) = snapshot(&fx.repo_path);
+    for pr in [first, second] {
+        let outcome = f
+            .merge_pull_request(pr, &format!("Fixes #{pr}"))
+            .await
+            .unwrap_or_else(|e| panic!("{case}: merge of #{pr} failed: {e}"));
+        assert_eq!(
+            tip(&fx.repo(), "main").unwrap().id().to_string(),
+            outcome.sha,
+            "{case}"
+        );
+    }
+    for (path, text) in [
+        ("README.md", "merged\n"),
+        ("feature.txt", "feature\n"),
+        ("docs/guide.md", "guide\n"),
+        ("two.txt", "2\n"),
+    ] {
+        assert_eq!(
+            file_at(&fx.repo(), "main", path).as_deref(),
+            Some(text),
+            "{case}"
+        );
+        expected.insert(PathBuf::from(path), text.as_bytes().to_vec());
+    }
+    let (files, _) = snapshot(&fx.repo_path);
+    assert!(files == expected, "{case}: {files:?}");
+    assert_eq!(git_status(&fx.repo_path), status, "{case}");
+    assert!(!sync_journal(&f).exists(), "{case}");
+    assert!(!fx.repo_path.join(".git/index.lock").exists(), "{case}");
+    fsck(&fx.repo_path);
+}
+
+/// Something of the operator's on a path the first merge changes: that
+/// merge is refused for now, naming the path, and nothing moves; the
+/// second merge, which does not touch it, goes through; once the operator's
+/// thing is gone, the first goes through too.
+async fn check_refused(
+    case: &str,
+    in_the_way: &str,
+    prepare: impl FnOnce(&Path),
+    clear: impl FnOnce(&Path),
+) {
+    let fx = fixture();
+    let f = forge(&fx);
+    let (first, second) = two_pull_requests(&fx, &f).await;
     prepare(&fx.repo_path);
     let before = snapshot(&fx.repo_path);
+    let main = tip(&fx.repo(), "main").unwrap().id();
 
-    let outcome = f.merge_pull_request(first, "Fixes #1").await;
-    let outcome = outcome.unwrap_or_else(|e| panic!("{case}: merge failed: {e}"));
-    let repo = fx.repo();
-    assert_eq!(
-        tip(&repo, "main").unwrap().id().to_string(),
-        outcome.sha,
-        "{case}"
+    let err = f.merge_pull_request(first, "Fixes #1").await.unwrap_err();
+    assert!(err.is_transient(), "{case}: {err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(in_the_way) && message.contains("commit, stash or remove"),
+        "{case}: {message}"
     );
-    assert_eq!(
-        file_at(&repo, "main", "README.md").as_deref(),
-        Some("merged\n"),
-        "{case}"
-    );
+    assert_eq!(tip(&fx.repo(), "main").unwrap().id(), main, "{case}");
     assert!(
         snapshot(&fx.repo_path) == before,
         "{case}: the checkout changed"
     );
     assert!(!sync_journal(&f).exists(), "{case}");
+    assert!(!fx.repo_path.join(".git/index.lock").exists(), "{case}");
+    assert_eq!(
+        f.get_pull_request(first).await.unwrap().state,
+        PullRequestState::Open,
+        "{case}"
+    );
 
-    let later = f.merge_pull_request(second, "Fixes #2").await;
-    let later = later.unwrap_or_else(|e| panic!("{case}: the next merge failed: {e}"));
+    f.merge_pull_request(second, "Fixes #2")
+        .await
+        .unwrap_or_else(|e| panic!("{case}: the other merge failed: {e}"));
     assert_eq!(
-        tip(&repo, "main").unwrap().id().to_string(),
-        later.sha,
+        std::fs::read_to_string(fx.repo_path.join("two.txt")).unwrap(),
+        "2\n",
         "{case}"
     );
+    clear(&fx.repo_path);
+    f.merge_pull_request(first, "Fixes #1")
+        .await
+        .unwrap_or_else(|e| panic!("{case}: the merge failed once cleared: {e}"));
     assert_eq!(
-        file_at(&repo, "main", "two.txt").as_deref(),
-        Some("2\n"),
+        std::fs::read_to_string(fx.repo_path.join("feature.txt")).unwrap(),
+        "feature\n",
         "{case}"
     );
-    assert!(
-        snapshot(&fx.repo_path) == before,
-        "{case}: the next merge changed the checkout"
-    );
+    assert_eq!(git_status(&fx.repo_path), "", "{case}");
     fsck(&fx.repo_path);
 }
 
+fn write(dir: &Path, path: &str, text: &str) {
+    std::fs::create_dir_all(dir.join(path).parent().unwrap()).unwrap();
+    std::fs::write(dir.join(path), text).unwrap();
+}
+
+fn stage(dir: &Path, path: &str) {
+    let repo = git2::Repository::open(dir).unwrap();
+    let mut index = repo.index().unwrap();
+    index.add_path(Path::new(path)).unwrap();
+    index.write().unwrap();
+}
+
+/// Back to `main`'s tip: index, files, and nothing untracked or ignored.
+fn reset_hard(dir: &Path) {
+    git(dir, &["reset", "-q", "--hard"]);
+    git(dir, &["clean", "-q", "-fdx"]);
+}
+
 #[tokio::test]
-async fn a_checkout_with_local_changes_is_never_touched_and_never_blocks_a_merge() {
-    let write = |dir: &Path, path: &str, text: &str| {
-        std::fs::create_dir_all(dir.join(path).parent().unwrap()).unwrap();
-        std::fs::write(dir.join(path), text).unwrap();
-    };
-    check_left_alone("a file the merge changes is edited", |d| {
-        write(d, "README.md", "my local edit\n");
-    })
-    .await;
-    check_left_alone("a file the merge leaves is edited", |d| {
+async fn the_operators_changes_elsewhere_are_carried_along() {
+    check_carried("a file the merges leave is edited", |d| {
         write(d, "src/lib.txt", "mine\n");
     })
     .await;
-    check_left_alone("a file the merge leaves is deleted", |d| {
+    check_carried("a file the merges leave is deleted", |d| {
         std::fs::remove_file(d.join("src/lib.txt")).unwrap();
     })
     .await;
-    check_left_alone("a new file is staged", |d| {
+    check_carried("a new file is staged", |d| {
         write(d, "staged.txt", "staged\n");
-        let repo = git2::Repository::open(d).unwrap();
-        let mut index = repo.index().unwrap();
-        index.add_path(Path::new("staged.txt")).unwrap();
-        index.write().unwrap();
+        stage(d, "staged.txt");
     })
     .await;
-    check_left_alone("an edit is staged and then undone in the file", |d| {
+    check_carried("an edit is staged and then undone in the file", |d| {
         write(d, "src/lib.txt", "staged edit\n");
-        let repo = git2::Repository::open(d).unwrap();
-        let mut index = repo.index().unwrap();
-        index.add_path(Path::new("src/lib.txt")).unwrap();
-        index.write().unwrap();
+        stage(d, "src/lib.txt");
         write(d, "src/lib.txt", "one\ntwo\nthree\n");
     })
     .await;
-    check_left_alone("an untracked file is where the merge adds one", |d| {
-        write(d, "feature.txt", "my own feature\n");
+    check_carried("untracked and ignored files elsewhere", |d| {
+        write(d, "notes.txt", "mine\n");
+        write(d, "debug.log", "ignored\n");
     })
     .await;
-    check_left_alone("an ignored file is where the merge adds one", |d| {
-        write(d, ".gitignore", "*.log\nfeature.txt\n");
-        let repo = git2::Repository::open(d).unwrap();
-        let mut index = repo.index().unwrap();
-        index.add_path(Path::new(".gitignore")).unwrap();
-        index.write().unwrap();
-        write(d, "feature.txt", "ignored but mine\n");
-    })
-    .await;
-    check_left_alone(
-        "an untracked file is where the merge needs a directory",
-        |d| {
-            write(d, "docs", "a file, not a directory\n");
-        },
+}
+
+#[tokio::test]
+async fn a_merge_that_would_overwrite_the_operators_changes_waits_for_them() {
+    check_refused(
+        "a file the merge changes is edited",
+        "README.md",
+        |d| write(d, "README.md", "my local edit\n"),
+        reset_hard,
     )
     .await;
-    check_left_alone(
-        "an untracked file is in a directory the merge adds to",
+    check_refused(
+        "a file the merge changes is staged",
+        "README.md",
         |d| {
-            write(d, "docs/guide.md", "my guide\n");
+            write(d, "README.md", "my staged edit\n");
+            stage(d, "README.md");
         },
+        reset_hard,
+    )
+    .await;
+    check_refused(
+        "an untracked file is where the merge adds one",
+        "feature.txt",
+        |d| write(d, "feature.txt", "my own feature\n"),
+        reset_hard,
+    )
+    .await;
+    check_refused(
+        "an ignored file is where the merge adds one",
+        "feature.txt",
+        |d| {
+            write(d, ".gitignore", "*.log\nfeature.txt\n");
+            git(d, &["commit", "-q", "-am", "ignore feature.txt"]);
+            write(d, "feature.txt", "ignored but mine\n");
+        },
+        reset_hard,
+    )
+    .await;
+    check_refused(
+        "an untracked file is where the merge needs a directory",
+        "docs",
+        |d| write(d, "docs", "a file, not a directory\n"),
+        reset_hard,
+    )
+    .await;
+    check_refused(
+        "an untracked file is in a directory the merge adds to",
+        "docs/guide.md",
+        |d| write(d, "docs/guide.md", "my guide\n"),
+        reset_hard,
     )
     .await;
 }
@@ -891,12 +987,31 @@ fn opening_the_forge_finishes_a_checkout_update_a_crash_interrupted() {
     }
 }
 
+/// An edit the operator made, after the kill, to a file the merge leaves
+/// is carried along while the update is finished.
+#[test]
+fn an_interrupted_checkout_update_carries_the_operators_edits_elsewhere() {
+    let it = interrupted_merge();
+    std::fs::write(it.fx.repo_path.join(".gitignore"), "*.log\n*.tmp\n").unwrap();
+    let f = forge(&it.fx);
+    assert!(!sync_journal(&f).exists());
+    let dir = &it.fx.repo_path;
+    assert_eq!(
+        std::fs::read_to_string(dir.join("README.md")).unwrap(),
+        "hello\nmerged\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("docs/new.md")).unwrap(),
+        "new\n"
+    );
+    assert!(!dir.join("src/lib.txt").exists());
+    assert_eq!(git_status(dir), " M .gitignore\n");
+    fsck(dir);
+}
+
 #[test]
 fn an_interrupted_checkout_update_never_overwrites_the_operators_edits() {
-    let cases: [Case<'_>; 3] = [
-        ("a file the merge leaves is edited", &|d| {
-            std::fs::write(d.join(".gitignore"), "*.log\n*.tmp\n").unwrap();
-        }),
+    let cases: [Case<'_>; 2] = [
         ("a file the merge changes holds a third version", &|d| {
             std::fs::write(d.join("README.md"), "the operator's\n").unwrap();
         }),
