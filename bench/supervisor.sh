@@ -2,7 +2,8 @@
 # Supervisor benchmark: builds the release binary and bench/lg.c, starts `hydraflow supervisor`
 # (process backend) in a temporary directory, registers REPOS repositories, restarts the
 # supervisor so that it starts all of them (reconcile), then loads the control protocol with lg
-# (one TCP connection per request, as the original's client) and prints the figures. It ends by
+# (one TCP connection per request, as the original's client) and prints the figures, among them
+# ping while repositories are registered, added and removed, with the disk quiet and busy. It ends by
 # comparing access control off and on (`[supervisor] authorization = "off"` and "groups") in
 # alternating rounds; run as root, lg then runs as `nobody`, let in by `read_group = "*"`, so
 # every list_repos connection is looked up (sock_diag) and checked against the group rules.
@@ -120,20 +121,37 @@ printf '{"action":"list_repos"}\n' >&3
 cat <&3 >"$work/list-reply"
 exec 3<&-
 
-# ping from one client while add_repo of slow instances (0.5 s to READY=1) runs back to back.
-mkdir -p "$work/checkouts/slow-1" "$work/checkouts/slow-2"
-(
+# ping from one client while register_repo, add_repo (of slow instances: 0.5 s to READY=1) and
+# remove_repo run back to back: each writes the registry and an instance file durably (fsync).
+# Once with the disk quiet, once with it kept busy by synchronous writes beside (dd
+# oflag=sync, 64 MiB at a time, into the same file system), which make each fsync wait.
+mkdir -p "$work/checkouts/slow-1" "$work/checkouts/slow-2" "$work/checkouts/fast-1" "$work/checkouts/fast-2"
+churn() {
+    local end n=0
     end=$(($(now_ms) + secs * 1000))
-    n=0
     while [ "$(now_ms)" -lt "$end" ]; do
         n=$((n % 2 + 1))
-        "$work/lg" -p "$(cat "$port_file")" -n 1 -q "{\"action\":\"add_repo\",\"path\":\"$work/checkouts/slow-$n\"}\\n" >/dev/null
-        "$work/lg" -p "$(cat "$port_file")" -n 1 -q "{\"action\":\"remove_repo\",\"slug\":\"slow-$n\"}\\n" >/dev/null
+        for req in "{\"action\":\"register_repo\",\"path\":\"$work/checkouts/fast-$n\"}" \
+                   "{\"action\":\"add_repo\",\"path\":\"$work/checkouts/slow-$n\"}" \
+                   "{\"action\":\"remove_repo\",\"slug\":\"fast-$n\"}" \
+                   "{\"action\":\"remove_repo\",\"slug\":\"slow-$n\"}"; do
+            "$work/lg" -p "$(cat "$port_file")" -n 1 -q "$req\n" >/dev/null
+        done
     done
-) &
-adder=$!
-echo "ping, 1 client, add_repo in flight: $(lg -c 1 '{"action":"ping"}\n')"
-wait "$adder"
+}
+for disk in quiet busy; do
+    hog=
+    if [ "$disk" = busy ]; then
+        ( while :; do dd if=/dev/zero of="$work/hog" bs=1M count=64 oflag=sync status=none; done ) &
+        hog=$!
+        sleep 1
+    fi
+    churn &
+    churner=$!
+    echo "ping, 1 client, register_repo/add_repo/remove_repo in flight, $disk disk: $(lg -c 1 '{"action":"ping"}\n')"
+    wait "$churner"
+    if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; rm -f "$work/hog"; fi
+done
 
 t0=$(now_ms)
 stop

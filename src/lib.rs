@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod api;
 pub mod backoff;
 pub mod child;
 pub mod cli;

@@ -26,12 +26,12 @@ use crate::store::state::{LoadNote, StateTracker};
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// The data directories could not be created.
-    #[error("cannot create the data directories under {path}: {source}")]
+    #[error("cannot create the data directories under {path}: {cause}")]
     Dirs {
         /// `data_root/<slug>`.
         path: std::path::PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Persistence failed.
     #[error(transparent)]

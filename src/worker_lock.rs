@@ -36,12 +36,12 @@ pub enum WorkerLockError {
         pid: i32,
     },
     /// The lock file could not be opened, locked or written.
-    #[error("cannot take the worker lock {path}: {source}")]
+    #[error("cannot take the worker lock {path}: {cause}")]
     Io {
         /// The lock file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

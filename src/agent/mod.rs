@@ -184,20 +184,28 @@ impl AgentOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The program could not be started.
-    #[error("cannot start agent {program:?}: {source}")]
+    #[error("cannot start agent {program:?}: {cause}")]
     Spawn {
         /// argv\[0\].
         program: String,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Reading its output or writing HydraFlow's own files (transcript,
     /// prompt file, cgroup) failed.
     #[error("agent i/o failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The configuration names an unknown preset or output format.
     #[error("{0}")]
     Config(String),
+}
+
+impl From<std::io::Error> for AgentError {
+    /// [`AgentError::Io`]: the message carries the cause, so it is not also
+    /// the error's `source()`.
+    fn from(cause: std::io::Error) -> AgentError {
+        AgentError::Io(cause)
+    }
 }
 
 impl AgentError {

@@ -40,12 +40,12 @@ impl fmt::Display for Source {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file is not valid TOML or does not fit the schema (toml's message names line, column and key).
     #[error("{path}: {message}")]
@@ -185,24 +185,23 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Loaded, ConfigError> {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
 
-    if let Some(given) = req.global_file {
-        let path = std::path::absolute(given).unwrap_or_else(|_| given.to_owned());
+    // Read, parse and merge one file; `optional`: a missing file is no error.
+    let mut layer = |merged: &mut Table, path: PathBuf, optional: bool| {
         match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let (table, bad) = parse_file(&path, &text);
                 errors.extend(bad);
-                merge_layer(
-                    &mut merged,
-                    &table,
-                    &Source::File(path.clone()),
-                    &mut sources,
-                    "",
-                );
+                merge_layer(merged, &table, &Source::File(path.clone()), &mut sources, "");
                 files.push(path);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && req.global_optional => {}
-            Err(source) => errors.push(ConfigError::Read { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && optional => {}
+            Err(cause) => errors.push(ConfigError::Read { path, cause }),
         }
+    };
+
+    if let Some(given) = req.global_file {
+        let path = std::path::absolute(given).unwrap_or_else(|_| given.to_owned());
+        layer(&mut merged, path, req.global_optional);
     }
 
     if let Some(slug) = req.instance {
@@ -210,22 +209,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Loaded, ConfigError> {
             Some(dir) => PathBuf::from(dir),
             None => PathBuf::from(super::DEFAULT_REPOS_DIR),
         };
-        let path = repos_dir.join(format!("{slug}.toml"));
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let (table, bad) = parse_file(&path, &text);
-                errors.extend(bad);
-                merge_layer(
-                    &mut merged,
-                    &table,
-                    &Source::File(path.clone()),
-                    &mut sources,
-                    "",
-                );
-                files.push(path);
-            }
-            Err(source) => errors.push(ConfigError::Read { path, source }),
-        }
+        layer(&mut merged, repos_dir.join(format!("{slug}.toml")), false);
     }
 
     let defaults = to_table(&Config::default());

@@ -17,12 +17,12 @@ use tokio::net::UnixStream;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be connected.
-    #[error("cannot connect to the worker socket {path}: {source}")]
+    #[error("cannot connect to the worker socket {path}: {cause}")]
     Connect {
         /// The socket.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The worker did not answer in time.
     #[error("the worker at {path} did not answer within {after:?}")]
@@ -50,6 +50,16 @@ pub enum ClientError {
     },
 }
 
+/// Connect to the worker API socket at `socket`.
+async fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(socket)
+        .await
+        .map_err(|cause| ClientError::Connect {
+            path: socket.to_path_buf(),
+            cause,
+        })
+}
+
 /// Send `request` (its URI holds only a path and query) to the worker at
 /// `socket`; the response headers must arrive within `timeout`. The body is
 /// streamed.
@@ -70,12 +80,7 @@ pub async fn send(
         message: e.to_string(),
     };
     let work = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: socket.to_path_buf(),
-                source,
-            })?;
+        let stream = connect(socket).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(http)?;
@@ -196,12 +201,7 @@ pub async fn events(
     timeout: Duration,
 ) -> Result<EventSocket, ClientError> {
     let work = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: socket.to_path_buf(),
-                source,
-            })?;
+        let stream = connect(socket).await?;
         let url = if query.is_empty() {
             "ws://localhost/ws".to_owned()
         } else {

@@ -121,21 +121,21 @@ pub fn activated_socket(
 #[derive(Debug, thiserror::Error)]
 pub enum DashboardError {
     /// The socket or address could not be bound.
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}: {cause}")]
     Bind {
         /// The socket path or TCP address.
         address: String,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The descriptor named `dashboard` by socket activation is not a
     /// listening Unix socket with a path.
     #[error(
-        "the socket passed as {ACTIVATION_NAME:?} (LISTEN_FDNAMES) is not usable as the worker API: {source}"
+        "the socket passed as {ACTIVATION_NAME:?} (LISTEN_FDNAMES) is not usable as the worker API: {cause}"
     )]
     Activated {
         /// What was wrong with it.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A TCP address that is not loopback without an access token.
     #[error(

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
 use super::client::{self, ClientError};
-use crate::supervisor::backend::InstanceStatus;
+use crate::api::InstanceStatus;
 
 /// Frames queued per browser before the oldest is dropped.
 pub const CLIENT_QUEUE: usize = 8192;
@@ -95,49 +95,6 @@ impl RepoDirectory for StaticRepos {
     }
 }
 
-/// The supervisor's registry and backend: a worker's socket is
-/// `/run/hydraflow-dashboard/<slug>.sock` under systemd (made by
-/// `hydraflow@<slug>.socket`, owned by the supervisor's user, passed to the
-/// worker by socket activation) and
-/// `<state_dir>/<slug>/dashboard.sock` under the process backend.
-#[async_trait]
-impl RepoDirectory for crate::supervisor::Supervisor {
-    async fn repos(&self) -> Vec<RepoEntry> {
-        let backend = self.backend();
-        let systemd = backend.name() == "systemd";
-        let listed = backend.list().await;
-        let mut out = Vec::new();
-        for e in self.registry().entries() {
-            let known = match &listed {
-                Ok(all) => all.iter().find(|s| s.slug == e.slug).cloned(),
-                Err(_) => None,
-            };
-            let (unit, unit_error) = match known {
-                Some(s) => (Some(s), None),
-                None => match crate::layout::Slug::new(&e.slug) {
-                    Ok(slug) => match backend.status(&slug).await {
-                        Ok(s) => (Some(s), None),
-                        Err(err) => (None, Some(err.to_string())),
-                    },
-                    Err(err) => (None, Some(err.to_string())),
-                },
-            };
-            let socket = if systemd {
-                super::systemd_socket_path(&e.slug)
-            } else {
-                super::process_socket_path(&self.settings().state_dir, &e.slug)
-            };
-            out.push(RepoEntry {
-                slug: e.slug.clone(),
-                path: (!e.path.is_empty()).then(|| PathBuf::from(&e.path)),
-                socket,
-                unit,
-                unit_error,
-            });
-        }
-        out
-    }
-}
 
 /// One browser's queue.
 #[derive(Debug)]

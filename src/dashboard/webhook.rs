@@ -97,23 +97,6 @@ pub trait Targets: Send + Sync + 'static {
     fn target(&self, full_name: &str) -> Option<Target>;
 }
 
-/// The supervisor's registry: a repository registered as `owner/name`
-/// (`hydraflow repo add owner/name`), its worker's socket where the
-/// dashboard finds it (`/run/hydraflow-dashboard/<slug>.sock` under
-/// systemd, `<state_dir>/<slug>/dashboard.sock` under the process backend).
-impl Targets for crate::supervisor::Supervisor {
-    fn target(&self, full_name: &str) -> Option<Target> {
-        let entry = self.registry().entries().into_iter().find(|e| {
-            e.repo
-                .as_deref()
-                .is_some_and(|r| r.eq_ignore_ascii_case(full_name))
-        })?;
-        Some(Target {
-            socket: self.worker_socket(&entry.slug),
-            slug: entry.slug,
-        })
-    }
-}
 
 /// One delivery as it arrived: its headers and body.
 #[derive(Debug, Clone, Copy)]

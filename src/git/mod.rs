@@ -45,20 +45,20 @@ pub enum GitError {
         path: std::path::PathBuf,
     },
     /// Any other git2 failure, with what was being done.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Git {
         /// What was being done.
         context: String,
         /// git2's error.
-        source: git2::Error,
+        cause: git2::Error,
     },
     /// File system failure.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done.
         context: String,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

@@ -20,12 +20,12 @@ pub enum SubmitError {
     #[error("the correction is empty: say what the agent should do differently")]
     EmptyCorrection,
     /// The spool directory could not be written.
-    #[error("cannot write to the spool directory {dir}: {source}")]
+    #[error("cannot write to the spool directory {dir}: {cause}")]
     Io {
         /// The spool directory.
         dir: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

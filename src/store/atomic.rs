@@ -87,11 +87,7 @@ fn split(path: &Path) -> io::Result<(PathBuf, String)> {
 /// The I/O error of the step that failed.
 pub fn create_atomic(path: &Path, bytes: &[u8]) -> io::Result<bool> {
     let (dir, name) = split(path)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(&name))
-        .suffix(TEMP_SUFFIX)
-        .permissions(Permissions::from_mode(0o666))
-        .tempfile_in(&dir)?;
+    let mut tmp = temp_beside(&dir, &name)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     match tmp.persist_noclobber(path) {
@@ -145,13 +141,19 @@ enum Stop {
     AfterSync,
 }
 
-fn write_until(path: &Path, bytes: &[u8], stop: Stop) -> io::Result<()> {
-    let (dir, name) = split(path)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(&name))
+/// A new temporary file in `dir` for the file `name` (mode 0666 less the
+/// umask, named so that [`temp_prefix`] and [`TEMP_SUFFIX`] recognise it).
+fn temp_beside(dir: &Path, name: &str) -> io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(&temp_prefix(name))
         .suffix(TEMP_SUFFIX)
         .permissions(Permissions::from_mode(0o666))
-        .tempfile_in(&dir)?;
+        .tempfile_in(dir)
+}
+
+fn write_until(path: &Path, bytes: &[u8], stop: Stop) -> io::Result<()> {
+    let (dir, name) = split(path)?;
+    let mut tmp = temp_beside(&dir, &name)?;
     #[cfg(test)]
     if stop == Stop::AfterCreate {
         return tmp.keep().map(|_| ()).map_err(|e| e.error);

@@ -169,20 +169,7 @@ impl SessionLog {
     /// # Errors
     /// [`StoreError::Io`] when the file exists but cannot be read.
     pub fn read_all(path: &Path) -> Result<Vec<SessionRecord>, StoreError> {
-        let text = match fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(StoreError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-        };
-        Ok(text
-            .split(|&b| b == b'\n')
-            .filter_map(|line| serde_json::from_slice(line).ok())
-            .collect())
+        read_json_lines(path)
     }
 
     /// The file.
@@ -373,13 +360,23 @@ impl CallLedger {
 /// # Errors
 /// [`StoreError::Io`] when the file exists but cannot be read.
 pub fn read_calls(path: &Path) -> Result<Vec<CallRecord>, StoreError> {
+    read_json_lines(path)
+}
+
+/// Every line of the JSON Lines file at `path` that reads as a `T` (a line
+/// cut short by a crash, or of another shape, is skipped); a missing file
+/// is empty.
+///
+/// # Errors
+/// [`StoreError::Io`] when the file exists but cannot be read.
+fn read_json_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, StoreError> {
     let text = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
+        Err(cause) => {
             return Err(StoreError::Io {
                 path: path.to_path_buf(),
-                source,
+                cause,
             });
         }
     };

@@ -1,45 +1,17 @@
 //! The instance backend: how the supervisor starts, stops and inspects one worker instance per
 //! repository slug — systemd units over D-Bus (`hydraflow@<slug>.service`) or child processes.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
 
 use crate::config::SupervisorBackend;
 use crate::layout::Slug;
 use crate::supervisor::process::{ProcessBackend, ProcessOptions};
 
-/// State of one worker instance, in systemd's terms (org.freedesktop.systemd1(5)).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct InstanceStatus {
-    /// The repository slug (the unit's instance name).
-    pub slug: String,
-    /// `hydraflow@<slug>.service`.
-    pub unit: String,
-    /// `active`, `activating`, `deactivating`, `inactive`, `failed`, `reloading`.
-    pub active_state: String,
-    /// systemd's SubState (`running`, `start`, `dead`, `auto-restart`, …).
-    pub sub_state: String,
-    /// Main PID while running.
-    pub main_pid: Option<u32>,
-    /// Restarts since the unit was started (systemd `NRestarts`).
-    pub n_restarts: u32,
-    /// Memory in bytes (systemd `MemoryCurrent`), when known.
-    pub memory_bytes: Option<u64>,
-    /// When it last became active (RFC 3339 UTC), when known.
-    pub active_since: Option<String>,
-    /// systemd `Service.Result` (`success`, `exit-code`, `timeout`, `watchdog`, `start-limit-hit`, …).
-    pub result: Option<String>,
-}
-
-impl InstanceStatus {
-    /// `ActiveState` is `active` or `reloading`.
-    pub fn running(&self) -> bool {
-        matches!(self.active_state.as_str(), "active" | "reloading")
-    }
-}
+pub use crate::api::InstanceStatus;
 
 /// Why a backend operation failed; messages say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +95,20 @@ pub trait InstanceBackend: Send + Sync {
     /// (the default) when the backend cannot tell: callers then ask `list` every time.
     fn generation(&self) -> Option<u64> {
         None
+    }
+
+    /// The Unix socket the worker of `slug` serves its API on (the dashboard
+    /// proxies to it, the webhook waker posts to it).
+    fn api_socket(&self, slug: &str) -> PathBuf;
+
+    /// Where the worker of `slug` logs, as the protocol's `log_file` says it:
+    /// a file's path, or the `journalctl` command line that shows its journal.
+    fn log_location(&self, slug: &str) -> String;
+
+    /// Drop what the backend keeps of a removed instance (its log and PID
+    /// files), leaving the worker's data. The default keeps nothing.
+    fn forget(&self, slug: &str) {
+        let _ = slug;
     }
 }
 

@@ -60,12 +60,12 @@ pub enum ClientError {
         timeout: Duration,
     },
     /// Connecting, sending or reading failed.
-    #[error("cannot talk to the supervisor at {at}: {source}")]
+    #[error("cannot talk to the supervisor at {at}: {cause}")]
     Io {
         /// The endpoint.
         at: Endpoint,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The reply could not be read.
     #[error("{0}")]

@@ -21,6 +21,7 @@ use crate::layout::{Slug, SlugError};
 
 pub mod backend;
 pub mod client;
+mod directory;
 pub mod polkit;
 pub mod process;
 pub mod protocol;
@@ -69,12 +70,12 @@ pub enum SupervisorError {
     )]
     BadRepo(String),
     /// No valid slug can be made from the path or repository.
-    #[error("cannot make an instance name from {from}: {source}; give repo_slug")]
+    #[error("cannot make an instance name from {from}: {cause}; give repo_slug")]
     Slug {
         /// The path or repository.
         from: String,
         /// Why.
-        source: SlugError,
+        cause: SlugError,
     },
     /// The path or repository is registered under another slug.
     #[error("{what} is already registered as \"{slug}\"")]
@@ -89,13 +90,13 @@ pub enum SupervisorError {
     Registry(#[from] RegistryError),
     /// The per-instance configuration file could not be written.
     #[error(
-        "cannot write {path}: {source}; set repos_dir in the configuration to a writable directory"
+        "cannot write {path}: {cause}; set repos_dir in the configuration to a writable directory"
     )]
     InstanceFile {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The worker exited before it was ready (process backend).
     #[error(
@@ -225,11 +226,6 @@ impl Supervisor {
         self.changes.fetch_add(1, Ordering::Release);
     }
 
-    /// The backend's name (`systemd`, `process`).
-    pub fn backend_name(&self) -> &'static str {
-        self.backend.name()
-    }
-
     /// The registry of repositories (read by the dashboard).
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -259,16 +255,7 @@ impl Supervisor {
     }
 
     fn log_file(&self, slug: &str) -> String {
-        if self.backend.name() == "process" {
-            self.settings
-                .state_dir
-                .join(slug)
-                .join(process::LOG_FILE)
-                .display()
-                .to_string()
-        } else {
-            format!("journalctl -u hydraflow@{slug}.service")
-        }
+        self.backend.log_location(slug)
     }
 
     fn dashboard_url(&self, slug: &str) -> String {
@@ -369,53 +356,42 @@ impl Supervisor {
     }
 
     /// Write `<repos_dir>/<slug>.toml` unless it exists (an administrator's file is kept).
-    /// True when this call wrote it.
-    fn ensure_instance_file(
-        &self,
-        slug: &Slug,
-        path: &str,
-        repo: Option<&str>,
-    ) -> Result<bool, SupervisorError> {
-        let file = self.instance_file(slug.as_str());
+    /// True when this call wrote it. Blocking (fsync): call through [`off_thread`].
+    fn ensure_instance_file(repos_dir: &Path, file: &Path, text: &str) -> Result<bool, SupervisorError> {
         if file.exists() {
             return Ok(false);
         }
-        let err = |source| SupervisorError::InstanceFile {
-            path: file.clone(),
-            source,
+        let err = |cause| SupervisorError::InstanceFile {
+            path: file.to_path_buf(),
+            cause,
         };
-        let text = Self::instance_file_text(slug.as_str(), path, repo);
-        std::fs::create_dir_all(&self.settings.repos_dir).map_err(err)?;
-        crate::store::atomic::create_atomic(&file, text.as_bytes()).map_err(err)
+        std::fs::create_dir_all(repos_dir).map_err(err)?;
+        crate::store::atomic::create_atomic(file, text.as_bytes()).map_err(err)
     }
 
     /// Remove what the supervisor wrote for `entry`: its instance file when it still reads as
-    /// the supervisor wrote it (an administrator's file, or one edited since, is kept) and,
-    /// under the process backend, the worker's log and pid file, then the instance's
-    /// directory if nothing else is left in it. The worker's own data (state, the local
-    /// forge's issues) stay.
-    fn remove_written_files(&self, entry: &RepoEntry) {
+    /// the supervisor wrote it (an administrator's file, or one edited since, is kept) and
+    /// what the backend keeps of it ([`InstanceBackend::forget`]); the worker's own data
+    /// (state, the local forge's issues) stay. On the blocking pool.
+    async fn remove_written_files(&self, entry: RepoEntry) {
         let file = self.instance_file(&entry.slug);
         let ours = Self::instance_file_text(&entry.slug, &entry.path, entry.repo.as_deref());
-        match std::fs::read_to_string(&file) {
-            Ok(text) if text == ours => {
-                if let Err(e) = std::fs::remove_file(&file) {
-                    tracing::warn!(slug = %entry.slug, "cannot remove {}: {e}", file.display());
+        let backend = Arc::clone(&self.backend);
+        off_thread(move || {
+            match std::fs::read_to_string(&file) {
+                Ok(text) if text == ours => {
+                    if let Err(e) = std::fs::remove_file(&file) {
+                        tracing::warn!(slug = %entry.slug, "cannot remove {}: {e}", file.display());
+                    }
                 }
+                Ok(_) => {
+                    tracing::info!(slug = %entry.slug, "kept {}: not the file the supervisor wrote", file.display())
+                }
+                Err(_) => {}
             }
-            Ok(_) => {
-                tracing::info!(slug = %entry.slug, "kept {}: not the file the supervisor wrote", file.display())
-            }
-            Err(_) => {}
-        }
-        if self.backend.name() == "process" {
-            let dir = self.settings.state_dir.join(&entry.slug);
-            for name in [process::LOG_FILE, process::PID_FILE] {
-                let _ = std::fs::remove_file(dir.join(name));
-            }
-            // Only when empty: the worker's data stay.
-            let _ = std::fs::remove_dir(&dir);
-        }
+            backend.forget(&entry.slug);
+        })
+        .await;
     }
 
     fn start_error(&self, slug: &Slug, err: BackendError) -> SupervisorError {
@@ -463,7 +439,8 @@ impl Supervisor {
 
     /// Register, refusing a path or repository registered under another slug: (whether the
     /// registration is new, whether the instance file was written now).
-    fn register(
+    /// The instance file and the registry are written on the blocking pool.
+    async fn register(
         &self,
         slug: &Slug,
         path: String,
@@ -476,18 +453,33 @@ impl Supervisor {
                 slug: other.slug,
             });
         }
-        let wrote = self.ensure_instance_file(slug, &path, repo.as_deref())?;
-        let inserted = self.registry.insert(self.new_entry(slug, path, repo));
-        self.changed();
-        match inserted {
-            Ok(inserted) => Ok((inserted, wrote)),
-            Err(e) => {
-                if wrote {
-                    let _ = std::fs::remove_file(self.instance_file(slug.as_str()));
+        let repos_dir = self.settings.repos_dir.clone();
+        let file = self.instance_file(slug.as_str());
+        let text = Self::instance_file_text(slug.as_str(), &path, repo.as_deref());
+        let entry = self.new_entry(slug, path, repo);
+        let registry = self.registry.clone();
+        let registered = off_thread(move || {
+            let wrote = Self::ensure_instance_file(&repos_dir, &file, &text)?;
+            match registry.insert(entry) {
+                Ok(inserted) => Ok((inserted, wrote)),
+                Err(e) => {
+                    if wrote {
+                        let _ = std::fs::remove_file(&file);
+                    }
+                    Err(SupervisorError::from(e))
                 }
-                Err(e.into())
             }
-        }
+        })
+        .await;
+        self.changed();
+        registered
+    }
+
+    /// Unregister `slug` (on the blocking pool: the registry's file is rewritten).
+    async fn unregister(&self, slug: &str) -> Result<Option<RepoEntry>, RegistryError> {
+        let registry = self.registry.clone();
+        let slug = slug.to_owned();
+        off_thread(move || registry.remove(&slug)).await
     }
 
     /// `register_repo`: record the repository without starting it.
@@ -501,7 +493,7 @@ impl Supervisor {
     ) -> Result<Registered, SupervisorError> {
         let (path, repo, slug) = self.resolve_target(&target, slug)?;
         let _guard = self.lock(slug.as_str()).await;
-        self.register(&slug, path.clone(), repo.clone())?;
+        self.register(&slug, path.clone(), repo.clone()).await?;
         Ok(Registered {
             slug: slug.to_string(),
             path,
@@ -522,7 +514,7 @@ impl Supervisor {
     ) -> Result<Added, SupervisorError> {
         let (path, repo, slug) = self.resolve_target(&target, slug)?;
         let _guard = self.lock(slug.as_str()).await;
-        let (fresh, wrote) = self.register(&slug, path.clone(), repo.clone())?;
+        let (fresh, wrote) = self.register(&slug, path.clone(), repo.clone()).await?;
         let started = self.backend.start(&slug, self.settings.start_timeout).await;
         self.changed();
         match started {
@@ -537,7 +529,7 @@ impl Supervisor {
             }),
             Err(err) => {
                 if fresh {
-                    if let Err(e) = self.registry.remove(slug.as_str()) {
+                    if let Err(e) = self.unregister(slug.as_str()).await {
                         tracing::error!(slug = %slug, "cannot take back the registration: {e}");
                     }
                     // systemd would go on restarting a unit whose start failed
@@ -547,7 +539,12 @@ impl Supervisor {
                     }
                     if wrote {
                         let file = self.instance_file(slug.as_str());
-                        if let Err(e) = std::fs::remove_file(&file) {
+                        let removed = off_thread({
+                            let file = file.clone();
+                            move || std::fs::remove_file(file)
+                        })
+                        .await;
+                        if let Err(e) = removed {
                             tracing::warn!(slug = %slug, "cannot remove {}: {e}", file.display());
                         }
                     }
@@ -565,7 +562,7 @@ impl Supervisor {
     pub async fn remove_repo(&self, r: RepoRef) -> Result<(), SupervisorError> {
         let entry = self.resolve_ref(&r)?;
         let _guard = self.lock(&entry.slug).await;
-        let removed = self.registry.remove(&entry.slug);
+        let removed = self.unregister(&entry.slug).await;
         self.changed();
         let Some(entry) = removed? else {
             // Removed by a concurrent request while this one waited for the lock.
@@ -578,7 +575,7 @@ impl Supervisor {
         let stopped = self.backend.stop(&slug).await;
         self.changed();
         stopped.map_err(SupervisorError::Backend)?;
-        self.remove_written_files(&entry);
+        self.remove_written_files(entry).await;
         Ok(())
     }
 
@@ -659,11 +656,7 @@ impl Supervisor {
     /// The API socket of `slug`'s worker: `/run/hydraflow-dashboard/<slug>.sock` under systemd
     /// (`hydraflow@<slug>.socket`), `<state_dir>/<slug>/dashboard.sock` under the process backend.
     pub fn worker_socket(&self, slug: &str) -> PathBuf {
-        if self.backend.name() == "systemd" {
-            crate::dashboard::systemd_socket_path(slug)
-        } else {
-            crate::dashboard::process_socket_path(&self.settings.state_dir, slug)
-        }
+        self.backend.api_socket(slug)
     }
 
     /// `forge_status`: each registered repository's forge, identity and API budget, asked of
@@ -815,12 +808,12 @@ impl Supervisor {
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// The state directory could not be created.
-    #[error("cannot create the state directory {path}: {source}")]
+    #[error("cannot create the state directory {path}: {cause}")]
     StateDir {
         /// The directory.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The registry could not be read.
     #[error(transparent)]
@@ -829,23 +822,23 @@ pub enum DaemonError {
     #[error(transparent)]
     Backend(#[from] BackendError),
     /// The listen address could not be bound or the passed socket used.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Listen {
         /// The address or `LISTEN_FDS`.
         addr: String,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// `[supervisor] authorization = "polkit"` and polkit cannot be used.
     #[error("[supervisor] authorization is \"polkit\" but {0}; or set authorization = \"groups\"")]
     Polkit(polkit::PolkitError),
     /// The port file could not be written.
-    #[error("cannot write the port file {path}: {source}")]
+    #[error("cannot write the port file {path}: {cause}")]
     PortFile {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The server failed.
     #[error("the control server failed: {0}")]
@@ -1056,6 +1049,16 @@ async fn bind_dashboard(config: &Config) -> Option<TcpListener> {
             tracing::error!("the dashboard is not served: {e}");
             None
         }
+    }
+}
+
+/// Run `job` on tokio's blocking pool and wait for it: durable writes (fsync) go there, so
+/// the supervisor's one runtime thread goes on serving while the disk is slow. A panic in
+/// `job` goes on in the caller.
+async fn off_thread<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(job).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 

@@ -53,12 +53,12 @@ trait PolkitAuthority {
 #[derive(Debug, thiserror::Error)]
 pub enum PolkitError {
     /// The system bus cannot be reached.
-    #[error("cannot connect to {bus}: {source}")]
+    #[error("cannot connect to {bus}: {cause}")]
     Bus {
         /// Which bus.
         bus: String,
         /// Why.
-        source: zbus::Error,
+        cause: zbus::Error,
     },
     /// polkit answered the probe with an error (not installed, the policy is missing, this user
     /// may not ask about others).

@@ -375,6 +375,31 @@ impl InstanceBackend for ProcessBackend {
         "process"
     }
 
+    /// `<state_dir>/<slug>/dashboard.sock`.
+    fn api_socket(&self, slug: &str) -> PathBuf {
+        crate::dashboard::process_socket_path(&self.opts.state_dir, slug)
+    }
+
+    /// `<state_dir>/<slug>/worker.log`, the worker's standard output and error.
+    fn log_location(&self, slug: &str) -> String {
+        self.opts
+            .state_dir
+            .join(slug)
+            .join(LOG_FILE)
+            .display()
+            .to_string()
+    }
+
+    /// Removes the log and PID files, then the instance directory if that
+    /// left it empty (the worker's data stay).
+    fn forget(&self, slug: &str) {
+        let dir = self.opts.state_dir.join(slug);
+        for name in [LOG_FILE, PID_FILE] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+
     async fn start(&self, slug: &Slug, timeout: Duration) -> Result<bool, BackendError> {
         let home = self.opts.instance_home(slug);
         std::fs::create_dir_all(&home).map_err(|e| {

@@ -4,9 +4,11 @@
 //!
 //! Every change rewrites the file atomically (a temporary file in the same directory, fsync,
 //! rename, fsync of the directory). An unreadable file is renamed aside, never overwritten.
+//! Changes are blocking calls (fsync): the supervisor makes them on tokio's blocking pool, and
+//! they hold only a writer lock while the file is written, so readers never wait for the disk.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -54,14 +56,14 @@ struct StateFile {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// Reading, writing or renaming failed.
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}: {cause}")]
     Io {
         /// `read`, `write`, …
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The slug is registered already with another path or repository.
     #[error(
@@ -86,11 +88,19 @@ pub struct Loaded {
 }
 
 /// The registry: an in-memory copy of the file, changed only through methods that persist
-/// each change before returning.
-#[derive(Debug)]
+/// each change before returning. Cloning gives another handle on the same registry.
+#[derive(Debug, Clone)]
 pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     path: PathBuf,
     state: Mutex<StateFile>,
+    /// Held by a change from its check until its file is durable: changes one at a time, in
+    /// the order their files are written, while readers only take `state`, briefly.
+    writer: Mutex<()>,
 }
 
 impl Registry {
@@ -153,20 +163,31 @@ impl Registry {
 
     fn with(path: PathBuf, state: StateFile) -> Registry {
         Registry {
-            path,
-            state: Mutex::new(state),
+            inner: Arc::new(Inner {
+                path,
+                state: Mutex::new(state),
+                writer: Mutex::new(()),
+            }),
         }
     }
 
     fn state(&self) -> MutexGuard<'_, StateFile> {
-        self.state
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn writer(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
     /// Every entry, in registration order.
@@ -195,22 +216,27 @@ impl Registry {
     /// [`RegistryError::SlugTaken`] when the slug is registered for something else;
     /// [`RegistryError::Io`] when the file cannot be written (the registry is then unchanged).
     pub fn insert(&self, entry: RepoEntry) -> Result<bool, RegistryError> {
-        let mut state = self.state();
-        if let Some(existing) = state.repos.iter().find(|e| e.slug == entry.slug) {
-            if existing.path == entry.path && existing.repo == entry.repo {
-                return Ok(false);
+        let _writing = self.writer();
+        let slug = entry.slug.clone();
+        let bytes = {
+            let mut state = self.state();
+            if let Some(existing) = state.repos.iter().find(|e| e.slug == entry.slug) {
+                if existing.path == entry.path && existing.repo == entry.repo {
+                    return Ok(false);
+                }
+                return Err(RegistryError::SlugTaken {
+                    slug: entry.slug,
+                    existing: existing
+                        .repo
+                        .clone()
+                        .unwrap_or_else(|| existing.path.clone()),
+                });
             }
-            return Err(RegistryError::SlugTaken {
-                slug: entry.slug,
-                existing: existing
-                    .repo
-                    .clone()
-                    .unwrap_or_else(|| existing.path.clone()),
-            });
-        }
-        state.repos.push(entry);
-        if let Err(e) = self.persist(&state) {
-            state.repos.pop();
+            state.repos.push(entry);
+            self.encode(&state)
+        };
+        if let Err(e) = bytes.and_then(|bytes| self.write(&bytes)) {
+            self.state().repos.retain(|e| e.slug != slug);
             return Err(e);
         }
         Ok(true)
@@ -221,27 +247,43 @@ impl Registry {
     /// # Errors
     /// [`RegistryError::Io`] when the file cannot be written (the registry is then unchanged).
     pub fn remove(&self, slug: &str) -> Result<Option<RepoEntry>, RegistryError> {
-        let mut state = self.state();
-        let Some(index) = state.repos.iter().position(|e| e.slug == slug) else {
-            return Ok(None);
+        let _writing = self.writer();
+        let (index, entry, bytes) = {
+            let mut state = self.state();
+            let Some(index) = state.repos.iter().position(|e| e.slug == slug) else {
+                return Ok(None);
+            };
+            let entry = state.repos.remove(index);
+            let bytes = self.encode(&state);
+            (index, entry, bytes)
         };
-        let entry = state.repos.remove(index);
-        if let Err(e) = self.persist(&state) {
+        if let Err(e) = bytes.and_then(|bytes| self.write(&bytes)) {
+            let mut state = self.state();
+            let index = index.min(state.repos.len());
             state.repos.insert(index, entry);
             return Err(e);
         }
         Ok(Some(entry))
     }
 
-    fn persist(&self, state: &StateFile) -> Result<(), RegistryError> {
-        let io = |what, source| RegistryError::Io {
+    fn io(&self, what: &'static str, cause: std::io::Error) -> RegistryError {
+        RegistryError::Io {
             what,
-            path: self.path.clone(),
-            source,
-        };
-        let mut bytes = serde_json::to_vec_pretty(state).map_err(|e| io("encode", e.into()))?;
+            path: self.inner.path.clone(),
+            cause,
+        }
+    }
+
+    fn encode(&self, state: &StateFile) -> Result<Vec<u8>, RegistryError> {
+        let mut bytes =
+            serde_json::to_vec_pretty(state).map_err(|e| self.io("encode", e.into()))?;
         bytes.push(b'\n');
-        crate::store::atomic::write_atomic(&self.path, &bytes).map_err(|e| io("replace", e))
+        Ok(bytes)
+    }
+
+    fn write(&self, bytes: &[u8]) -> Result<(), RegistryError> {
+        crate::store::atomic::write_atomic(&self.inner.path, bytes)
+            .map_err(|e| self.io("replace", e))
     }
 }
 

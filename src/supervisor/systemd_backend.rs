@@ -605,6 +605,16 @@ impl InstanceBackend for SystemdBackend {
         "systemd"
     }
 
+    /// `/run/hydraflow-dashboard/<slug>.sock`, made by `hydraflow@<slug>.socket`.
+    fn api_socket(&self, slug: &str) -> std::path::PathBuf {
+        crate::dashboard::systemd_socket_path(slug)
+    }
+
+    /// `journalctl -u hydraflow@<slug>.service`.
+    fn log_location(&self, slug: &str) -> String {
+        format!("journalctl -u hydraflow@{slug}.service")
+    }
+
     async fn start(&self, slug: &Slug, timeout: Duration) -> Result<bool, BackendError> {
         let unit = unit_name(slug);
         let state = tokio::time::timeout(timeout, self.active_state(&unit))

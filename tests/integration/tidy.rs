@@ -24,6 +24,10 @@ enum Find {
     Literal(&'static [&'static str]),
     /// A string literal that is exactly one of these.
     LiteralExact(&'static [&'static str]),
+    /// A thiserror message (`#[error("…")]`) that prints the error's own
+    /// `source()`: a `{source}` field, or `{0}` of a `#[from]`/`#[source]`
+    /// field.
+    SourceInMessage,
 }
 
 /// One invariant: `find` appears only in files under `allowed` (paths
@@ -149,6 +153,11 @@ const RULES: &[Rule] = &[
         says: "only `supervisor::protocol` writes the control protocol's replies (`\"status\":`)",
         find: Find::Literal(&["\"status\":\"", "\"status\": \""]),
         allowed: &["supervisor/protocol.rs"],
+    },
+    Rule {
+        says: "no error message prints the error's own `source()` (`{source}`, or `{0}` of a `#[from]` field): a cause is in the message or in the chain, so the chain prints it once",
+        find: Find::SourceInMessage,
+        allowed: &[],
     },
 ];
 
@@ -468,6 +477,24 @@ fn env_reads(line: &str, literals: &[String], constants: &BTreeMap<String, Strin
     out
 }
 
+/// Whether line `n` of `code` (whose literals are `lits`) is a thiserror
+/// message printing the error's `source()`.
+fn source_in_message(code: &[String], n: usize, lits: &[String]) -> bool {
+    let attribute = code[n].contains("#[error(")
+        || n.checked_sub(1)
+            .is_some_and(|p| code[p].trim_end().ends_with("#[error("));
+    if !attribute {
+        return false;
+    }
+    let from_field = code
+        .iter()
+        .skip(n + 1)
+        .take(4)
+        .any(|c| c.contains("#[from]") || c.contains("#[source]"));
+    lits.iter()
+        .any(|l| l.contains("{source}") || (from_field && l.contains("{0}")))
+}
+
 /// Every place a rule is broken: `rule says: file:line: the line`.
 fn violations(sources: &[Source]) -> Vec<String> {
     let constants = constants(sources);
@@ -497,6 +524,7 @@ fn violations(sources: &[Source]) -> Vec<String> {
                     Find::EnvRead(names) => env_reads(line, lits, &constants)
                         .iter()
                         .any(|v| names.iter().any(|p| v.starts_with(p))),
+                    Find::SourceInMessage => source_in_message(&s.code, n, lits),
                 };
                 if hit {
                     let written = s.raw.get(n).map_or(line.as_str(), String::as_str);
@@ -637,6 +665,20 @@ fn the_rules_catch_their_violations() {
         "supervisor/server.rs",
         "w.write_all(b\"{\\\"status\\\":\\\"ok\\\"}\\n\")",
         "only `supervisor::protocol`",
+    );
+    check(
+        "git/mod.rs",
+        "enum E {\n    #[error(\"{path}: {source}\")]\n    Io { path: String, source: std::io::Error },\n}",
+        "no error message prints",
+    );
+    check(
+        "agent/mod.rs",
+        "enum E {\n    #[error(\"agent i/o failed: {0}\")]\n    Io(#[from] std::io::Error),\n}",
+        "no error message prints",
+    );
+    none(
+        "agent/mod.rs",
+        "enum E {\n    #[error(\"agent i/o failed: {0}\")]\n    Io(std::io::Error),\n    #[error(transparent)]\n    Git(#[from] GitError),\n}",
     );
     check(
         "pipeline/x.rs",

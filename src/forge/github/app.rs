@@ -209,26 +209,7 @@ impl Installation {
             .uri(path)
             .header(ACCEPT, "application/vnd.github+json")
             .header("x-github-api-version", "2022-11-28");
-        let request = self
-            .app
-            .build_request::<()>(builder, None)
-            .map_err(|e| ForgeError::Local(format!("{what}: cannot build the request: {e}")))?;
-        let response = self
-            .app
-            .execute(request)
-            .await
-            .map_err(|e| ForgeError::Transient(format!("{what}: {e}")))?;
-        let (parts, raw) = response.into_parts();
-        let body = self
-            .app
-            .body_to_string(http::Response::new(raw))
-            .await
-            .map_err(|e| ForgeError::Transient(format!("{what}: cannot read the body: {e}")))?;
-        Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        super::rest::exchange::<()>(&self.app, builder, None, what).await
     }
 
     /// The status of an App request mapped to an error, when it failed.

@@ -69,6 +69,38 @@ pub(super) struct Reply {
     pub(super) body: String,
 }
 
+/// Send the request `builder` describes (with `body` as JSON) through
+/// `client` and read the whole reply: the one place octocrab's raw
+/// `execute` is called, for the REST client and the App's own requests.
+///
+/// # Errors
+/// [`ForgeError::Local`] when the request cannot be built,
+/// [`ForgeError::Transient`] when it cannot be sent or its body read.
+pub(super) async fn exchange<B: serde::Serialize + ?Sized>(
+    client: &octocrab::Octocrab,
+    builder: http::request::Builder,
+    body: Option<&B>,
+    what: &str,
+) -> ForgeResult<Reply> {
+    let request = client
+        .build_request(builder, body)
+        .map_err(|e| ForgeError::Local(format!("{what}: cannot build the request: {e}")))?;
+    let response = client
+        .execute(request)
+        .await
+        .map_err(|e| ForgeError::Transient(format!("{what}: {e}")))?;
+    let (parts, raw) = response.into_parts();
+    let body = client
+        .body_to_string(http::Response::new(raw))
+        .await
+        .map_err(|e| ForgeError::Transient(format!("{what}: cannot read the body: {e}")))?;
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
 impl Reply {
     pub(super) fn json<T: DeserializeOwned>(&self, what: &str) -> ForgeResult<T> {
         serde_json::from_str(&self.body)
@@ -251,26 +283,7 @@ impl Rest {
         if let Some((etag, _)) = cached {
             builder = builder.header(IF_NONE_MATCH, etag.as_str());
         }
-        let request = self
-            .client
-            .build_request(builder, body)
-            .map_err(|e| ForgeError::Local(format!("{what}: cannot build the request: {e}")))?;
-        let response = self
-            .client
-            .execute(request)
-            .await
-            .map_err(|e| ForgeError::Transient(format!("{what}: {e}")))?;
-        let (parts, raw) = response.into_parts();
-        let text = self
-            .client
-            .body_to_string(http::Response::new(raw))
-            .await
-            .map_err(|e| ForgeError::Transient(format!("{what}: cannot read the body: {e}")))?;
-        Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: text,
-        })
+        exchange(&self.client, builder, body, what).await
     }
 
     /// One request, no retry. GETs are conditional: a 304 is answered with the
