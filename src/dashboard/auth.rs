@@ -260,6 +260,71 @@ mod tests {
         ));
     }
 
+    /// `GET path` over TCP to `addr` with `token` (if any) as a bearer
+    /// token: the status.
+    async fn status_of(addr: SocketAddr, path: &str, token: Option<&str>) -> StatusCode {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let mut request = axum::http::Request::get(path).header(header::HOST, "dashboard");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request.body(axum::body::Body::empty()).expect("request");
+        tx.send_request(request).await.expect("response").status()
+    }
+
+    /// A connection that came to a non-loopback address (as a listener on
+    /// `0.0.0.0` sees a client on the network) needs the token on every
+    /// guarded route, whoever the caller; routes merged outside the guard
+    /// (the webhook's) need nothing. Real HTTP over a real socket; only the
+    /// connection's addresses are given (the connection info the listener
+    /// would attach, set by an `Extension` layer).
+    #[tokio::test]
+    async fn a_connection_from_elsewhere_needs_the_token_and_outside_routes_do_not() {
+        let guard = Guard {
+            token: Some(Arc::from("s3cret")),
+            access: Arc::new(Access::off()),
+        };
+        let guarded = axum::Router::new()
+            .route("/api/repos", axum::routing::get(|| async { "repos" }))
+            .layer(axum::middleware::from_fn_with_state(guard, super::guard));
+        let outside =
+            axum::Router::new().route("/github/webhook", axum::routing::get(|| async { "hook" }));
+        let from_elsewhere = Peer::new(
+            "192.0.2.2:5555".parse().expect("addr"),
+            "198.51.100.7:40000".parse().expect("addr"),
+        );
+        let app = outside
+            .merge(guarded)
+            .layer(axum::Extension(ConnectInfo(from_elsewhere)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        assert_eq!(
+            status_of(addr, "/api/repos", None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            status_of(addr, "/api/repos", Some("wrong")).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            status_of(addr, "/api/repos", Some("s3cret")).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status_of(addr, "/github/webhook", None).await,
+            StatusCode::OK
+        );
+    }
+
     #[test]
     fn tokens_are_found_in_header_or_cookie() {
         let check = |name: header::HeaderName, value: &str, expected: Option<&str>| {

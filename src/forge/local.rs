@@ -49,22 +49,25 @@
 //! naming the path) and nothing moves: a branch that moved under a checkout
 //! left behind would have the operator's next `git commit -a` undo the
 //! merge. A checkout on another branch or a detached `HEAD` is not touched.
-//! The merge takes the checkout's
-//! `index.lock` (git's lock protocol, [`crate::git::index_lock`]) before
-//! the ref moves and keeps it until the index is replaced (or the checkout
-//! is left alone), so a concurrent `git commit` either finishes first (the
-//! compare-and-swap then fails and the merge is computed again on its
-//! commit) or fails with git's own "index.lock: File exists", and never
-//! commits the index of before the merge on top of it. While git holds the
-//! lock the merge waits about 2 s, then fails with
-//! [`ForgeError::Transient`]. Before the lock is taken, `checkout-sync.json`
-//! records the old and new commit and the lock's file; it goes once the
-//! checkout followed (or, when the operator's editor wrote in the meantime,
-//! was left alone). Opening the forge or merging
-//! finishes what a crash interrupted: it removes the `index.lock` the
-//! journal names if it is still there (its process is gone: it held the
-//! forge lock), then brings along a checkout whose every path holds the old
-//! or the new version, and leaves any other alone.
+//! The merge takes the checkout's `index.lock` (git's lock protocol,
+//! [`crate::git::index_lock`]), checks that the branch is still where the
+//! merge was computed, brings the checkout's files and index to the merge,
+//! and only then moves the branch, before it lets the lock go. git reads
+//! `HEAD` before the index and writes the index only under that lock, so a
+//! concurrent `git commit -a` either finishes first (the merge is then
+//! computed again on its commit), fails with git's own "index.lock: File
+//! exists", or fails its own compare-and-swap of `HEAD`; it never commits
+//! the index of before the merge on top of it (which would undo the merge).
+//! While git holds the lock the merge waits about 2 s, then fails with
+//! [`ForgeError::Transient`]. When the branch does not move after all, the
+//! checkout is brought back. Before the lock is taken, `checkout-sync.json`
+//! records the old and new commit and the lock's file; it goes with the
+//! lock. Opening the forge or merging finishes what a crash interrupted: it
+//! removes the `index.lock` the journal names if it is still there (its
+//! process is gone: it held the forge lock), then brings the checkout to
+//! the merge if the branch moved, or back to the commit before it if not
+//! (every path holds the old or the new version), and leaves a checkout
+//! with anything else alone.
 //!
 //! Issues and pull requests share one number sequence, like GitHub. Times are
 //! RFC 3339 UTC. The async [`Forge`] methods run the blocking file and git
@@ -184,9 +187,10 @@ struct LabelRecord {
 }
 
 /// `checkout-sync.json`: a merge is moving `base_ref` from `old` to `new`
-/// (full SHAs) and the main checkout, which has it checked out, follows,
-/// under the checkout's `index.lock`, which process `pid` takes as the file
-/// `index_lock` (recorded before the lock is taken).
+/// (full SHAs; empty until the merge is computed) and the main checkout,
+/// which has it checked out, follows, under the checkout's `index.lock`,
+/// which process `pid` takes as the file `index_lock` (recorded before the
+/// lock is taken).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CheckoutSyncRecord {
     base_ref: String,
@@ -815,36 +819,96 @@ impl LocalForge {
         let base_ref = format!("refs/heads/{}", record.base);
         let mut attempt = 0;
         let sha = loop {
-            let tip = base_tip(&repo, attempt, &record.base)?;
-            let base = repo.find_commit(tip).map_err(local_git(format!(
-                "cannot read commit {tip} of {}",
-                record.base
-            )))?;
-            // A restart between moving the base branch and recording the
-            // merge: the squash commit is already on the base branch.
-            if let Some(done) = find_squash(&repo, &base, &head, &message)? {
-                break done;
-            }
-            let commit = squash_commit(&repo, &base, &head, &message, &what)?;
-            let lock = self.begin_checkout_sync(&repo, &base_ref, base.id(), commit, &what)?;
-            let moved = repo.reference_matching(
-                &base_ref,
-                commit,
-                true,
-                base.id(),
-                &format!("hydraflow: squash merge {what}"),
-            );
-            match moved {
-                Ok(_) => {
-                    if let Some(lock) = lock {
-                        self.sync_checkout(&repo, lock);
+            // When the checkout follows, its index lock is held from before the tip is
+            // read until the branch moved: git's commits, which need it, wait.
+            let lock = self.begin_checkout_sync(&repo, &base_ref, &what)?;
+            let computed: ForgeResult<Result<git2::Oid, (git2::Commit<'_>, git2::Oid)>> = 'merge: {
+                let tip = match base_tip(&repo, attempt, &record.base) {
+                    Ok(tip) => tip,
+                    Err(e) => break 'merge Err(e),
+                };
+                let base = match repo.find_commit(tip) {
+                    Ok(base) => base,
+                    Err(e) => {
+                        break 'merge Err(local_git(format!(
+                            "cannot read commit {tip} of {}",
+                            record.base
+                        ))(e));
                     }
+                };
+                // A restart between moving the base branch and recording the
+                // merge: the squash commit is already on the base branch.
+                match find_squash(&repo, &base, &head, &message) {
+                    Ok(Some(done)) => break 'merge Ok(Ok(done)),
+                    Ok(None) => {}
+                    Err(e) => break 'merge Err(e),
+                }
+                squash_commit(&repo, &base, &head, &message, &what).map(|c| Err((base, c)))
+            };
+            let (base, commit) = match computed {
+                Ok(Err(merge)) => merge,
+                Ok(Ok(done)) => {
+                    self.unlock_untouched(lock);
+                    break done;
+                }
+                Err(e) => {
+                    self.unlock_untouched(lock);
+                    return Err(e);
+                }
+            };
+            if lock.is_some() {
+                self.record_checkout_sync(base.id(), commit)?;
+            }
+            // The checkout follows first, under its index lock; the branch moves after
+            // (see the module documentation).
+            let tip_moved = lock.is_some() && repo.refname_to_id(&base_ref).ok() != Some(base.id());
+            let mut followed = false;
+            if let Some(held) = lock.as_ref().filter(|_| !tip_moved) {
+                if let Err(e) = self.follow(&repo, &base_ref, base.id(), commit, held) {
+                    return Err(match e {
+                        // Refused before anything was touched.
+                        ForgeError::Transient(why) => {
+                            self.unlock_untouched(lock);
+                            ForgeError::Transient(format!("{why}; {what} is merged on a later try"))
+                        }
+                        other => {
+                            if let Some(lock) = lock {
+                                self.release(&repo, &base_ref, base.id(), commit, lock);
+                            }
+                            other
+                        }
+                    });
+                }
+                followed = true;
+            }
+            let moved = if tip_moved {
+                // It moved between reading its tip and taking the lock.
+                Err(git2::Error::new(
+                    ErrorCode::Modified,
+                    git2::ErrorClass::Reference,
+                    "the base branch moved",
+                ))
+            } else {
+                repo.reference_matching(
+                    &base_ref,
+                    commit,
+                    true,
+                    base.id(),
+                    &format!("hydraflow: squash merge {what}"),
+                )
+                .map(|_| ())
+            };
+            match moved {
+                Ok(()) => {
+                    self.unlock_untouched(lock);
                     break commit;
                 }
                 Err(e) => {
-                    if lock.is_some() {
-                        drop(lock);
-                        self.drop_checkout_sync();
+                    match lock {
+                        Some(lock) if followed => {
+                            self.release(&repo, &base_ref, base.id(), commit, lock);
+                        }
+                        lock => self.unlock_untouched(lock),
                     }
                     attempt += 1;
                     match e.code() {
@@ -901,25 +965,21 @@ impl LocalForge {
         self.dir.join("checkout-sync.json")
     }
 
-    /// Before `base_ref` moves from `old` to `new`, when the main checkout
-    /// has it checked out: record in the journal that the checkout must
-    /// follow and which file will be its `index.lock`, then take that lock
-    /// (waiting briefly for a git command holding it). Returns the lock,
-    /// `None` when the checkout does not follow. Call with the forge lock
-    /// held.
+    /// Before a merge into `base_ref` is computed, when the main checkout
+    /// has it checked out: record in the journal which file will be the
+    /// checkout's `index.lock`, then take that lock (waiting briefly for a
+    /// git command holding it); the commits go into the journal once known
+    /// ([`Self::record_checkout_sync`]). Returns the lock, `None` when the
+    /// checkout does not follow. Call with the forge lock held.
     ///
     /// # Errors
-    /// [`ForgeError::Transient`] when git keeps holding `index.lock`, or
-    /// when the checkout holds changes of its own that following the merge
-    /// would overwrite ([`crate::git::checkout::in_the_way`]; `what` is
-    /// merged on a later try); [`ForgeError::Local`] when the
-    /// journal or the lock file cannot be written.
+    /// [`ForgeError::Transient`] when git keeps holding `index.lock` (`what`
+    /// is merged on a later try); [`ForgeError::Local`] when the journal or
+    /// the lock file cannot be written.
     fn begin_checkout_sync(
         &self,
         repo: &Repository,
         base_ref: &str,
-        old: git2::Oid,
-        new: git2::Oid,
         what: &str,
     ) -> ForgeResult<Option<IndexLock>> {
         if repo.is_bare() || !main_checkout_on(repo, base_ref) {
@@ -927,26 +987,13 @@ impl LocalForge {
         }
         let journal = CheckoutSyncRecord {
             base_ref: base_ref.to_owned(),
-            old: old.to_string(),
-            new: new.to_string(),
+            old: String::new(),
+            new: String::new(),
             created_at: now(),
             pid: None,
             index_lock: None,
         };
-        let refused = self
-            .lock_index(repo, journal, LockWait::Briefly)
-            .and_then(|lock| {
-                match crate::git::checkout::in_the_way(repo, old, new) {
-                    Ok(None) => Ok(lock),
-                    Ok(Some(reason)) => Err(ForgeError::Transient(format!(
-                        "the checkout {} has changes of its own that the merge would overwrite ({reason}): \
-                         commit, stash or remove them",
-                        self.repo_path.display()
-                    ))),
-                    Err(e) => Err(ForgeError::Local(e.to_string())),
-                }
-            });
-        match refused {
+        match self.lock_index(repo, journal, LockWait::Briefly) {
             Ok(lock) => Ok(Some(lock)),
             Err(e) => {
                 self.drop_checkout_sync();
@@ -958,6 +1005,30 @@ impl LocalForge {
                 })
             }
         }
+    }
+
+    /// Release the checkout's index `lock` (if any) and drop the journal:
+    /// the checkout is where the branch is.
+    fn unlock_untouched(&self, lock: Option<IndexLock>) {
+        if let Some(lock) = lock {
+            drop(lock);
+            self.drop_checkout_sync();
+        }
+    }
+
+    /// Record in the journal the commits the checkout goes from and to,
+    /// before it is touched.
+    ///
+    /// # Errors
+    /// [`ForgeError::Local`] when the journal cannot be written.
+    fn record_checkout_sync(&self, old: git2::Oid, new: git2::Oid) -> ForgeResult<()> {
+        let path = self.checkout_sync_file();
+        let mut journal: CheckoutSyncRecord = read_json(&path)?.ok_or_else(|| {
+            ForgeError::Local(format!("{} vanished while merging", path.display()))
+        })?;
+        journal.old = old.to_string();
+        journal.new = new.to_string();
+        write_json(&path, &journal)
     }
 
     /// Take the checkout's `index.lock` for the sync `journal` describes:
@@ -1002,23 +1073,85 @@ impl LocalForge {
         }
     }
 
+    /// Bring the checkout, which has `base_ref` checked out, from `from` to
+    /// `to` under the held index `lock` ([`crate::git::checkout`]).
+    ///
+    /// # Errors
+    /// [`ForgeError::Transient`] when the operator has something of their
+    /// own on a path the two commits differ in (naming it; nothing was
+    /// touched); [`ForgeError::Local`] when git or the file system failed
+    /// part-way.
+    fn follow(
+        &self,
+        repo: &Repository,
+        base_ref: &str,
+        from: git2::Oid,
+        to: git2::Oid,
+        lock: &IndexLock,
+    ) -> ForgeResult<()> {
+        match crate::git::checkout::sync_checkout(repo, base_ref, from, to, lock) {
+            Ok(CheckoutSync::Updated { paths }) => {
+                tracing::debug!(checkout = %self.repo_path.display(), commit = %to, paths, "the checkout follows");
+                Ok(())
+            }
+            Ok(CheckoutSync::NotApplicable(reason)) => {
+                tracing::debug!(checkout = %self.repo_path.display(), reason, "the checkout does not follow");
+                Ok(())
+            }
+            Ok(CheckoutSync::LocalChanges(reason)) => Err(ForgeError::Transient(format!(
+                "the checkout {} has changes of its own that the merge would overwrite ({reason}): \
+                 commit, stash or remove them",
+                self.repo_path.display()
+            ))),
+            Err(e) => Err(ForgeError::Local(format!(
+                "cannot bring the checkout {} to {to}: {e}",
+                self.repo_path.display()
+            ))),
+        }
+    }
+
+    /// The branch did not move to `new` after the checkout followed (or
+    /// began to): bring the checkout back to `old` and release `lock` and
+    /// the journal. When that fails, the lock stays taken, so no git
+    /// command commits the half-made index, and the journal stays, for the
+    /// next open or merge to finish ([`Self::finish_checkout_sync`]).
+    fn release(
+        &self,
+        repo: &Repository,
+        base_ref: &str,
+        old: git2::Oid,
+        new: git2::Oid,
+        lock: IndexLock,
+    ) {
+        match self.follow(repo, base_ref, new, old, &lock) {
+            Ok(()) => {
+                drop(lock);
+                self.drop_checkout_sync();
+            }
+            Err(e) => {
+                tracing::error!(
+                    checkout = %self.repo_path.display(),
+                    lock = %lock.path().display(),
+                    error = %e,
+                    "cannot bring the checkout back after a merge that did not land; its index stays locked until the forge is next opened"
+                );
+                std::mem::forget(lock);
+            }
+        }
+    }
+
     /// Finish what a killed merge left: when the checkout-sync journal
     /// exists, remove the `index.lock` it names if that file is still there
     /// (its process is gone: it held the forge lock, which is ours now),
-    /// take the index lock again and bring the checkout along
-    /// ([`Self::sync_checkout`]). When git holds the index lock, the journal
-    /// stays for the next open or merge. Never fails. Call with the forge
-    /// lock held.
+    /// take the index lock again and bring the checkout to where the branch
+    /// is: to the merge when it landed (the branch at it or past it), back
+    /// to the commit before it otherwise. When git holds the index lock,
+    /// the journal stays for the next open or merge. Never fails. Call with
+    /// the forge lock held.
     fn finish_checkout_sync(&self, repo: &Repository) {
         let path = self.checkout_sync_file();
-        let journal: CheckoutSyncRecord = match read_json(&path) {
-            Ok(Some(journal)) => journal,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "dropping an unreadable checkout-sync journal");
-                self.drop_checkout_sync();
-                return;
-            }
+        let Some(journal) = self.read_checkout_sync() else {
+            return;
         };
         if let Some(id) = &journal.index_lock {
             let lock_path = repo.path().join("index.lock");
@@ -1035,35 +1168,6 @@ impl LocalForge {
                 }
             }
         }
-        if repo.is_bare() {
-            self.drop_checkout_sync();
-            return;
-        }
-        match self.lock_index(repo, journal, LockWait::No) {
-            Ok(lock) => self.sync_checkout(repo, lock),
-            Err(e) => {
-                tracing::warn!(error = %e, journal = %path.display(), "cannot lock the checkout's index to bring it up to an earlier merge; trying again on the next open or merge");
-            }
-        }
-    }
-
-    /// With the checkout's index `lock` held and the journal written, bring
-    /// the main checkout to the merged commit if that loses nothing
-    /// ([`crate::git::checkout`]), else leave it alone; either way the
-    /// journal goes and the lock is released. A failure is logged and the
-    /// journal kept, to finish on the next open or merge. Never fails: the
-    /// checkout never blocks a merge.
-    fn sync_checkout(&self, repo: &Repository, lock: IndexLock) {
-        let path = self.checkout_sync_file();
-        let journal: CheckoutSyncRecord = match read_json(&path) {
-            Ok(Some(journal)) => journal,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "dropping an unreadable checkout-sync journal");
-                self.drop_checkout_sync();
-                return;
-            }
-        };
         let (Ok(old), Ok(new)) = (
             git2::Oid::from_str(&journal.old),
             git2::Oid::from_str(&journal.new),
@@ -1072,27 +1176,50 @@ impl LocalForge {
             self.drop_checkout_sync();
             return;
         };
+        if repo.is_bare() {
+            self.drop_checkout_sync();
+            return;
+        }
+        let base_ref = journal.base_ref.clone();
+        let lock = match self.lock_index(repo, journal, LockWait::No) {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::warn!(error = %e, journal = %path.display(), "cannot lock the checkout's index to finish an interrupted merge; trying again on the next open or merge");
+                return;
+            }
+        };
+        let landed = repo
+            .refname_to_id(&base_ref)
+            .is_ok_and(|tip| tip == new || repo.graph_descendant_of(tip, new).unwrap_or(false));
+        let (from, to) = if landed { (old, new) } else { (new, old) };
         let checkout = self.repo_path.display();
-        match crate::git::checkout::sync_checkout(repo, &journal.base_ref, old, new, lock) {
-            Ok(CheckoutSync::Updated { paths }) => {
-                tracing::info!(%checkout, commit = %new, paths, "brought the checkout up to the merge");
+        match self.follow(repo, &base_ref, from, to, &lock) {
+            Ok(()) => {
+                tracing::info!(%checkout, commit = %to, "finished the checkout update of an interrupted merge");
             }
-            Ok(CheckoutSync::NotApplicable(reason)) => {
-                tracing::debug!(%checkout, reason, "the checkout does not follow the merge");
-            }
-            Ok(CheckoutSync::LocalChanges(reason)) => {
-                tracing::warn!(
-                    %checkout,
-                    reason,
-                    "leaving the checkout as it is: a path the merge changes was changed while it ran; before committing there, bring it to the merge with `git read-tree -m -u {old} {new}`"
-                );
+            Err(ForgeError::Transient(why)) => {
+                tracing::warn!(%checkout, "leaving the checkout as it is: {why}");
             }
             Err(e) => {
-                tracing::warn!(%checkout, error = %e, journal = %path.display(), "cannot bring the checkout up to the merge; trying again on the next open or merge");
+                tracing::warn!(%checkout, error = %e, journal = %path.display(), "cannot finish the checkout update of an interrupted merge; trying again on the next open or merge");
                 return;
             }
         }
+        drop(lock);
         self.drop_checkout_sync();
+    }
+
+    /// The checkout-sync journal, if there is one; an unreadable one is
+    /// logged and dropped.
+    fn read_checkout_sync(&self) -> Option<CheckoutSyncRecord> {
+        match read_json(&self.checkout_sync_file()) {
+            Ok(journal) => journal,
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping an unreadable checkout-sync journal");
+                self.drop_checkout_sync();
+                None
+            }
+        }
     }
 
     /// `forge/checks/<sha>.json`; `sha` must be a full commit SHA.

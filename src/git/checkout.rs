@@ -1,15 +1,14 @@
-//! Bringing the main checkout along after its branch moved without it, as
-//! `forge::local` needs after a merge advanced the branch the operator has
-//! checked out. The rule is `git checkout`'s when it switches between two
+//! Bringing the main checkout from one commit of its branch to another, as
+//! `forge::local` needs when a merge advances the branch the operator has
+//! checked out (and, to undo a half-made update, back). The rule is `git checkout`'s when it switches between two
 //! commits with local changes (git-read-tree(1), "Two Tree Merge"): the
 //! paths the two commits differ in are brought to the new one, and the
 //! operator's changes elsewhere are carried along, staged or not.
 //!
-//! [`sync_checkout`] takes the commit the branch moved from (`old`) and to
-//! (`new`). It changes nothing unless the checkout is not bare, `HEAD` still
-//! names the branch, the branch is at `new`, and every path the two commits
-//! differ in holds what one of them holds ([`in_the_way`] asks the same
-//! before the branch moves):
+//! [`sync_checkout`] takes the commit the checkout is at (`old`) and the
+//! one it goes to (`new`). It changes nothing unless the checkout is not
+//! bare, `HEAD` names the branch, and every path the two commits differ in
+//! holds what one of them holds:
 //! - outside the paths the two commits differ in, anything goes: the
 //!   index entries and files there are not touched;
 //! - on the paths they differ in, the index entry and the file each hold the
@@ -20,14 +19,16 @@
 //! - no untracked file sits where `new` needs a directory.
 //!
 //! All of it happens under the checkout's index lock
-//! ([`super::index_lock`]), which the caller took before the branch moved,
-//! so no git command writes the index between the ref update and the end of
-//! the sync (a `git commit -a` there would commit the old index on top of
-//! the new commit). The files `new` removes are deleted (with directories
-//! left empty), the files it adds or changes are checked out by libgit2
-//! (filters, modes, symbolic links), and last the index entries of those
-//! paths become `new`'s (the others kept as they are): built in a copy outside the git
-//! directory, written into the lock file, which is renamed over the index.
+//! ([`super::index_lock`]), which the caller holds from before the update
+//! until after it moved the branch: the index is replaced first, then the
+//! branch moves. git reads `HEAD` before the index and writes the index only
+//! under the lock, so no git command can pair the new `HEAD` with the old
+//! index (a `git commit -a` doing so would undo the merge). The files `new`
+//! removes are deleted (with directories left empty), the files it adds or
+//! changes are checked out by libgit2 (filters, modes, symbolic links), and
+//! last the index entries of those paths become `new`'s (the others kept as
+//! they are): built in a copy outside the git directory, then renamed over
+//! the index while the lock is held.
 //! Each step can be interrupted and the whole run again: the rule above
 //! accepts every intermediate state. Submodule changes are left to the
 //! operator.
@@ -83,13 +84,13 @@ fn blob_at(tree: &Tree<'_>, path: &Path) -> Option<Entry> {
     (entry.kind() != Some(ObjectType::Tree)).then(|| (entry.id(), entry.filemode() as u32))
 }
 
-/// Bring the checkout of `repo` from `old` to `new` after `base_ref` (a
-/// full ref name, `refs/heads/<branch>`) moved from one to the other, by the
-/// rule of the module documentation.
+/// Bring the checkout of `repo`, which has `base_ref` (a full ref name,
+/// `refs/heads/<branch>`) checked out, from `old` to `new` by the rule of
+/// the module documentation; where `base_ref` points is the caller's
+/// business.
 ///
-/// `lock` is the checkout's index lock, taken
-/// ([`IndexLock::acquire`]) before `base_ref` moved: it is committed with
-/// the new index when the checkout follows, and released otherwise.
+/// `lock` is the checkout's index lock, taken ([`IndexLock::acquire`]) and
+/// held by the caller.
 ///
 /// # Errors
 /// [`GitError`] when git or the file system fails while looking or
@@ -102,7 +103,7 @@ pub fn sync_checkout(
     base_ref: &str,
     old: Oid,
     new: Oid,
-    lock: IndexLock,
+    lock: &IndexLock,
 ) -> Result<CheckoutSync, GitError> {
     let Some(root) = repo.workdir().map(Path::to_path_buf) else {
         return Ok(CheckoutSync::NotApplicable("the repository is bare".into()));
@@ -130,14 +131,6 @@ pub fn sync_checkout(
             ));
         }
     }
-    let tip = repo
-        .refname_to_id(base_ref)
-        .map_err(git(format!("cannot read {base_ref}")))?;
-    if tip != new {
-        return Ok(CheckoutSync::NotApplicable(format!(
-            "{base_ref} is at {tip} now, not at {new}"
-        )));
-    }
     let old_tree = repo
         .find_commit(old)
         .and_then(|c| c.tree())
@@ -150,31 +143,23 @@ pub fn sync_checkout(
     if let Some(reason) = obstacle(repo, &root, &old_tree, &new_tree, &changes)? {
         return Ok(CheckoutSync::LocalChanges(reason));
     }
-    apply(repo, &root, new_tree.id(), &changes, lock)?;
+    // Only the paths not at `new` yet: a checkout already there keeps its
+    // index as it is, byte for byte (stat data included).
+    let index = repo.index().map_err(git("cannot open the index"))?;
+    let differing = workdir_differences(repo, &new_tree, &changes)?;
+    let pending: BTreeMap<PathBuf, Change> = changes
+        .into_iter()
+        .filter(|(path, change)| {
+            differing.contains(path)
+                || index.get_path(path, 0).map(|e| (e.id, e.mode)) != change.new
+        })
+        .collect();
+    if !pending.is_empty() {
+        apply(repo, &root, new_tree.id(), &pending, lock)?;
+    }
     Ok(CheckoutSync::Updated {
-        paths: changes.len(),
+        paths: pending.len(),
     })
-}
-
-/// Why the checkout of `repo` could not follow its branch from `old` to
-/// `new` (the rule of the module documentation), naming the path; `None`
-/// when it could. Asked before the branch moves, so that a merge never
-/// leaves the operator an index that would undo it.
-///
-/// # Errors
-/// [`GitError`] when git or the file system fails while looking.
-pub fn in_the_way(repo: &Repository, old: Oid, new: Oid) -> Result<Option<String>, GitError> {
-    let Some(root) = repo.workdir().map(Path::to_path_buf) else {
-        return Ok(None);
-    };
-    let tree = |id: Oid| {
-        repo.find_commit(id)
-            .and_then(|c| c.tree())
-            .map_err(git(format!("cannot read the tree of {id}")))
-    };
-    let (old_tree, new_tree) = (tree(old)?, tree(new)?);
-    let changes = changes(repo, &old_tree, &new_tree)?;
-    obstacle(repo, &root, &old_tree, &new_tree, &changes)
 }
 
 /// The paths that differ between the two trees, with each side's blob.
@@ -337,7 +322,7 @@ fn apply(
     root: &Path,
     new_tree: Oid,
     changes: &BTreeMap<PathBuf, Change>,
-    lock: IndexLock,
+    lock: &IndexLock,
 ) -> Result<(), GitError> {
     for path in changes
         .iter()
@@ -429,7 +414,7 @@ fn apply(
             .map_err(git("cannot check out the new files"))?;
     }
     let bytes = std::fs::read(&staged).map_err(io("cannot read the new index"))?;
-    lock.commit(&bytes)
+    lock.replace_index(&bytes)
 }
 
 fn path_text(bytes: &[u8]) -> String {

@@ -5,7 +5,9 @@
 //! lock and stops (`git commit`: "Unable to create '…/index.lock': File
 //! exists. Another git process seems to be running in this repository").
 //! Holding it makes HydraFlow's writes to an operator's index and git's own
-//! mutually exclusive.
+//! mutually exclusive. HydraFlow replaces the index while it holds the lock
+//! ([`IndexLock::replace_index`]) rather than by renaming the lock file, so
+//! that it can move the checked-out branch afterwards under the same lock.
 //!
 //! The lock file is made anonymous first (`O_TMPFILE` in the git directory,
 //! open(2)) and takes the name `index.lock` only when the lock is taken
@@ -21,7 +23,6 @@
 //! lock around taking, using and recovering this one (`forge::local`'s).
 
 use std::fs::File;
-use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -94,8 +95,8 @@ pub enum LockWait {
 }
 
 /// `<git dir>/index.lock`, prepared ([`IndexLock::prepare`]), then taken
-/// ([`IndexLock::acquire`]), then either committed over the index
-/// ([`IndexLock::commit`]) or, when dropped, removed.
+/// ([`IndexLock::acquire`]), held while the index is replaced
+/// ([`IndexLock::replace_index`]), and removed when dropped.
 #[derive(Debug)]
 pub struct IndexLock {
     /// The lock's file: anonymous until taken (or, without `O_TMPFILE`,
@@ -230,38 +231,43 @@ impl IndexLock {
         }
     }
 
-    /// Replace the index with `bytes` (a whole index file) and release the
-    /// lock: write them into the lock file, sync it, rename it over
-    /// `<git dir>/index`, sync the directory.
+    /// Replace the index with `bytes` (a whole index file) while keeping
+    /// the lock: written to a temporary file beside it, synced, renamed over
+    /// `<git dir>/index` ([`crate::store::atomic::write_atomic`]), so a
+    /// reader sees the old index or the new one, never a part. Other
+    /// writers stay locked out until the lock is dropped: a caller can
+    /// replace the index and then move `HEAD`'s branch under one lock, and
+    /// a git command that read the index before cannot write it afterwards.
     ///
     /// # Errors
-    /// [`GitError::Io`] naming the step that failed; the index is then
-    /// unchanged and the lock removed.
-    pub fn commit(mut self, bytes: &[u8]) -> Result<(), GitError> {
-        let context = format!(
-            "cannot replace {} through {}",
-            self.index_path.display(),
-            self.lock_path.display()
-        );
-        let Some(file) = self.file.as_mut().filter(|_| self.named) else {
-            return Err(io(context)(std::io::Error::other("the lock is not taken")));
-        };
-        file.write_all(bytes).map_err(io(&context))?;
-        file.sync_all().map_err(io(&context))?;
-        std::fs::rename(&self.lock_path, &self.index_path).map_err(io(&context))?;
-        self.named = false;
-        if let Some(dir) = self.index_path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&context))?;
+    /// [`GitError::Io`] when the lock is not held or the write fails; the
+    /// index is then unchanged.
+    pub fn replace_index(&self, bytes: &[u8]) -> Result<(), GitError> {
+        let context = format!("cannot replace {}", self.index_path.display());
+        if !self.named {
+            return Err(io(context)(std::io::Error::other(
+                "the index lock is not held",
+            )));
         }
-        Ok(())
+        crate::store::atomic::write_atomic(&self.index_path, bytes).map_err(io(context))
+    }
+
+    /// The index the lock guards, as its bytes (empty when there is none).
+    ///
+    /// # Errors
+    /// [`GitError::Io`] when it cannot be read.
+    pub fn read_index(&self) -> Result<Vec<u8>, GitError> {
+        match std::fs::read(&self.index_path) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io(format!("cannot read {}", self.index_path.display()))(e)),
+        }
     }
 }
 
 impl Drop for IndexLock {
-    /// Release a lock taken and not committed (git's `rollback_lock_file`),
-    /// unless `index.lock` is no longer this lock's file.
+    /// Release a lock taken (git's `rollback_lock_file`), unless
+    /// `index.lock` is no longer this lock's file.
     fn drop(&mut self) {
         if !self.named {
             return;
@@ -334,7 +340,10 @@ mod tests {
             drop(first);
             assert!(!lock_path.exists(), "released");
             second.acquire(LockWait::No).unwrap();
-            second.commit(b"new index").unwrap();
+            second.replace_index(b"new index").unwrap();
+            assert!(lock_path.exists(), "still held");
+            assert_eq!(second.read_index().unwrap(), b"new index");
+            drop(second);
             assert!(!lock_path.exists());
             assert_eq!(
                 std::fs::read(dir.path().join("index")).unwrap(),

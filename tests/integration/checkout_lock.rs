@@ -104,11 +104,15 @@ async fn git_commit_a_in_the_checkout_never_undoes_a_merge() {
     let mut later = 0;
     for n in 1..=MERGES {
         let pr = pull_request(&fx, &f, root, n).await;
+        let mut tries = 0;
         loop {
             match f.merge_pull_request(pr, &format!("Fixes #{n}")).await {
                 Ok(_) => break,
-                Err(e) if e.is_transient() => later += 1,
-                Err(e) => panic!("merge of #{n}: {e}"),
+                Err(e) if e.is_transient() && tries < 100 => {
+                    tries += 1;
+                    later += 1;
+                }
+                Err(e) => panic!("merge of #{n} (after {tries} tries): {e}"),
             }
         }
     }

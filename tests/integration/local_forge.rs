@@ -1047,6 +1047,34 @@ fn a_journal_of_a_merge_that_never_moved_the_branch_is_dropped() {
     assert_eq!(git_status(&it.fx.repo_path), "");
 }
 
+/// A merge killed after the checkout followed it (wholly or in part) and
+/// before the branch moved: the next open brings the checkout back to the
+/// branch's commit, so `git commit -a` there cannot commit the merge's
+/// files as the operator's.
+#[test]
+fn a_checkout_that_followed_a_merge_that_never_landed_is_brought_back() {
+    let cases: [Case<'_>; 2] = [
+        ("killed after the checkout followed", &|d| {
+            git(d, &["reset", "-q", "--hard", "main"]);
+        }),
+        ("killed with README.md followed", &|d| {
+            std::fs::write(d.join("README.md"), "hello\nmerged\n").unwrap();
+        }),
+    ];
+    for (case, followed) in cases {
+        let it = interrupted_merge();
+        followed(&it.fx.repo_path);
+        let repo = it.fx.repo();
+        repo.reference("refs/heads/main", it.old, true, "the merge never moved it")
+            .unwrap();
+        let f = forge(&it.fx);
+        assert!(!sync_journal(&f).exists(), "{case}");
+        assert_eq!(tip(&repo, "main").unwrap().id(), it.old, "{case}");
+        assert_at_main(&it.fx.repo_path, case);
+        fsck(&it.fx.repo_path);
+    }
+}
+
 #[tokio::test]
 async fn check_runs_are_summarised_like_github() {
     use hydraflow::forge::local::{CheckConclusion, CheckRun, CheckStatus};
