@@ -36,4 +36,3 @@ impl InstanceStatus {
         matches!(self.active_state.as_str(), "active" | "reloading")
     }
 }
-

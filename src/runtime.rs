@@ -91,7 +91,7 @@ impl RepoRuntime {
         let layout = resolved.layout.clone();
         layout.create_dirs().map_err(|source| RuntimeError::Dirs {
             path: layout.repo_dir(),
-            source,
+            cause: source,
         })?;
         let worker_lock = crate::worker_lock::WorkerLock::acquire(&layout.worker_lock_file())?;
         crate::agent::runner::validate(&resolved.config.agent)?;

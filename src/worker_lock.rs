@@ -92,7 +92,7 @@ impl WorkerLock {
     pub fn acquire(path: &Path) -> Result<WorkerLock, WorkerLockError> {
         let io = |source| WorkerLockError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let mut file = std::fs::OpenOptions::new()
             .read(true)

@@ -439,7 +439,10 @@ pub fn classify(o: &AgentOutcome) -> Option<AgentFailure> {
 /// line pauses.
 pub fn classify_error(e: &AgentError) -> AgentFailure {
     match e {
-        AgentError::Spawn { program, source } => match source.kind() {
+        AgentError::Spawn {
+            program,
+            cause: source,
+        } => match source.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
                 AgentFailure::Pause {
                     reason: format!(
@@ -761,7 +764,7 @@ mod tests {
     fn errors_of_the_call() {
         let missing = AgentError::Spawn {
             program: "claude".into(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            cause: std::io::Error::from(std::io::ErrorKind::NotFound),
         };
         let f = missing.failure();
         assert!(

@@ -176,7 +176,7 @@ async fn run_quality(
     spec.args = vec!["-c".as_ref(), command.as_ref()];
     let mut child = crate::child::spawn(spec).map_err(|source| AgentError::Spawn {
         program: "sh".into(),
-        source,
+        cause: source,
     })?;
     let group = child
         .id()
@@ -461,7 +461,7 @@ async fn run_process(
         if find_program(program, path).is_none() {
             return Err(AgentError::Spawn {
                 program: program.clone(),
-                source: io::Error::new(
+                cause: io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("not found on PATH {}", path.unwrap_or("(unset)")),
                 ),
@@ -522,7 +522,7 @@ async fn run_process(
     };
     let mut child = crate::child::spawn(spec).map_err(|source| AgentError::Spawn {
         program: program.clone(),
-        source,
+        cause: source,
     })?;
     let report_read: Option<OwnedFd> = report.map(|(r, w)| {
         drop(w);
@@ -587,7 +587,7 @@ async fn run_process(
         };
         return Err(AgentError::Spawn {
             program: program.clone(),
-            source,
+            cause: source,
         });
     }
     let reported = shim_report.map(|r| Resources {

@@ -186,18 +186,23 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Loaded, ConfigError> {
     let mut warnings = Vec::new();
 
     // Read, parse and merge one file; `optional`: a missing file is no error.
-    let mut layer = |merged: &mut Table, path: PathBuf, optional: bool| {
-        match std::fs::read_to_string(&path) {
+    let mut layer =
+        |merged: &mut Table, path: PathBuf, optional: bool| match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let (table, bad) = parse_file(&path, &text);
                 errors.extend(bad);
-                merge_layer(merged, &table, &Source::File(path.clone()), &mut sources, "");
+                merge_layer(
+                    merged,
+                    &table,
+                    &Source::File(path.clone()),
+                    &mut sources,
+                    "",
+                );
                 files.push(path);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && optional => {}
             Err(cause) => errors.push(ConfigError::Read { path, cause }),
-        }
-    };
+        };
 
     if let Some(given) = req.global_file {
         let path = std::path::absolute(given).unwrap_or_else(|_| given.to_owned());

@@ -78,7 +78,7 @@ pub fn process_socket_path(state_dir: &Path, slug: &str) -> PathBuf {
 pub fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener, DashboardError> {
     let io = |source| DashboardError::Bind {
         address: path.display().to_string(),
-        source,
+        cause: source,
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
@@ -99,7 +99,7 @@ pub fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener, Dash
 pub fn activated_socket(
     fd: std::os::fd::OwnedFd,
 ) -> Result<(tokio::net::UnixListener, PathBuf), DashboardError> {
-    let bad = |source| DashboardError::Activated { source };
+    let bad = |source| DashboardError::Activated { cause: source };
     let listener = std::os::unix::net::UnixListener::from(fd);
     let path = listener
         .local_addr()
@@ -181,7 +181,7 @@ pub async fn bind_tcp(
         .await
         .map_err(|source| DashboardError::Bind {
             address: address.to_owned(),
-            source,
+            cause: source,
         })
 }
 

@@ -95,7 +95,6 @@ impl RepoDirectory for StaticRepos {
     }
 }
 
-
 /// One browser's queue.
 #[derive(Debug)]
 struct ClientQueue {

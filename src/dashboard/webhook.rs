@@ -97,7 +97,6 @@ pub trait Targets: Send + Sync + 'static {
     fn target(&self, full_name: &str) -> Option<Target>;
 }
 
-
 /// One delivery as it arrived: its headers and body.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivery<'a> {

@@ -65,13 +65,19 @@ pub enum GitError {
 /// A [`GitError::Git`] maker that says what was being done.
 pub(crate) fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
     let context = context.into();
-    move |source| GitError::Git { context, source }
+    move |source| GitError::Git {
+        context,
+        cause: source,
+    }
 }
 
 /// A [`GitError::Io`] maker that says what was being done.
 pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> GitError {
     let context = context.into();
-    move |source| GitError::Io { context, source }
+    move |source| GitError::Io {
+        context,
+        cause: source,
+    }
 }
 
 /// Whether `refname` (`refs/heads/…`) is checked out in the main checkout
@@ -267,7 +273,10 @@ pub fn exclude_from_status(
     let file = repo.path().join("info").join("exclude");
     let io = |what: &str| {
         let context = format!("cannot {what} {}", file.display());
-        move |source| GitError::Io { context, source }
+        move |source| GitError::Io {
+            context,
+            cause: source,
+        }
     };
     let text = match std::fs::read_to_string(&file) {
         Ok(text) => text,

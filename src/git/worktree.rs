@@ -53,7 +53,7 @@ where
         .await
         .map_err(|e| GitError::Io {
             context: "git task did not finish".into(),
-            source: std::io::Error::other(e),
+            cause: std::io::Error::other(e),
         })?
 }
 
@@ -427,7 +427,7 @@ impl Worktrees {
                 Some(head) => {
                     return Err(GitError::Git {
                         context: format!("cannot use worktree {}", path.display()),
-                        source: git2::Error::from_str(&format!(
+                        cause: git2::Error::from_str(&format!(
                             "it has {head} checked out, expected {refname}"
                         )),
                     });
@@ -458,7 +458,7 @@ impl Worktrees {
             };
             return Err(GitError::Git {
                 context: format!("cannot create worktree {}", path.display()),
-                source: git2::Error::from_str(&format!(
+                cause: git2::Error::from_str(&format!(
                     "the worktree registration {} exists: {why}",
                     registration.display()
                 )),
@@ -575,7 +575,7 @@ impl Worktrees {
             let context = format!("cannot diff {branch} against {base}");
             let head = branch_tip(&repo, &branch)?.ok_or_else(|| GitError::Git {
                 context: context.clone(),
-                source: git2::Error::from_str(&format!("branch {branch} does not exist")),
+                cause: git2::Error::from_str(&format!("branch {branch} does not exist")),
             })?;
             let base = base_tip(&repo, &base)?;
             let merge_base = repo
@@ -614,7 +614,7 @@ impl Worktrees {
             let repo = open_repo(&repo_path)?;
             let tip = branch_tip(&repo, &branch)?.ok_or_else(|| GitError::Git {
                 context: format!("cannot read the tip of branch {branch}"),
-                source: git2::Error::from_str(&format!("branch {branch} does not exist")),
+                cause: git2::Error::from_str(&format!("branch {branch} does not exist")),
             })?;
             Ok(tip.id().to_string())
         })

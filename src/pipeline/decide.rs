@@ -270,7 +270,7 @@ impl From<crate::git::GitError> for Failure {
     fn from(e: crate::git::GitError) -> Failure {
         use crate::git::GitError;
         let storage = match &e {
-            GitError::Io { source, .. } => is_storage_io(source),
+            GitError::Io { cause: source, .. } => is_storage_io(source),
             other => is_storage_text(&other.to_string()),
         };
         if storage {
@@ -437,7 +437,7 @@ mod tests {
         let io = std::io::Error::from_raw_os_error(30); // EROFS
         let git = crate::git::GitError::Io {
             context: "cannot create /wt".into(),
-            source: io,
+            cause: io,
         };
         assert_eq!(Failure::from(git).class(), "storage");
     }

@@ -60,7 +60,7 @@ pub fn submit_command(
     )
     .map_err(|source| SubmitError::Io {
         dir: dir.to_path_buf(),
-        source,
+        cause: source,
     })
 }
 

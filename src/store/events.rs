@@ -150,12 +150,12 @@ impl EventBus {
     ) -> Result<EventBus, StoreError> {
         let io_err = |source| StoreError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(|source| StoreError::Io {
                 path: dir.to_path_buf(),
-                source,
+                cause: source,
             })?;
         }
         let mut tail = read_tail(path).map_err(io_err)?;
@@ -164,7 +164,7 @@ impl EventBus {
             tail.events = read_tail(&previous)
                 .map_err(|source| StoreError::Io {
                     path: previous.clone(),
-                    source,
+                    cause: source,
                 })?
                 .events;
         }

@@ -192,7 +192,10 @@ impl SessionLog {
     fn write(&self, records: &[SessionRecord]) -> Result<(), StoreError> {
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| StoreError::Io { path, source }
+            move |source| StoreError::Io {
+                path,
+                cause: source,
+            }
         };
         let keep = &records[records.len().saturating_sub(KEEP_SESSIONS)..];
         let mut bytes = Vec::new();
@@ -310,13 +313,13 @@ impl CallLedger {
             for r in records.iter().filter(|r| r.day >= cutoff) {
                 serde_json::to_writer(&mut bytes, r).map_err(|e| StoreError::Io {
                     path: calls.to_path_buf(),
-                    source: io::Error::new(io::ErrorKind::InvalidData, e),
+                    cause: io::Error::new(io::ErrorKind::InvalidData, e),
                 })?;
                 bytes.push(b'\n');
             }
             atomic::write_atomic(calls, &bytes).map_err(|source| StoreError::Io {
                 path: calls.to_path_buf(),
-                source,
+                cause: source,
             })?;
         }
         Ok(CallLedger {
@@ -336,7 +339,7 @@ impl CallLedger {
         let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let io_err = |source| StoreError::Io {
             path: self.calls.clone(),
-            source,
+            cause: source,
         };
         let mut line = serde_json::to_vec(record)
             .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;

@@ -605,14 +605,14 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
 fn to_json(state: &State, path: &Path) -> Result<Vec<u8>, StoreError> {
     let mut bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Io {
         path: path.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::InvalidData, e),
+        cause: io::Error::new(io::ErrorKind::InvalidData, e),
     })?;
     bytes.push(b'\n');
     Ok(bytes)

@@ -139,7 +139,7 @@ pub fn call(
             Err(source) => {
                 return Err(ClientError::Io {
                     at: at.clone(),
-                    source,
+                    cause: source,
                 });
             }
         }
@@ -161,7 +161,7 @@ where
 {
     let io = |source| ClientError::Io {
         at: at.clone(),
-        source,
+        cause: source,
     };
     let mut writer = stream;
     writer.write_all(&request.to_line()).map_err(io)?;

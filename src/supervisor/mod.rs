@@ -292,7 +292,7 @@ impl Supervisor {
                     Some(s) => s,
                     None => Slug::from_path(&path).map_err(|source| SupervisorError::Slug {
                         from: path.display().to_string(),
-                        source,
+                        cause: source,
                     })?,
                 };
                 let path = path.to_string_lossy().into_owned();
@@ -304,7 +304,7 @@ impl Supervisor {
                     Some(s) => s,
                     None => Slug::from_repo(repo).map_err(|source| SupervisorError::Slug {
                         from: repo.clone(),
-                        source,
+                        cause: source,
                     })?,
                 };
                 Ok((String::new(), Some(repo.clone()), slug))
@@ -357,7 +357,11 @@ impl Supervisor {
 
     /// Write `<repos_dir>/<slug>.toml` unless it exists (an administrator's file is kept).
     /// True when this call wrote it. Blocking (fsync): call through [`off_thread`].
-    fn ensure_instance_file(repos_dir: &Path, file: &Path, text: &str) -> Result<bool, SupervisorError> {
+    fn ensure_instance_file(
+        repos_dir: &Path,
+        file: &Path,
+        text: &str,
+    ) -> Result<bool, SupervisorError> {
         if file.exists() {
             return Ok(false);
         }
@@ -570,7 +574,7 @@ impl Supervisor {
         };
         let slug = Slug::new(&entry.slug).map_err(|source| SupervisorError::Slug {
             from: entry.slug.clone(),
-            source,
+            cause: source,
         })?;
         let stopped = self.backend.stop(&slug).await;
         self.changed();
@@ -609,7 +613,7 @@ impl Supervisor {
     fn entry_slug(&self, entry: &RepoEntry) -> Result<Slug, SupervisorError> {
         Slug::new(&entry.slug).map_err(|source| SupervisorError::Slug {
             from: entry.slug.clone(),
-            source,
+            cause: source,
         })
     }
 
@@ -914,14 +918,14 @@ async fn listeners(
 ) -> Result<(server::Listeners, Option<PathBuf>), DaemonError> {
     let passed = |source| DaemonError::Listen {
         addr: "the socket passed in LISTEN_FDS".into(),
-        source,
+        cause: source,
     };
     if !fds.is_empty() {
         let (tcp, unix) = passed_listeners(fds)?;
         if tcp.is_some() && listen.is_empty() {
             return Err(DaemonError::Listen {
                 addr: "the TCP socket passed in LISTEN_FDS".into(),
-                source: std::io::Error::other(
+                cause: std::io::Error::other(
                     "[supervisor] listen is empty (TCP off) but hydraflow-supervisor.socket \
                      passes a TCP socket: drop its ListenStream=127.0.0.1:8765 (systemctl edit \
                      hydraflow-supervisor.socket), or set listen",
@@ -954,7 +958,7 @@ async fn listeners(
                 .await
                 .map_err(|source| DaemonError::Listen {
                     addr: listen.to_owned(),
-                    source,
+                    cause: source,
                 })?,
         )
     };
@@ -962,7 +966,7 @@ async fn listeners(
         Some(path) => Some(
             bind_control_socket(path).map_err(|source| DaemonError::Listen {
                 addr: path.display().to_string(),
-                source,
+                cause: source,
             })?,
         ),
         None => None,
@@ -1111,7 +1115,7 @@ pub async fn run_daemon(
     let settings = Settings::from_config(&opts.config, dashboard_addr);
     std::fs::create_dir_all(&settings.state_dir).map_err(|source| DaemonError::StateDir {
         path: settings.state_dir.clone(),
-        source,
+        cause: source,
     })?;
     let loaded = Registry::load(&settings.state_dir)?;
     if let Some((aside, why)) = &loaded.set_aside {
@@ -1158,7 +1162,7 @@ pub async fn run_daemon(
         let addr: SocketAddr = tcp.local_addr().map_err(DaemonError::Serve)?;
         write_port_file(&port_path, addr.port()).map_err(|source| DaemonError::PortFile {
             path: port_path.clone(),
-            source,
+            cause: source,
         })?;
         port_written = true;
         tracing::info!(%addr, port_file = %port_path.display(), "listening");

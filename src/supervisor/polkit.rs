@@ -111,7 +111,7 @@ impl Polkit {
             };
             let conn = builder.build().await.map_err(|source| PolkitError::Bus {
                 bus: bus.clone(),
-                source,
+                cause: source,
             })?;
             let proxy = PolkitAuthorityProxy::builder(&conn)
                 .cache_properties(zbus::proxy::CacheProperties::No)

@@ -122,7 +122,7 @@ impl Registry {
                 return Err(RegistryError::Io {
                     what: "read",
                     path,
-                    source,
+                    cause: source,
                 });
             }
         };
@@ -137,7 +137,7 @@ impl Registry {
                 std::fs::rename(&path, &aside).map_err(|source| RegistryError::Io {
                     what: "set aside",
                     path: path.clone(),
-                    source,
+                    cause: source,
                 })?;
                 Ok(Loaded {
                     registry: Registry::with(path, StateFile::default()),

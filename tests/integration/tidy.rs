@@ -486,10 +486,12 @@ fn source_in_message(code: &[String], n: usize, lits: &[String]) -> bool {
     if !attribute {
         return false;
     }
+    // The variant's own lines: up to the next variant's message.
     let from_field = code
         .iter()
         .skip(n + 1)
         .take(4)
+        .take_while(|c| !c.contains("#[error("))
         .any(|c| c.contains("#[from]") || c.contains("#[source]"));
     lits.iter()
         .any(|l| l.contains("{source}") || (from_field && l.contains("{0}")))
