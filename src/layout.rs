@@ -10,6 +10,50 @@ use std::path::{Path, PathBuf};
 /// Longest slug accepted, in bytes (systemd instance names and user names stay short).
 pub const MAX_SLUG_LEN: usize = 100;
 
+/// A GitHub repository's `owner/name`: two parts of ASCII letters, digits,
+/// `.`, `_` or `-`, neither empty nor starting with `.` (GitHub's rules for
+/// account and repository names, as far as they matter here). Parsed once,
+/// where it comes in: the configuration's `repo`, the protocol's `repo`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RepoName(String);
+
+/// `"<text>"` is not an `owner/name`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "repository \"{0}\" is not valid: expected owner/name with letters, digits, '.', '_' or '-'"
+)]
+pub struct RepoNameError(pub String);
+
+impl RepoName {
+    /// Check `text` as an `owner/name`.
+    ///
+    /// # Errors
+    /// [`RepoNameError`] naming the text when it is not one.
+    pub fn parse(text: &str) -> Result<RepoName, RepoNameError> {
+        let part_ok = |p: &str| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        match text.split_once('/') {
+            Some((owner, name)) if part_ok(owner) && part_ok(name) => Ok(RepoName(text.to_owned())),
+            _ => Err(RepoNameError(text.to_owned())),
+        }
+    }
+
+    /// `owner/name`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RepoName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Why a slug was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SlugError {

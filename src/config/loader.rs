@@ -380,18 +380,9 @@ fn out_of_range(config: &Config) -> Vec<(&'static str, String)> {
     errors
 }
 
-/// Whether `s` looks like a GitHub `owner/name`.
+/// Whether `s` is a GitHub `owner/name` ([`crate::layout::RepoName`]).
 pub fn valid_owner_name(s: &str) -> bool {
-    let mut parts = s.split('/');
-    let ok = |p: Option<&str>| {
-        p.is_some_and(|p| {
-            !p.is_empty()
-                && !p.starts_with('.')
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        })
-    };
-    ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+    crate::layout::RepoName::parse(s).is_ok()
 }
 
 fn to_table(config: &Config) -> Table {

@@ -30,13 +30,13 @@ use axum::routing::{any, get};
 use axum::{Json, Router};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
 use super::client::{self, ClientError};
-use crate::api::InstanceStatus;
+use crate::api::{ForgeInfo, Health, InstanceStatus, RepoRow, Repos, WorkerHealth};
 
 /// Frames queued per browser before the oldest is dropped.
 pub const CLIENT_QUEUE: usize = 8192;
@@ -196,69 +196,76 @@ async fn find(directory: &dyn RepoDirectory, slug: &str) -> Result<RepoEntry, Ap
         .ok_or_else(|| ApiError::not_found(format!("no repository {slug:?} is registered")))
 }
 
-/// One row of `GET /api/repos`.
-pub async fn repo_row(entry: RepoEntry) -> Value {
-    let health = client::json(
-        &entry.socket,
-        http::Method::GET,
-        "/healthz",
-        None,
-        HEALTH_TIMEOUT,
-    )
-    .await;
-    let worker = match health {
-        Ok((status, body)) if body.is_object() => {
-            json!({"up": true, "http_status": status.as_u16(), "health": body})
-        }
-        Ok((status, _)) => {
-            json!({"up": false, "error": format!("the worker answered /healthz with {status} and no JSON")})
-        }
-        Err(e) => json!({"up": false, "error": e.to_string()}),
-    };
-    json!({
-        "slug": entry.slug,
-        "path": entry.path,
-        "socket": entry.socket,
-        "unit": entry.unit,
-        "unit_error": entry.unit_error,
-        "worker": worker,
-    })
+/// What the worker at `socket` answers on `/healthz` (within [`HEALTH_TIMEOUT`]).
+async fn worker_health(socket: &std::path::Path) -> WorkerHealth {
+    let answer = client::json(socket, http::Method::GET, "/healthz", None, HEALTH_TIMEOUT).await;
+    match answer {
+        Ok((status, body)) => match serde_json::from_value::<Health>(body) {
+            Ok(health) => WorkerHealth {
+                up: true,
+                http_status: Some(status.as_u16()),
+                health: Some(health),
+                error: None,
+            },
+            Err(e) => WorkerHealth {
+                up: false,
+                http_status: Some(status.as_u16()),
+                health: None,
+                error: Some(format!(
+                    "the worker answered /healthz with {status} and no health report: {e}"
+                )),
+            },
+        },
+        Err(e) => WorkerHealth {
+            up: false,
+            http_status: None,
+            health: None,
+            error: Some(e.to_string()),
+        },
+    }
 }
 
-/// A worker's forge as its `/healthz` reports it.
-#[derive(Debug, Clone, Deserialize)]
-pub struct WorkerForge {
-    /// `local` or `github`.
-    pub name: String,
-    /// Who it acts as.
-    pub identity: Option<String>,
-    /// Its API budget, when known.
-    pub budget: Option<crate::forge::RateBudget>,
+/// One row of `GET /api/repos`.
+pub async fn repo_row(entry: RepoEntry) -> RepoRow {
+    let worker = worker_health(&entry.socket).await;
+    RepoRow {
+        slug: entry.slug,
+        path: entry.path,
+        socket: entry.socket,
+        unit: entry.unit,
+        unit_error: entry.unit_error,
+        worker,
+    }
 }
 
 /// The forge of the worker at `socket` (its `/healthz`, within [`HEALTH_TIMEOUT`]).
 ///
 /// # Errors
 /// Why the worker could not be asked, or its answer has no forge.
-pub async fn worker_forge(socket: &std::path::Path) -> Result<WorkerForge, String> {
-    let (status, body) = client::json(socket, http::Method::GET, "/healthz", None, HEALTH_TIMEOUT)
-        .await
-        .map_err(|e| e.to_string())?;
-    let forge = body
-        .pointer("/runtimes/0/forge")
-        .cloned()
-        .ok_or_else(|| format!("the worker answered /healthz with {status} and no forge"))?;
-    serde_json::from_value(forge).map_err(|e| format!("the worker's forge is unreadable: {e}"))
+pub async fn worker_forge(socket: &std::path::Path) -> Result<ForgeInfo, String> {
+    let worker = worker_health(socket).await;
+    let health = worker
+        .health
+        .ok_or_else(|| worker.error.unwrap_or_else(|| "no answer".into()))?;
+    health
+        .runtimes
+        .into_iter()
+        .next()
+        .map(|r| r.forge)
+        .ok_or_else(|| "the worker's /healthz names no runtime".into())
 }
 
 /// `GET /api/repos`: every repository, its workers asked in parallel.
-pub async fn repos(directory: &dyn RepoDirectory) -> Vec<Value> {
+pub async fn repos(directory: &dyn RepoDirectory) -> Vec<RepoRow> {
     let rows = directory.repos().await.into_iter().map(repo_row);
     futures_util::future::join_all(rows).await
 }
 
-async fn api_repos(State(s): State<AppState>) -> Json<Value> {
-    Json(json!({"repos": repos(&*s.directory).await, "dropped_frames": s.hub.dropped()}))
+async fn api_repos(State(s): State<AppState>) -> Json<Repos> {
+    Json(Repos {
+        repos: repos(&*s.directory).await,
+        dropped_frames: s.hub.dropped(),
+    })
 }
 
 async fn page() -> Html<&'static str> {

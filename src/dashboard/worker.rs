@@ -24,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::ApiError;
@@ -53,14 +52,14 @@ pub mod api {
     use std::sync::Arc;
     use std::time::Instant;
 
-    use serde::Serialize;
-    use serde_json::{Value, json};
-
     use super::super::ApiError;
     use crate::agent::Stage;
+    pub use crate::api::{Check, ForgeInfo, Health, RuntimeHealth};
+    use crate::api::{
+        CostToday, Costs, HealthStatus, HitlAccepted, HitlItem, IssueRow, IssueStatus, Pipeline,
+        RuntimeInfo, Woke,
+    };
     use crate::config::ForgeKind;
-    use crate::forge::RateBudget;
-    use crate::pipeline::issue_store::Depths;
     use crate::pipeline::spool::{self, SubmitError};
     use crate::runtime::{RepoRuntime, RepoRuntimeRegistry};
     use crate::store::events::Event;
@@ -93,71 +92,14 @@ pub mod api {
         }
     }
 
-    /// One health check.
-    #[derive(Debug, Clone, Serialize)]
-    pub struct Check {
-        /// Whether it passes.
-        pub ok: bool,
-        /// What was seen.
-        pub detail: String,
-    }
-
-    /// One runtime's health.
-    #[derive(Debug, Clone, Serialize)]
-    pub struct RuntimeHealth {
-        /// The slug.
-        pub slug: String,
-        /// Whether the loops run.
-        pub running: bool,
-        /// The `STATUS=` line (or `stopped`).
-        pub status_line: String,
-        /// Queue depths and in-flight counts per stage.
-        pub queues: Depths,
-        /// Issues waiting for a human.
-        pub hitl_waiting: usize,
-        /// Issues merged or closed as satisfied in this session.
-        pub done: u64,
-        /// The forge, who it acts as and its API budget.
-        pub forge: ForgeInfo,
-    }
-
-    /// A runtime's forge as `/healthz` shows it (for `hydraflow repo list`
-    /// and the dashboard).
-    #[derive(Debug, Clone, Serialize)]
-    pub struct ForgeInfo {
-        /// `local` or `github`.
-        pub name: &'static str,
-        /// Who it acts as (`token`, `GitHub App 7, installation 42`); none for the local forge.
-        pub identity: Option<String>,
-        /// The REST budget the last response announced (requests left,
-        /// window, reset time in Unix seconds); none before the first
-        /// request and for the local forge.
-        pub budget: Option<RateBudget>,
-    }
-
     /// The forge of `rt`.
     pub fn forge_info(rt: &RepoRuntime) -> ForgeInfo {
         let forge = rt.forge();
         ForgeInfo {
-            name: forge.name(),
+            name: forge.name().to_owned(),
             identity: forge.identity(),
             budget: forge.rate_budget(),
         }
-    }
-
-    /// `GET /healthz`.
-    #[derive(Debug, Clone, Serialize)]
-    pub struct Health {
-        /// `ok`, `degraded` (running, a check fails) or `stopped`.
-        pub status: &'static str,
-        /// Every runtime's loops are running.
-        pub ready: bool,
-        /// Checks by component (`orchestrator:<slug>`, `pipeline:<slug>`).
-        pub checks: BTreeMap<String, Check>,
-        /// Seconds since the API started.
-        pub uptime_seconds: f64,
-        /// Per runtime.
-        pub runtimes: Vec<RuntimeHealth>,
     }
 
     /// One runtime's health entry.
@@ -199,11 +141,11 @@ pub mod api {
         }
         let ready = !runtimes.is_empty() && runtimes.iter().all(|r| r.running);
         let status = if !ready {
-            "stopped"
+            HealthStatus::Stopped
         } else if checks.values().all(|c| c.ok) {
-            "ok"
+            HealthStatus::Ok
         } else {
-            "degraded"
+            HealthStatus::Degraded
         };
         Health {
             status,
@@ -215,8 +157,8 @@ pub mod api {
     }
 
     /// `GET /api/state`: `state.json` as the worker holds it.
-    pub fn state(rt: &RepoRuntime) -> Value {
-        serde_json::to_value(rt.state().snapshot()).unwrap_or(Value::Null)
+    pub fn state(rt: &RepoRuntime) -> crate::store::state::State {
+        rt.state().snapshot()
     }
 
     fn pr_url(rt: &RepoRuntime, pr: u64) -> Option<String> {
@@ -230,54 +172,54 @@ pub mod api {
         }
     }
 
-    fn issue_row(rt: &RepoRuntime, number: u64, status: &str) -> Value {
+    fn issue_row(rt: &RepoRuntime, number: u64, status: IssueStatus) -> IssueRow {
         let issue = rt.store().get(number);
         let record = rt.state().issue(number);
-        json!({
-            "number": number,
-            "title": issue.as_ref().map(|i| i.title.clone()),
-            "url": issue.as_ref().and_then(|i| i.url.clone()),
-            "labels": issue.as_ref().map(|i| i.labels.clone()).unwrap_or_default(),
-            "status": status,
-            "pull_request": record.pull_request,
-            "pull_request_url": record.pull_request.and_then(|pr| pr_url(rt, pr)),
-            "attempts": record.attempts,
-        })
+        IssueRow {
+            number,
+            title: issue.as_ref().map(|i| i.title.clone()),
+            url: issue.as_ref().and_then(|i| i.url.clone()),
+            labels: issue.map(|i| i.labels).unwrap_or_default(),
+            status,
+            pull_request: record.pull_request,
+            pull_request_url: record.pull_request.and_then(|pr| pr_url(rt, pr)),
+            attempts: record.attempts,
+        }
     }
 
     /// `GET /api/pipeline`: issues per stage (queued, then in flight), and
     /// the issues waiting for a human.
-    pub fn pipeline(rt: &RepoRuntime) -> Value {
-        let mut stages: BTreeMap<Stage, Vec<Value>> =
+    pub fn pipeline(rt: &RepoRuntime) -> Pipeline {
+        let mut stages: BTreeMap<Stage, Vec<IssueRow>> =
             Stage::ALL.into_iter().map(|s| (s, Vec::new())).collect();
         for (stage, numbers) in rt.store().queues() {
             for n in numbers {
                 stages
                     .entry(stage)
                     .or_default()
-                    .push(issue_row(rt, n, "queued"));
+                    .push(issue_row(rt, n, IssueStatus::Queued));
             }
         }
         for (n, stage) in rt.store().in_flight() {
             stages
                 .entry(stage)
                 .or_default()
-                .push(issue_row(rt, n, "running"));
+                .push(issue_row(rt, n, IssueStatus::Running));
         }
         let state = rt.state().snapshot();
-        let waiting: Vec<Value> = state
+        let waiting: Vec<IssueRow> = state
             .issues
             .iter()
             .filter(|(_, r)| r.hitl().is_some())
-            .map(|(n, _)| issue_row(rt, *n, "waiting"))
+            .map(|(n, _)| issue_row(rt, *n, IssueStatus::Waiting))
             .collect();
-        json!({
-            "repo": rt.slug().as_str(),
-            "stages": stages,
-            "hitl_waiting": waiting,
-            "depths": rt.store().depths(),
-            "done": state.session.issues_succeeded,
-        })
+        Pipeline {
+            repo: rt.slug().to_string(),
+            stages,
+            hitl_waiting: waiting,
+            depths: rt.store().depths(),
+            done: state.session.issues_succeeded,
+        }
     }
 
     /// `GET /api/events?since=N`.
@@ -299,17 +241,18 @@ pub mod api {
     ///
     /// # Errors
     /// 500 when `agent-calls.jsonl` cannot be read.
-    pub fn costs(rt: &RepoRuntime) -> Result<Value, ApiError> {
+    pub fn costs(rt: &RepoRuntime) -> Result<Costs, ApiError> {
         let costs = crate::store::sessions::costs(&rt.layout().agent_calls_file())
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
-        Ok(json!({
-            "per_issue": costs.per_issue,
-            "calls_per_issue": costs.calls_per_issue,
-            "per_day": costs.per_day,
-            "today": {"day": today, "usd": costs.per_day.get(&today).copied().unwrap_or(0.0)},
-            "daily_budget_usd": rt.resolved().config.agent.daily_budget_usd,
-        }))
+        let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+        let usd = costs.per_day.get(&day).copied().unwrap_or(0.0);
+        Ok(Costs {
+            per_issue: costs.per_issue,
+            calls_per_issue: costs.calls_per_issue,
+            per_day: costs.per_day,
+            today: CostToday { day, usd },
+            daily_budget_usd: rt.resolved().config.agent.daily_budget_usd,
+        })
     }
 
     /// `POST /api/wake {"senders": [login, …] | null}`: webhook deliveries
@@ -318,29 +261,33 @@ pub mod api {
     /// arrive, and polls now unless every sender is the forge's own login
     /// (the worker's own change, which it knows of). `{"polled": false}`
     /// when it did not poll, `{"woke": false}` when the loops are stopped.
-    pub async fn wake(rt: &RepoRuntime, senders: Option<Vec<String>>) -> Value {
+    pub async fn wake(rt: &RepoRuntime, senders: Option<Vec<String>>) -> Woke {
         let own = rt.forge().login();
         let poll = match (&senders, &own) {
             (Some(senders), Some(own)) => senders.iter().any(|s| s != own),
             _ => true,
         };
-        json!({"slug": rt.slug().as_str(), "woke": rt.webhook_delivered(poll).await, "polled": poll})
+        Woke {
+            slug: rt.slug().to_string(),
+            woke: rt.webhook_delivered(poll).await,
+            polled: poll,
+        }
     }
 
     /// One entry of `GET /api/runtimes`.
-    pub async fn runtime_info(rt: &RepoRuntime) -> Value {
-        json!({
-            "slug": rt.slug().as_str(),
-            "running": rt.running().await,
-            "status_line": rt.status_line().await,
-            "repo_path": rt.resolved().repo_path,
-            "data_dir": rt.layout().repo_dir(),
-            "forge": rt.resolved().config.forge,
-        })
+    pub async fn runtime_info(rt: &RepoRuntime) -> RuntimeInfo {
+        RuntimeInfo {
+            slug: rt.slug().to_string(),
+            running: rt.running().await,
+            status_line: rt.status_line().await,
+            repo_path: rt.resolved().repo_path.clone(),
+            data_dir: rt.layout().repo_dir(),
+            forge: rt.resolved().config.forge,
+        }
     }
 
     /// `GET /api/runtimes`.
-    pub async fn runtimes(registry: &RepoRuntimeRegistry) -> Vec<Value> {
+    pub async fn runtimes(registry: &RepoRuntimeRegistry) -> Vec<RuntimeInfo> {
         let mut out = Vec::new();
         for rt in registry.all() {
             out.push(runtime_info(&rt).await);
@@ -350,16 +297,20 @@ pub mod api {
 
     /// `GET /api/hitl`: issues waiting for a human, with origin, cause and
     /// any command not yet applied.
-    pub fn hitl(rt: &RepoRuntime) -> Vec<Value> {
+    pub fn hitl(rt: &RepoRuntime) -> Vec<HitlItem> {
         rt.state()
             .snapshot()
             .issues
             .iter()
             .filter_map(|(n, r)| {
-                r.hitl().map(|h| {
-                    json!({"issue": n, "title": rt.store().get(*n).map(|i| i.title),
-                        "stage": h.stage, "origin": h.origin, "cause": h.cause,
-                        "escalated_at": h.escalated_at, "pending": r.pending_hitl()})
+                r.hitl().map(|h| HitlItem {
+                    issue: *n,
+                    title: rt.store().get(*n).map(|i| i.title),
+                    stage: h.stage,
+                    origin: h.origin.clone(),
+                    cause: h.cause.clone(),
+                    escalated_at: h.escalated_at,
+                    pending: r.pending_hitl().cloned(),
                 })
             })
             .collect()
@@ -375,7 +326,7 @@ pub mod api {
         rt: &RepoRuntime,
         issue: u64,
         command: HitlCommand,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<HitlAccepted, ApiError> {
         let state = rt.state().snapshot();
         let path = spool::submit_command(&rt.layout().spool_dir(), &state, issue, command.clone())
             .map_err(|e| match e {
@@ -383,7 +334,12 @@ pub mod api {
                 SubmitError::EmptyCorrection => ApiError::bad_request(e.to_string()),
                 SubmitError::Io { .. } => ApiError::internal(e.to_string()),
             })?;
-        Ok(json!({"issue": issue, "accepted": true, "command": command, "spool_file": path}))
+        Ok(HitlAccepted {
+            issue,
+            accepted: true,
+            command,
+            spool_file: path,
+        })
     }
 }
 
@@ -426,14 +382,14 @@ async fn healthz(State(s): State<AppState>) -> Response {
     (code, Json(h)).into_response()
 }
 
-async fn state(State(s): State<AppState>, q: Q) -> Api<Value> {
+async fn state(State(s): State<AppState>, q: Q) -> Api<crate::store::state::State> {
     Ok(Json(api::state(&*api::runtime(
         &s.registry,
         query(q)?.repo.as_deref(),
     )?)))
 }
 
-async fn pipeline(State(s): State<AppState>, q: Q) -> Api<Value> {
+async fn pipeline(State(s): State<AppState>, q: Q) -> Api<crate::api::Pipeline> {
     Ok(Json(api::pipeline(&*api::runtime(
         &s.registry,
         query(q)?.repo.as_deref(),
@@ -458,7 +414,7 @@ async fn sessions(
     )?)?))
 }
 
-async fn costs(State(s): State<AppState>, q: Q) -> Api<Value> {
+async fn costs(State(s): State<AppState>, q: Q) -> Api<crate::api::Costs> {
     Ok(Json(api::costs(&*api::runtime(
         &s.registry,
         query(q)?.repo.as_deref(),
@@ -475,21 +431,21 @@ async fn wake(
     State(s): State<AppState>,
     q: Q,
     body: Result<Json<WakeBody>, JsonRejection>,
-) -> Api<Value> {
+) -> Api<crate::api::Woke> {
     let rt = api::runtime(&s.registry, query(q)?.repo.as_deref())?;
     // No body (or not JSON): senders unknown, the worker polls.
     let senders = body.ok().and_then(|Json(b)| b.senders);
     Ok(Json(api::wake(&rt, senders).await))
 }
 
-async fn runtimes(State(s): State<AppState>) -> Json<Vec<Value>> {
+async fn runtimes(State(s): State<AppState>) -> Json<Vec<crate::api::RuntimeInfo>> {
     Json(api::runtimes(&s.registry).await)
 }
 
 async fn runtime_one(
     State(s): State<AppState>,
     slug: Result<Path<String>, PathRejection>,
-) -> Api<Value> {
+) -> Api<crate::api::RuntimeInfo> {
     let rt = api::runtime(&s.registry, Some(&path(slug)?))?;
     Ok(Json(api::runtime_info(&rt).await))
 }
@@ -497,7 +453,7 @@ async fn runtime_one(
 async fn runtime_start(
     State(s): State<AppState>,
     slug: Result<Path<String>, PathRejection>,
-) -> Api<Value> {
+) -> Api<crate::api::RuntimeInfo> {
     let rt = api::runtime(&s.registry, Some(&path(slug)?))?;
     rt.start().await;
     Ok(Json(api::runtime_info(&rt).await))
@@ -506,7 +462,7 @@ async fn runtime_start(
 async fn runtime_stop(
     State(s): State<AppState>,
     slug: Result<Path<String>, PathRejection>,
-) -> Api<Value> {
+) -> Api<crate::api::RuntimeInfo> {
     let rt = api::runtime(&s.registry, Some(&path(slug)?))?;
     if rt.running().await {
         rt.stop(STOP_DEADLINE).await;
@@ -514,7 +470,7 @@ async fn runtime_stop(
     Ok(Json(api::runtime_info(&rt).await))
 }
 
-async fn hitl(State(s): State<AppState>, q: Q) -> Api<Vec<Value>> {
+async fn hitl(State(s): State<AppState>, q: Q) -> Api<Vec<crate::api::HitlItem>> {
     Ok(Json(api::hitl(&*api::runtime(
         &s.registry,
         query(q)?.repo.as_deref(),
@@ -528,7 +484,7 @@ async fn hitl_correct(
     n: IssueNumber,
     q: Q,
     body: Result<Json<Correction>, JsonRejection>,
-) -> Api<Value> {
+) -> Api<crate::api::HitlAccepted> {
     let rt = api::runtime(&s.registry, query(q)?.repo.as_deref())?;
     let n = path(n)?;
     let Json(c) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -539,12 +495,20 @@ async fn hitl_correct(
     )?))
 }
 
-async fn hitl_skip(State(s): State<AppState>, n: IssueNumber, q: Q) -> Api<Value> {
+async fn hitl_skip(
+    State(s): State<AppState>,
+    n: IssueNumber,
+    q: Q,
+) -> Api<crate::api::HitlAccepted> {
     let rt = api::runtime(&s.registry, query(q)?.repo.as_deref())?;
     Ok(Json(api::submit_hitl(&rt, path(n)?, HitlCommand::Skip)?))
 }
 
-async fn hitl_close(State(s): State<AppState>, n: IssueNumber, q: Q) -> Api<Value> {
+async fn hitl_close(
+    State(s): State<AppState>,
+    n: IssueNumber,
+    q: Q,
+) -> Api<crate::api::HitlAccepted> {
     let rt = api::runtime(&s.registry, query(q)?.repo.as_deref())?;
     Ok(Json(api::submit_hitl(&rt, path(n)?, HitlCommand::Close)?))
 }

@@ -9,14 +9,14 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use crate::agent::Stage;
 use crate::forge::Issue;
 
 /// Queue depths and in-flight counts per stage, for `STATUS=` and events.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Depths {
     /// Queued issues per stage.
     pub queued: BTreeMap<Stage, usize>,

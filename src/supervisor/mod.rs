@@ -184,18 +184,11 @@ struct ListCache {
     line: Arc<[u8]>,
 }
 
-/// A checked `owner/name`.
+/// A checked `owner/name` ([`crate::layout::RepoName`]).
 fn check_repo(repo: &str) -> Result<(), SupervisorError> {
-    let part_ok = |p: &str| {
-        !p.is_empty()
-            && !p.starts_with('.')
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    };
-    match repo.split_once('/') {
-        Some((owner, name)) if part_ok(owner) && part_ok(name) => Ok(()),
-        _ => Err(SupervisorError::BadRepo(repo.to_owned())),
-    }
+    crate::layout::RepoName::parse(repo)
+        .map(|_| ())
+        .map_err(|e| SupervisorError::BadRepo(e.0))
 }
 
 /// `~` and `~/x` expanded with `$HOME`.
