@@ -583,7 +583,21 @@ fn merge_layer(
 /// (`limits.max_workers` → `HYDRAFLOW_LIMITS_MAX_WORKERS`), plus the
 /// optional top-level keys absent from the serialized defaults.
 pub fn env_keys(defaults: &Table) -> BTreeMap<String, String> {
-    fn walk(t: &Table, prefix: &str, out: &mut BTreeMap<String, String>) {
+    let mut out: BTreeMap<String, String> = table_leaves(defaults)
+        .into_iter()
+        .map(|(dotted, _)| (env_name(&dotted), dotted))
+        .collect();
+    for optional in OPTIONAL_KEYS {
+        out.insert(env_name(optional), (*optional).to_owned());
+    }
+    out
+}
+
+/// Every leaf of `table` with its dotted key (`limits.max_workers`). An
+/// empty table is no leaf: its keys are all optional (`webhook`), and
+/// [`OPTIONAL_KEYS`] names them.
+fn table_leaves(table: &Table) -> Vec<(String, Value)> {
+    fn walk(t: &Table, prefix: &str, out: &mut Vec<(String, Value)>) {
         for (k, v) in t {
             let dotted = if prefix.is_empty() {
                 k.clone()
@@ -592,19 +606,13 @@ pub fn env_keys(defaults: &Table) -> BTreeMap<String, String> {
             };
             match v {
                 Value::Table(inner) if !inner.is_empty() => walk(inner, &dotted, out),
-                // A table whose keys are all optional (`webhook`): they are in OPTIONAL_KEYS.
                 Value::Table(_) => {}
-                _ => {
-                    out.insert(env_name(&dotted), dotted);
-                }
+                leaf => out.push((dotted, leaf.clone())),
             }
         }
     }
-    let mut out = BTreeMap::new();
-    walk(defaults, "", &mut out);
-    for optional in OPTIONAL_KEYS {
-        out.insert(env_name(optional), (*optional).to_owned());
-    }
+    let mut out = Vec::new();
+    walk(table, "", &mut out);
     out
 }
 
@@ -715,23 +723,10 @@ fn expected_type(v: &Value) -> String {
 
 /// Every leaf of `config` as (dotted key, value rendered as TOML), for `config show`.
 pub fn leaves(config: &Config) -> Vec<(String, String)> {
-    fn walk(t: &Table, prefix: &str, out: &mut Vec<(String, String)>) {
-        for (k, v) in t {
-            let dotted = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            match v {
-                Value::Table(inner) if !inner.is_empty() => walk(inner, &dotted, out),
-                // A table whose keys are all optional (`webhook`): they are in OPTIONAL_KEYS.
-                Value::Table(_) => {}
-                other => out.push((dotted, other.to_string())),
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&to_table(config), "", &mut out);
+    let mut out: Vec<(String, String)> = table_leaves(&to_table(config))
+        .into_iter()
+        .map(|(dotted, value)| (dotted, value.to_string()))
+        .collect();
     for key in OPTIONAL_KEYS {
         if !out.iter().any(|(k, _)| k == key) {
             out.push(((*key).to_owned(), "(unset)".to_owned()));

@@ -50,6 +50,20 @@ pub enum ClientError {
     },
 }
 
+/// `work` on the worker at `socket`, given at most `timeout`.
+async fn within<T>(
+    socket: &Path,
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            path: socket.to_path_buf(),
+            after: timeout,
+        })?
+}
+
 /// Connect to the worker API socket at `socket`.
 async fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
     UnixStream::connect(socket)
@@ -71,10 +85,6 @@ pub async fn send(
     mut request: Request<Body>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, ClientError> {
-    let timed_out = || ClientError::Timeout {
-        path: socket.to_path_buf(),
-        after: timeout,
-    };
     let http = |e: hyper::Error| ClientError::Http {
         path: socket.to_path_buf(),
         message: e.to_string(),
@@ -93,9 +103,7 @@ pub async fn send(
         );
         sender.send_request(request).await.map_err(http)
     };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| timed_out())?
+    within(socket, timeout, work).await
 }
 
 /// `GET`/`POST` `path` with an optional JSON body, reading the whole
@@ -138,12 +146,7 @@ pub async fn json(
         let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         Ok((status, value))
     };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            path: socket.to_path_buf(),
-            after: timeout,
-        })?
+    within(socket, timeout, work).await
 }
 
 /// Send `request` over TCP to `address` (`HOST:PORT`) and read the whole
@@ -215,10 +218,5 @@ pub async fn events(
             })?;
         Ok(ws)
     };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            path: socket.to_path_buf(),
-            after: timeout,
-        })?
+    within(socket, timeout, work).await
 }
