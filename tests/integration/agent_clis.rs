@@ -264,21 +264,10 @@ impl CliProject {
     }
 }
 
-/// Wait for the worker to exit (bounded by [`GUARD`]).
-pub fn wait(mut child: Child) -> Output {
-    let started = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if started.elapsed() > GUARD {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "hydraflow did not finish within {GUARD:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.wait_with_output().expect("output")
+/// Wait for the worker to exit (bounded by [`GUARD`]), reading its output
+/// all along.
+pub fn wait(child: Child) -> Output {
+    super::util::wait_draining(child, GUARD)
 }
 
 /// Poll `cond` every 100 ms, at most [`GUARD`].

@@ -2,7 +2,6 @@
 //! repository in a temp dir, a configuration with scripted stage agents,
 //! and helpers to run the binary and read what it left on disk.
 
-use std::io::Read as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -164,23 +163,53 @@ impl Project {
 }
 
 /// Wait for `child`, killing it after [`HANG_GUARD`].
-pub fn wait_bounded(mut child: Child) -> Output {
-    let started = Instant::now();
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            break;
-        }
-        if started.elapsed() > HANG_GUARD {
-            let _ = child.kill();
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
+pub fn wait_bounded(child: Child) -> Output {
+    wait_draining(child, HANG_GUARD)
+}
+
+/// Wait for `child`, reading its piped standard output and error all along
+/// (a worker logs a line for every retry: a pipe nobody reads fills up at
+/// 64 KiB and blocks its writes, and with them the worker), killing it
+/// after `guard` and panicking with what it wrote.
+pub fn wait_draining(mut child: Child, guard: Duration) -> Output {
+    fn drain(
+        pipe: Option<impl std::io::Read + Send + 'static>,
+    ) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
             }
-            panic!("hydraflow did not finish within {HANG_GUARD:?}:\n{err}");
+            bytes
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if started.elapsed() > guard {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = stdout.join().expect("stdout reader");
+    let stderr = stderr.join().expect("stderr reader");
+    match status {
+        Some(status) => Output {
+            status,
+            stdout,
+            stderr,
+        },
+        None => panic!(
+            "hydraflow did not finish within {guard:?}:\n{}",
+            String::from_utf8_lossy(&stderr)
+        ),
     }
-    child.wait_with_output().expect("output")
 }
 
 /// Poll `cond` every 50 ms until it holds or [`HANG_GUARD`] passes.
